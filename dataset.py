@@ -1,0 +1,157 @@
+"""Datasets over the LMDBs written by prepare_data.py (and by rosinality's stylegan2-pytorch).
+
+- `MultiResolutionDataset`: one resolution of one LMDB, images decoded with PIL, then `transform`.
+- `InfiniteSampler`, `infinite_loader`, `PairedLoader`: endless, per-rank shuffled batches; BlendGAN
+  trains on natural faces (FFHQ) and artistic faces (AAHQ) drawn from two LMDBs with independent
+  shuffles (paper, Sec. 4 / supplementary: both datasets at 1024 px).
+- `MultiViewDataset`: unlabeled images returned as several independently augmented views, for the
+  self-supervised (SimCLR-style) training of the style encoder (paper, Sec. 3.2).
+"""
+
+import io
+import os
+
+import torch
+from PIL import Image
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
+
+from prepare_data import image_key, open_shared_lmdb, stored_length, stored_resolutions
+
+
+class MultiResolutionDataset(Dataset):
+    """Images of one `resolution` from an LMDB in stylegan2-pytorch's layout.
+
+    The LMDB is opened read-only, without a lock, on first access in each process, so every DataLoader
+    worker has its own handle (LMDB handles must not cross a fork); see `open_shared_lmdb`.
+    """
+
+    def __init__(self, path, transform=None, resolution=256):
+        self.path = path
+        self.transform = transform
+        self.resolution = resolution
+        self._env = None
+        self._env_pid = None
+        with open_shared_lmdb(path).begin() as txn:
+            length = stored_length(txn)
+            if length is None:
+                raise ValueError(f"{path} has no b'length' key: not a finished LMDB "
+                                 '(was prepare_data.py interrupted?)')
+            if length > 0 and txn.get(image_key(resolution, 0)) is None:
+                raise ValueError(f'{path} holds no images at resolution {resolution}; '
+                                 f'it has {stored_resolutions(txn)}')
+        self.length = length
+
+    def _env_for_this_process(self):
+        if self._env is None or self._env_pid != os.getpid():
+            self._env = open_shared_lmdb(self.path)
+            self._env_pid = os.getpid()
+        return self._env
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state['_env'] = None
+        state['_env_pid'] = None
+        return state
+
+    def __len__(self):
+        return self.length
+
+    def read_bytes(self, index):
+        """The stored (encoded) bytes of image `index`."""
+        if not 0 <= index < self.length:
+            raise IndexError(f'index {index} out of range for {self.length} images in {self.path}')
+        key = image_key(self.resolution, index)
+        with self._env_for_this_process().begin(write=False) as txn:
+            data = txn.get(key)
+        if data is None:
+            raise KeyError(f'{self.path} has no key {key.decode()} although its length is {self.length}: '
+                           'the LMDB is incomplete or corrupt')
+        return data
+
+    def read_image(self, index):
+        """Image `index` decoded to an RGB PIL image, before `transform`."""
+        with Image.open(io.BytesIO(self.read_bytes(index))) as img:
+            return img.convert('RGB')
+
+    def __getitem__(self, index):
+        img = self.read_image(index)
+        return self.transform(img) if self.transform is not None else img
+
+
+class InfiniteSampler(Sampler):
+    """Endless indices: a new permutation every epoch (seeded), each rank taking every world_size-th."""
+
+    def __init__(self, dataset_size, rank=0, world_size=1, shuffle=True, seed=0):
+        if dataset_size < 1:
+            raise ValueError('InfiniteSampler needs a non-empty dataset')
+        if not 0 <= rank < world_size:
+            raise ValueError(f'rank {rank} outside world size {world_size}')
+        self.dataset_size = dataset_size
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle = shuffle
+        self.seed = seed
+
+    def __iter__(self):
+        generator = torch.Generator()
+        generator.manual_seed(self.seed)
+        while True:
+            if self.shuffle:
+                order = torch.randperm(self.dataset_size, generator=generator)
+            else:
+                order = torch.arange(self.dataset_size)
+            yield from order[self.rank::self.world_size].tolist()
+
+
+def infinite_loader(dataset, batch_size, num_workers=0, seed=0, rank=0, world_size=1, shuffle=True,
+                    pin_memory=False):
+    """An endless iterator of batches of `dataset` (InfiniteSampler under a DataLoader)."""
+    sampler = InfiniteSampler(len(dataset), rank, world_size, shuffle, seed)
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                        pin_memory=pin_memory, drop_last=True, persistent_workers=num_workers > 0)
+    return iter(loader)
+
+
+class PairedLoader:
+    """Endless (natural batch, artistic batch) pairs for BlendGAN: two loaders, independent shuffles.
+
+    The two streams are seeded 2 * seed and 2 * seed + 1, so neither order depends on the other and
+    the datasets may have different sizes.
+    """
+
+    def __init__(self, natural, artistic, batch_size, num_workers=0, seed=0, rank=0, world_size=1,
+                 pin_memory=False):
+        self.natural = infinite_loader(natural, batch_size, num_workers, 2 * seed, rank, world_size,
+                                       pin_memory=pin_memory)
+        self.artistic = infinite_loader(artistic, batch_size, num_workers, 2 * seed + 1, rank, world_size,
+                                        pin_memory=pin_memory)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self.natural), next(self.artistic)
+
+
+class MultiViewDataset(Dataset):
+    """Unlabeled images from one or several LMDBs, each returned as `n_views` independent augmentations.
+
+    `transform` should be random; with n_views=2 the two results form a positive pair for contrastive
+    (SimCLR-style) training of the style encoder.
+    """
+
+    def __init__(self, paths, transform, resolution=256, n_views=2):
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        if n_views < 1:
+            raise ValueError('n_views must be at least 1')
+        self.images = ConcatDataset([MultiResolutionDataset(p, None, resolution) for p in paths])
+        self.transform = transform
+        self.n_views = n_views
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        img = self.images[index]
+        return tuple(self.transform(img) for _ in range(self.n_views))
