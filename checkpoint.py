@@ -1,0 +1,106 @@
+"""The project's one checkpoint loader and writer.
+
+Every checkpoint is read with ``torch.load(..., weights_only=True)``: a checkpoint never runs code.
+Files in the zip format are memory-mapped, so a 1.5 GB generator is not read into memory twice.
+Errors are one line that names the file and the problem (``CheckpointError``).
+"""
+import os
+import pickle
+import tempfile
+import zipfile
+
+import torch
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, unreadable, or does not fit the model it is loaded into."""
+
+
+def load_checkpoint(path, map_location="cpu", hint=None):
+    """Load a dict checkpoint safely.
+
+    path: file written by ``torch.save`` (zip or legacy format).
+    hint: extra text for the missing-file message (e.g. where the release publishes the file).
+    Returns the dict. Raises CheckpointError with one line naming the file otherwise.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        msg = f"checkpoint {path}: file not found"
+        raise CheckpointError(msg + (f"; {hint}" if hint else ""))
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"checkpoint {path}: file is empty")
+    # mmap only works for the zip format; legacy (pre-1.6) files are read normally.
+    mmap = zipfile.is_zipfile(path)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights only" in str(e).lower() or "weights_only" in str(e):
+            raise CheckpointError(
+                f"checkpoint {path}: holds Python objects that a weights-only load refuses "
+                f"(checkpoints never run code here): {first}") from None
+        raise CheckpointError(f"checkpoint {path}: not a readable PyTorch checkpoint ({first})") from None
+    except Exception as e:  # torch raises RuntimeError/EOFError/ValueError/... for damaged files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"checkpoint {path}: not a readable PyTorch checkpoint, truncated or corrupt "
+            f"({type(e).__name__}: {first})") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"checkpoint {path}: expected a dict, found {type(ckpt).__name__}")
+    return ckpt
+
+
+def require_key(ckpt, key, path):
+    """ckpt[key], or a CheckpointError naming the file and the keys it does have."""
+    if key not in ckpt:
+        have = ", ".join(sorted(map(str, ckpt.keys()))[:8]) or "nothing"
+        raise CheckpointError(f"checkpoint {path}: has no '{key}' entry (it has: {have})")
+    return ckpt[key]
+
+
+def state_dict_mismatch(module, state_dict, limit=3):
+    """Describe how ``state_dict`` differs from ``module.state_dict()``; '' when it fits exactly."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    misshaped = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
+                 for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+    parts = []
+    for name, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped (file vs model)", misshaped)):
+        if keys:
+            more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
+            parts.append(f"{len(keys)} {name}: {', '.join(keys[:limit])}{more}")
+    return "; ".join(parts)
+
+
+def load_state_dict_strict(module, state_dict, what, hint=None):
+    """Strict ``load_state_dict`` with a one-line error naming the first offending keys.
+
+    what: the file (or file and entry) the weights come from, for the message.
+    hint: optional callable(state_dict) -> str suggesting a configuration that would fit.
+    """
+    problem = state_dict_mismatch(module, state_dict)
+    if problem:
+        extra = hint(state_dict) if hint is not None else ""
+        raise CheckpointError(f"{what}: layout does not fit {type(module).__name__}: {problem}"
+                              + (f". {extra}" if extra else ""))
+    module.load_state_dict(state_dict, strict=True)
+    return module
+
+
+def save_checkpoint(obj, path):
+    """torch.save to a temporary file in the same folder, then os.replace: never a half-written file."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pt", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

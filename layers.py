@@ -1,0 +1,239 @@
+"""StyleGAN2 building blocks (Karras et al. 2020), with rosinality's names and state-dict layout.
+
+Shared by model.py (generator, discriminators), style_encoder.py (MLP heads) and psp_encoder/ (style
+heads). Equalized learning rate everywhere: weights are stored at N(0, 1) (divided by lr_mul) and scaled
+at run time.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from op import FusedLeakyReLU, fused_leaky_relu, upfirdn2d
+
+
+class PixelNorm(nn.Module):
+    """x / sqrt(mean(x^2 over dim 1) + 1e-8): first layer of each mapping MLP."""
+
+    def forward(self, x):
+        return x * torch.rsqrt(torch.mean(x ** 2, dim=1, keepdim=True) + 1e-8)
+
+
+def make_kernel(k):
+    """1-D taps -> normalised 2-D FIR kernel (outer product, sums to 1)."""
+    k = torch.tensor(k, dtype=torch.float32)
+    if k.ndim == 1:
+        k = k[None, :] * k[:, None]
+    return k / k.sum()
+
+
+class Upsample(nn.Module):
+    """2x FIR up-sampling (ToRGB skip path). Buffer ``kernel`` = make_kernel(k) * factor^2."""
+
+    def __init__(self, kernel, factor=2):
+        super().__init__()
+        self.factor = factor
+        self.register_buffer("kernel", make_kernel(kernel) * factor ** 2)
+        p = self.kernel.shape[0] - factor
+        self.pad = ((p + 1) // 2 + factor - 1, p // 2)
+
+    def forward(self, x):
+        return upfirdn2d(x, self.kernel, up=self.factor, down=1, pad=self.pad)
+
+
+class Blur(nn.Module):
+    """FIR filter with padding; after a transposed conv (upsample_factor 2) or before a strided one."""
+
+    def __init__(self, kernel, pad, upsample_factor=1):
+        super().__init__()
+        self.register_buffer("kernel", make_kernel(kernel) * upsample_factor ** 2)
+        self.pad = pad
+
+    def forward(self, x):
+        return upfirdn2d(x, self.kernel, pad=self.pad)
+
+
+class EqualConv2d(nn.Module):
+    def __init__(self, in_channel, out_channel, kernel_size, stride=1, padding=0, bias=True):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_channel, in_channel, kernel_size, kernel_size))
+        self.scale = 1 / math.sqrt(in_channel * kernel_size ** 2)
+        self.stride = stride
+        self.padding = padding
+        self.bias = nn.Parameter(torch.zeros(out_channel)) if bias else None
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight * self.scale, bias=self.bias, stride=self.stride, padding=self.padding)
+
+    def extra_repr(self):
+        o, i, k, _ = self.weight.shape
+        return f"{i}, {o}, {k}, stride={self.stride}, padding={self.padding}"
+
+
+class EqualLinear(nn.Module):
+    """Linear layer with equalized lr: y = x (W * lr_mul / sqrt(in))^T + b * lr_mul.
+
+    activation='fused_lrelu' applies the bias inside the fused leaky ReLU (slope 0.2, gain sqrt 2).
+    """
+
+    def __init__(self, in_dim, out_dim, bias=True, bias_init=0, lr_mul=1, activation=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(out_dim, in_dim).div_(lr_mul))
+        self.bias = nn.Parameter(torch.zeros(out_dim).fill_(bias_init)) if bias else None
+        self.activation = activation
+        self.scale = (1 / math.sqrt(in_dim)) * lr_mul
+        self.lr_mul = lr_mul
+
+    def forward(self, x):
+        bias = self.bias * self.lr_mul if self.bias is not None else None
+        if self.activation:
+            return fused_leaky_relu(F.linear(x, self.weight * self.scale), bias)
+        return F.linear(x, self.weight * self.scale, bias=bias)
+
+    def extra_repr(self):
+        return f"{self.weight.shape[1]}, {self.weight.shape[0]}, lr_mul={self.lr_mul}, activation={self.activation}"
+
+
+class ModulatedConv2d(nn.Module):
+    """Modulated (and demodulated) convolution, StyleGAN2 Eq. 1-3.
+
+    Per-sample weights W'_b = W * s_b / sqrt(in*k*k), s_b = modulation(w_b); demodulation divides
+    each output filter by sqrt(sum W'^2 + 1e-8). Run as one grouped convolution over the batch.
+    upsample: transposed conv with stride 2, then a FIR blur (pad (1, 1) for k = 3).
+    """
+
+    def __init__(self, in_channel, out_channel, kernel_size, style_dim, demodulate=True, upsample=False,
+                 blur_kernel=(1, 3, 3, 1)):
+        super().__init__()
+        self.eps = 1e-8
+        self.kernel_size = kernel_size
+        self.in_channel = in_channel
+        self.out_channel = out_channel
+        self.upsample = upsample
+        if upsample:
+            factor = 2
+            p = (len(blur_kernel) - factor) - (kernel_size - 1)
+            self.blur = Blur(blur_kernel, pad=((p + 1) // 2 + factor - 1, p // 2 + 1), upsample_factor=factor)
+        self.scale = 1 / math.sqrt(in_channel * kernel_size ** 2)
+        self.padding = kernel_size // 2
+        self.weight = nn.Parameter(torch.randn(1, out_channel, in_channel, kernel_size, kernel_size))
+        self.modulation = EqualLinear(style_dim, in_channel, bias_init=1)
+        self.demodulate = demodulate
+
+    def extra_repr(self):
+        return (f"{self.in_channel}, {self.out_channel}, {self.kernel_size}, "
+                f"demodulate={self.demodulate}, upsample={self.upsample}")
+
+    def forward(self, x, style):
+        batch, in_channel, height, width = x.shape
+        style = self.modulation(style).view(batch, 1, in_channel, 1, 1)
+        weight = self.scale * self.weight * style  # [B, out, in, k, k]
+        if self.demodulate:
+            demod = torch.rsqrt(weight.pow(2).sum([2, 3, 4]) + self.eps)
+            weight = weight * demod.view(batch, self.out_channel, 1, 1, 1)
+        k = self.kernel_size
+        x = x.reshape(1, batch * in_channel, height, width)
+        if self.upsample:
+            weight = weight.transpose(1, 2).reshape(batch * in_channel, self.out_channel, k, k)
+            out = F.conv_transpose2d(x, weight, padding=0, stride=2, groups=batch)
+            out = out.view(batch, self.out_channel, out.shape[2], out.shape[3])
+            return self.blur(out)
+        weight = weight.view(batch * self.out_channel, in_channel, k, k)
+        out = F.conv2d(x, weight, padding=self.padding, groups=batch)
+        return out.view(batch, self.out_channel, out.shape[2], out.shape[3])
+
+
+class NoiseInjection(nn.Module):
+    """x + weight * noise; fresh N(0, 1) noise per sample when none is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))
+
+    def forward(self, image, noise=None):
+        if noise is None:
+            batch, _, height, width = image.shape
+            noise = image.new_empty(batch, 1, height, width).normal_()
+        return image + self.weight * noise
+
+
+class ConstantInput(nn.Module):
+    def __init__(self, channel, size=4):
+        super().__init__()
+        self.input = nn.Parameter(torch.randn(1, channel, size, size))
+
+    def forward(self, batch):
+        return self.input.repeat(batch, 1, 1, 1)
+
+
+class StyledConv(nn.Module):
+    """Modulated conv -> noise -> bias + leaky ReLU."""
+
+    def __init__(self, in_channel, out_channel, kernel_size, style_dim, upsample=False,
+                 blur_kernel=(1, 3, 3, 1), demodulate=True):
+        super().__init__()
+        self.conv = ModulatedConv2d(in_channel, out_channel, kernel_size, style_dim, demodulate=demodulate,
+                                    upsample=upsample, blur_kernel=blur_kernel)
+        self.noise = NoiseInjection()
+        self.activate = FusedLeakyReLU(out_channel)
+
+    def forward(self, x, style, noise=None):
+        out = self.conv(x, style)
+        out = self.noise(out, noise=noise)
+        return self.activate(out)
+
+
+class ToRGB(nn.Module):
+    """1x1 modulated conv (no demodulation) to RGB, plus the FIR-upsampled skip image."""
+
+    def __init__(self, in_channel, style_dim, upsample=True, blur_kernel=(1, 3, 3, 1)):
+        super().__init__()
+        if upsample:
+            self.upsample = Upsample(blur_kernel)
+        self.conv = ModulatedConv2d(in_channel, 3, 1, style_dim, demodulate=False)
+        self.bias = nn.Parameter(torch.zeros(1, 3, 1, 1))
+
+    def forward(self, x, style, skip=None):
+        out = self.conv(x, style) + self.bias
+        if skip is not None:
+            out = out + self.upsample(skip)
+        return out
+
+
+class ConvLayer(nn.Sequential):
+    """[Blur] -> EqualConv2d -> [FusedLeakyReLU]; keys .0/.1/.2 as rosinality (fixes the D layout).
+
+    The convolution has no bias of its own when an activation follows (the activation holds it).
+    """
+
+    def __init__(self, in_channel, out_channel, kernel_size, downsample=False, blur_kernel=(1, 3, 3, 1),
+                 bias=True, activate=True):
+        layers = []
+        if downsample:
+            factor = 2
+            p = (len(blur_kernel) - factor) + (kernel_size - 1)
+            layers.append(Blur(blur_kernel, pad=((p + 1) // 2, p // 2)))
+            stride, padding = 2, 0
+        else:
+            stride, padding = 1, kernel_size // 2
+        layers.append(EqualConv2d(in_channel, out_channel, kernel_size, padding=padding, stride=stride,
+                                  bias=bias and not activate))
+        if activate:
+            layers.append(FusedLeakyReLU(out_channel, bias=bias))
+        super().__init__(*layers)
+
+
+class ResBlock(nn.Module):
+    """Discriminator residual block: two 3x3 convs (the second downsamples) + 1x1 skip, / sqrt 2."""
+
+    def __init__(self, in_channel, out_channel, blur_kernel=(1, 3, 3, 1)):
+        super().__init__()
+        self.conv1 = ConvLayer(in_channel, in_channel, 3)
+        self.conv2 = ConvLayer(in_channel, out_channel, 3, downsample=True, blur_kernel=blur_kernel)
+        self.skip = ConvLayer(in_channel, out_channel, 1, downsample=True, blur_kernel=blur_kernel,
+                              activate=False, bias=False)
+
+    def forward(self, x):
+        out = self.conv2(self.conv1(x))
+        return (out + self.skip(x)) / math.sqrt(2)

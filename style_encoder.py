@@ -1,0 +1,190 @@
+"""The style encoder E_style (paper Sec. 3.1, A.1) and its SimCLR projection head.
+
+E_style(x) = MLP(concat_l vec(Gram(VGG19_l(pool256(x))))), l in relu1_2, relu2_2, relu3_4, relu4_4,
+relu5_4. The VGG-19 is frozen ImageNet VGG; only the MLP (and, in training, the projection head) learn.
+
+Preprocessing is the release's and is used for training and inference alike: an RGB image in [-1, 1]
+goes straight into VGG (no ImageNet mean/std), after AdaptiveAvgPool2d((256, 256)).
+"""
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from layers import EqualLinear
+
+# torchvision's vgg19().features configuration ('E'): channel counts, 'M' = 2x2 max-pool.
+VGG19_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512)
+# Index in vgg19().features of the ReLU after which each Gram matrix is taken.
+VGG19_TAPS = {"relu1_2": 3, "relu2_2": 8, "relu3_4": 17, "relu4_4": 26, "relu5_4": 35}
+STYLE_POOL_SIZE = 256
+VGG19_WEIGHTS_FILE = "vgg19-dcbb9e9d.pth"  # torchvision's VGG19_Weights.IMAGENET1K_V1 file name
+
+
+def vgg19_features(last_index):
+    """torchvision's vgg19().features[:last_index + 1] with the same module indices (so the same keys)."""
+    layers, in_ch = [], 3
+    for v in VGG19_CFG:
+        if v == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+        else:
+            layers += [nn.Conv2d(in_ch, v, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
+            in_ch = v
+        if len(layers) > last_index:
+            break
+    return nn.Sequential(*layers[:last_index + 1])
+
+
+def gram_dim(taps=VGG19_TAPS):
+    """Length of the concatenated Gram embedding: sum of C^2 over the tapped layers (610,304 for VGG-19)."""
+    feats = vgg19_features(max(taps.values()))
+    dim, ch = 0, 3
+    for i, m in enumerate(feats):
+        if isinstance(m, nn.Conv2d):
+            ch = m.out_channels
+        if i in taps.values():
+            dim += ch * ch
+    return dim
+
+
+def imagenet_vgg19_state_dict(vgg_ckpt=None):
+    """ImageNet VGG-19 weights as a ``features.N.*`` -> tensor dict.
+
+    vgg_ckpt: a local torchvision-format file (full vgg19 state dict, or only its ``features.*``).
+    Without it the torchvision weight enum is used: from the torch hub cache if the file is there,
+    otherwise torchvision downloads it. Offline and uncached, the error says where to put the file.
+    """
+    from torchvision.models import VGG19_Weights
+
+    if vgg_ckpt is None:
+        url = VGG19_Weights.IMAGENET1K_V1.url
+        cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+        if os.path.isfile(cached):
+            vgg_ckpt = cached
+        else:
+            try:
+                return VGG19_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
+            except Exception as e:
+                raise RuntimeError(
+                    f"could not get the ImageNet VGG-19 weights ({type(e).__name__}: {e}). Download {url} "
+                    f"and put it at {cached}, or pass its path as vgg_ckpt / --vgg_ckpt") from None
+    from checkpoint import load_checkpoint
+
+    return load_checkpoint(vgg_ckpt)
+
+
+class VGGFeatureExtractor(nn.Module):
+    """VGG-19 up to relu5_4; returns the tapped activations. Keys ``vgg_layers.N.*`` as torchvision's."""
+
+    def __init__(self, taps=VGG19_TAPS):
+        super().__init__()
+        self.taps = dict(taps)
+        self.vgg_layers = vgg19_features(max(self.taps.values()))
+
+    def forward(self, x):
+        tap_at = set(self.taps.values())
+        feats = []
+        for i, layer in enumerate(self.vgg_layers):
+            x = layer(x)
+            if i in tap_at:
+                # In-place ReLUs are safe here: each tap is followed by a max-pool (a new tensor).
+                feats.append(x)
+        return feats
+
+
+def gram_matrix(feat):
+    """[N, C, H, W] -> [N, C*C], G = F F^T / (C*H*W), computed in float32 (also under autocast)."""
+    n, c, h, w = feat.shape
+    f = feat.reshape(n, c, h * w).float()
+    with torch.autocast(device_type=f.device.type, enabled=False):
+        g = torch.bmm(f, f.transpose(1, 2)) / (c * h * w)
+    return g.reshape(n, c * c)
+
+
+class GramEmbedder(nn.Module):
+    """pool256 -> VGG-19 -> Gram matrices of the taps, flattened and concatenated: [N, gram_dim]."""
+
+    def __init__(self, taps=VGG19_TAPS, pool_size=STYLE_POOL_SIZE):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d((pool_size, pool_size))
+        self.feature_extractor = VGGFeatureExtractor(taps)
+        self.out_dim = gram_dim(taps)
+
+    def forward(self, x):
+        feats = self.feature_extractor(self.pool(x))
+        return torch.cat([gram_matrix(f) for f in feats], dim=1)
+
+
+def mlp(in_dim, dim, n_layers, lr_mul=1):
+    """n_layers EqualLinear: all but the last with fused leaky ReLU."""
+    layers = [EqualLinear(in_dim if i == 0 else dim, dim, lr_mul=lr_mul,
+                          activation="fused_lrelu" if i < n_layers - 1 else None)
+              for i in range(n_layers)]
+    return nn.Sequential(*layers)
+
+
+class StyleEncoder(nn.Module):
+    """E_style: image [N, 3, H, W] in [-1, 1] -> style code z_s [N, style_dim].
+
+    load_pretrained_vgg: load ImageNet VGG-19 weights (vgg_ckpt: a local file instead of torchvision's
+    cache/download). False leaves VGG random: right when a checkpoint supplies the weights (the
+    release's generator stores them under ``embedder.embedder.feature_extractor``).
+    """
+
+    def __init__(self, style_dim=512, n_mlp=4, load_pretrained_vgg=True, vgg_ckpt=None,
+                 pool_size=STYLE_POOL_SIZE):
+        super().__init__()
+        self.style_dim = style_dim
+        self.embedder = GramEmbedder(pool_size=pool_size)
+        self.embedder_mlp = mlp(self.embedder.out_dim, style_dim, n_mlp)
+        if load_pretrained_vgg:
+            self.load_vgg(imagenet_vgg19_state_dict(vgg_ckpt))
+
+    def load_vgg(self, vgg_state_dict):
+        """Copy torchvision VGG-19 weights (``features.N.*`` or ``N.*`` keys) into the frozen extractor."""
+        layers = self.embedder.feature_extractor.vgg_layers
+        own = layers.state_dict()
+        sd = {}
+        for k, v in vgg_state_dict.items():
+            k = k[len("features."):] if k.startswith("features.") else k
+            if k in own:
+                sd[k] = v
+        missing = [k for k in own if k not in sd]
+        if missing:
+            raise RuntimeError(f"VGG-19 weights lack {len(missing)} keys of the feature extractor, e.g. {missing[:3]}")
+        layers.load_state_dict(sd)
+
+    def vgg_parameters(self):
+        return self.embedder.parameters()
+
+    def forward(self, image):
+        return self.embedder_mlp(self.embedder(image))
+
+
+class Projector(nn.Module):
+    """SimCLR projection head g(.) on z_s (paper Sec. 3.1): n_mlp EqualLinear, fused lrelu but the last.
+
+    The paper describes 2 layers; the release's class defaults to 4. Keys ``projector.N.*``.
+    """
+
+    def __init__(self, style_dim=512, n_mlp=4):
+        super().__init__()
+        self.projector = mlp(style_dim, style_dim, n_mlp)
+
+    def forward(self, z):
+        return self.projector(z)
+
+
+def nt_xent(h1, h2, temperature):
+    """SimCLR's NT-Xent (paper Eq. 2) over 2N projections; positives are (h1[k], h2[k]).
+
+    h1, h2: [N, D]. Cosine similarity / temperature, each sample's own entry masked out, mean over all
+    2N anchors of -log softmax at the positive.
+    """
+    n = h1.shape[0]
+    h = F.normalize(torch.cat([h1, h2], dim=0).float(), dim=1)  # [2N, D]
+    sim = h @ h.t() / temperature  # [2N, 2N]
+    sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=h.device), float("-inf"))
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(h.device)
+    return F.cross_entropy(sim, target)

@@ -1,0 +1,344 @@
+"""model.py / style_encoder.py / checkpoint.py against the release's schema and independent computations."""
+import json
+import math
+import os
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict, save_checkpoint
+from model import Discriminator, Generator, ProjectionDiscriminator, guess_generator_config, wbm_face_weight
+from style_encoder import VGG19_TAPS, Projector, StyleEncoder, gram_dim
+
+SCHEMA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "official_checkpoint_schema.json")
+SCHEMA = os.environ.get("BLENDGAN_SCHEMA", SCHEMA)
+
+
+def schema_rows(name):
+    if not os.path.isfile(SCHEMA):
+        pytest.skip(f"schema not found at {SCHEMA}")
+    with open(SCHEMA) as f:
+        mod = json.load(f)["modules"][name]
+    rows = [r for group in mod["groups"].values() for r in group]
+    return mod, rows
+
+
+@pytest.mark.parametrize("name,build", [
+    ("Generator_1024", lambda: Generator(1024, 512, 8, channel_multiplier=2, load_pretrained_vgg=False)),
+    ("Discriminator_1024", lambda: Discriminator(1024, channel_multiplier=2)),
+    ("ProjectionDiscriminator_1024", lambda: ProjectionDiscriminator(1024, style_dim=512, channel_multiplier=2)),
+    ("StyleEncoder", lambda: StyleEncoder(512, 4, load_pretrained_vgg=False)),
+    ("Projector", lambda: Projector(512, 4)),
+])
+def test_state_dict_matches_release_schema(name, build):
+    mod, rows = schema_rows(name)
+    with torch.device("meta"):
+        net = build()
+    sd = net.state_dict()
+    assert list(sd.keys()) == [r[0] for r in rows]  # same keys, same (registration) order
+    for key, shape, dtype, kind in rows:
+        assert list(sd[key].shape) == shape, key
+        assert str(sd[key].dtype) == "torch." + dtype, key
+    params = dict(net.named_parameters())
+    assert {r[0] for r in rows if r[3] == "parameter"} == set(params)
+    assert sum(v.numel() for v in sd.values()) == mod["n_elements"]
+
+
+def test_gram_dim_is_derived():
+    assert gram_dim() == 610304 == 64 ** 2 + 128 ** 2 + 256 ** 2 + 512 ** 2 + 512 ** 2
+    assert gram_dim({"relu1_2": 3, "relu2_2": 8}) == 64 ** 2 + 128 ** 2
+    with torch.device("meta"):
+        enc = StyleEncoder(512, 4, load_pretrained_vgg=False)
+    assert tuple(enc.embedder_mlp[0].weight.shape) == (512, 610304)
+
+
+def small_generator(seed=0, size=16, style_dim=16, **kw):
+    torch.manual_seed(seed)
+    g = Generator(size, style_dim, 2, channel_multiplier=1, load_pretrained_vgg=False, style_pool_size=32, **kw)
+    with torch.no_grad():  # trained-like WBM weights, some outside [0, 1] to exercise the clamp
+        g.add_weight.copy_(torch.linspace(-0.3, 1.3, g.n_latent).view(1, -1, 1))
+        for conv in list(g.convs) + [g.conv1]:
+            conv.noise.weight.fill_(0.1)
+    return g
+
+
+def test_wbm_matches_release_semantics():
+    g = small_generator()
+    n = g.n_latent
+    torch.manual_seed(1)
+    z = torch.randn(2, 16)
+    z_embed = torch.randn(2, 16)
+    w_f = g.style(z).unsqueeze(1).repeat(1, n, 1)
+    w_s = g.embedding(z_embed).unsqueeze(1).repeat(1, n, 1)
+    before = g.add_weight.detach().clone()
+    for i in [None, 0, 1, 3, n - 1, n, n + 2, -1]:
+        a = before.clone().clamp_(0, 1)  # the release: clamp in place, then A[:, :i] = 1
+        if i is not None:
+            a[:, :i] = 1
+        expected = w_f * a + w_s * (1 - a)
+        _, latent, ze = g([z], z_embed=z_embed, add_weight_index=i, return_latents=True, randomize_noise=False)
+        assert torch.equal(latent, expected), i
+        assert ze is z_embed
+    assert torch.equal(g.add_weight, before)  # forward never writes the parameter
+
+    nat, _ = g([z], randomize_noise=False)
+    for i in (n, n + 3):
+        img, _ = g([z], z_embed=z_embed, add_weight_index=i, randomize_noise=False)
+        assert torch.equal(img, nat)
+    a0, _ = g([z], z_embed=z_embed, add_weight_index=0, randomize_noise=False)
+    an, _ = g([z], z_embed=z_embed, add_weight_index=None, randomize_noise=False)
+    assert torch.equal(a0, an)
+
+
+def test_wbm_theta_only_changes_boundary_layer():
+    aw = torch.tensor([0.2, 0.5, 0.7, 0.1, 0.9, 0.4]).view(1, 6, 1)
+    base = wbm_face_weight(aw, 2)
+    for theta in (0.0, 0.3, 1.0):
+        a = wbm_face_weight(aw, 2, theta)
+        alpha = 1 - aw  # the paper's alpha
+        assert torch.allclose(1 - a[0, 2], theta * alpha[0, 2])  # style weight at j = i is theta * alpha_i
+        keep = [0, 1, 3, 4, 5]
+        assert torch.equal(a[:, keep], base[:, keep])
+    assert torch.equal(wbm_face_weight(aw, 2, 1.0), base)
+    assert torch.equal(wbm_face_weight(aw, 6, 0.5), torch.ones(1, 6, 1))
+    a = wbm_face_weight(aw, -1, 0.5)  # boundary counted from the end, like the slicing
+    assert torch.allclose(a[0, 5], 1 - 0.5 * (1 - aw[0, 5]))
+
+
+def test_forward_returns_truncation_mixing_and_noise():
+    g = small_generator()
+    n = g.n_latent
+    torch.manual_seed(2)
+    z1, z2 = torch.randn(3, 16), torch.randn(3, 16)
+    out = g([z1])
+    assert len(out) == 2 and out[1] is None and out[0].shape == (3, 3, 16, 16)
+    img, latent = g([z1], return_latents=True, randomize_noise=False)
+    assert torch.equal(latent, g.style(z1).unsqueeze(1).repeat(1, n, 1))
+    # truncation on the face branch only, before mixing
+    t = g.mean_latent(64)
+    assert t.shape == (1, 16)
+    _, lat = g([z1, z2], inject_index=3, truncation=0.5, truncation_latent=t, return_latents=True)
+    w1, w2 = [t + 0.5 * (g.style(z) - t) for z in (z1, z2)]
+    assert torch.allclose(lat[:, :3], w1.unsqueeze(1).expand(-1, 3, -1))
+    assert torch.allclose(lat[:, 3:], w2.unsqueeze(1).expand(-1, n - 3, -1))
+    # truncation >= 1 is ignored; W+ input used as is
+    wplus = torch.randn(3, n, 16)
+    _, lat = g([wplus], input_is_latent=True, truncation=1.5, truncation_latent=t, return_latents=True)
+    assert torch.equal(lat, wplus)
+    # stored noise is deterministic, random noise is not; explicit noise wins
+    a, _ = g([z1], randomize_noise=False)
+    b, _ = g([z1], randomize_noise=False)
+    c, _ = g([z1], randomize_noise=True)
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+    stored = [g.noises[j] for j in range(g.num_layers)]
+    d, _ = g([z1], noise=stored)
+    assert torch.equal(a, d)
+    assert [tuple(x.shape) for x in g.make_noise()] == [tuple(x.shape) for x in stored]
+    # mean_latent: the same numbers drawn from a seeded generator give the same centre
+    m1 = g.mean_latent(32, generator=torch.Generator().manual_seed(5))
+    m2 = g.style(torch.randn(32, 16, generator=torch.Generator().manual_seed(5))).mean(0, keepdim=True)
+    assert torch.equal(m1, m2)
+
+
+def reference_modulated_conv(x, conv, style):
+    """Per-sample loop: StyleGAN2 Eq. 1-3 written out, upsampling by zero-insertion + FIR (independent path)."""
+    outs = []
+    for b in range(x.shape[0]):
+        s = conv.modulation(style[b:b + 1])[0]  # [in]
+        w = conv.weight[0] * s.view(1, -1, 1, 1) / math.sqrt(conv.in_channel * conv.kernel_size ** 2)
+        if conv.demodulate:
+            w = w / torch.sqrt((w ** 2).sum(dim=(1, 2, 3), keepdim=True) + 1e-8)
+        xb = x[b:b + 1]
+        if conv.upsample:
+            # transposed conv stride 2 == zero-insert then conv with the flipped kernel, full padding
+            n, c, h, wd = xb.shape
+            up = xb.new_zeros(n, c, 2 * h - 1, 2 * wd - 1)
+            up[..., ::2, ::2] = xb
+            k = conv.kernel_size
+            y = F.conv2d(F.pad(up, (k - 1,) * 4), w.flip(2, 3))
+            # blur: true convolution with the 4x4 kernel (flip), pad (1, 1)
+            ker = conv.blur.kernel.flip(0, 1)
+            y = F.pad(y, (1, 1, 1, 1))
+            y = F.conv2d(y, ker.expand(y.shape[1], 1, 4, 4).contiguous(), groups=y.shape[1])
+        else:
+            y = F.conv2d(xb, w, padding=conv.kernel_size // 2)
+        outs.append(y)
+    return torch.cat(outs)
+
+
+def test_modulated_conv_matches_per_sample_reference():
+    g = small_generator().double()
+    torch.manual_seed(3)
+    for conv in (g.convs[0].conv, g.convs[1].conv, g.to_rgbs[0].conv):
+        x = torch.randn(2, conv.in_channel, 8, 8, dtype=torch.float64)
+        style = torch.randn(2, 16, dtype=torch.float64)
+        assert torch.allclose(conv(x, style), reference_modulated_conv(x, conv, style), atol=1e-10)
+
+
+def test_style_encoder_matches_independent_vgg_gram():
+    import torchvision
+
+    torch.manual_seed(4)
+    vgg = torchvision.models.vgg19(weights=None)
+    enc = StyleEncoder(8, 4, load_pretrained_vgg=False, pool_size=48)
+    enc.load_vgg(vgg.state_dict())
+    x = torch.rand(2, 3, 40, 56) * 2 - 1
+    with torch.no_grad():
+        gram = enc.embedder(x)
+        assert gram.shape == (2, 610304)
+        # independent: torchvision's own module, einsum Gram, manual equalized-lr MLP
+        h = F.adaptive_avg_pool2d(x, (48, 48))
+        feats = []
+        for i, layer in enumerate(vgg.features):
+            h = layer(h)
+            if i in VGG19_TAPS.values():
+                feats.append(h.clone())
+            if i == max(VGG19_TAPS.values()):
+                break
+        blocks = []
+        for f in feats:
+            n, c, hh, ww = f.shape
+            gm = torch.einsum("nchw,ndhw->ncd", f, f) / (c * hh * ww)
+            assert torch.allclose(gm, gm.transpose(1, 2))
+            blocks.append(gm.reshape(n, -1))
+        ref = torch.cat(blocks, 1)
+        assert torch.allclose(gram, ref, rtol=1e-4, atol=1e-7)
+        z = ref
+        for j, lin in enumerate(enc.embedder_mlp):
+            z = z @ (lin.weight * lin.scale).t() + lin.bias * lin.lr_mul
+            if j < 3:
+                z = F.leaky_relu(z, 0.2) * math.sqrt(2)
+        assert torch.allclose(enc(x), z, rtol=1e-4, atol=1e-5)
+
+
+def test_vgg_weights_from_local_file_hub_cache_and_clear_error(tmp_path, monkeypatch):
+    import torchvision
+    from torchvision.models import VGG19_Weights
+
+    torch.manual_seed(5)
+    vgg = torchvision.models.vgg19(weights=None)
+    f = tmp_path / "vgg19_local.pth"
+    torch.save(vgg.state_dict(), f)
+    enc = StyleEncoder(8, 2, load_pretrained_vgg=True, vgg_ckpt=str(f))
+    assert torch.equal(enc.embedder.feature_extractor.vgg_layers[34].weight, vgg.features[34].weight)
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+
+    def offline(*a, **k):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(VGG19_Weights.IMAGENET1K_V1.__class__, "get_state_dict", offline)
+    with pytest.raises(RuntimeError, match="vgg19-dcbb9e9d.pth"):
+        StyleEncoder(8, 2, load_pretrained_vgg=True)
+    cache = tmp_path / "th" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(vgg.state_dict(), cache / "vgg19-dcbb9e9d.pth")
+    enc = StyleEncoder(8, 2, load_pretrained_vgg=True)
+    assert torch.equal(enc.embedder.feature_extractor.vgg_layers[0].weight, vgg.features[0].weight)
+
+
+def test_release_layout_checkpoint_round_trip(tmp_path):
+    g = small_generator(size=64, seed=6)
+    path = tmp_path / "blendgan.pt"
+    latent_avg = g.mean_latent(16).detach()
+    torch.save({"g_ema": g.state_dict(), "latent_avg": latent_avg, "truncation": 0.7}, path)  # as the release
+    ckpt = load_checkpoint(path)
+    g2 = Generator(64, 16, 2, channel_multiplier=1, load_pretrained_vgg=False, style_pool_size=32)
+    load_state_dict_strict(g2, ckpt["g_ema"], f"{path}['g_ema']")
+    for (k, v), (k2, v2) in zip(g.state_dict().items(), g2.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    assert torch.equal(ckpt["latent_avg"], latent_avg) and ckpt["truncation"] == 0.7
+    z = torch.randn(1, 16)
+    style = torch.rand(1, 3, 64, 64) * 2 - 1
+    a, _ = g([z], style_image=style, add_weight_index=3, randomize_noise=False)
+    b, _ = g2([z], style_image=style, add_weight_index=3, randomize_noise=False)
+    assert torch.equal(a, b)
+    # our own atomic writer gives a file the same loader reads back identically
+    save_checkpoint({"g_ema": g2.state_dict()}, tmp_path / "again.pt")
+    again = load_checkpoint(tmp_path / "again.pt")["g_ema"]
+    assert all(torch.equal(again[k], v) for k, v in g.state_dict().items())
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp_")]
+
+
+class NotATensor:
+    pass
+
+
+def test_bad_checkpoint_files_give_one_clear_line(tmp_path):
+    g = small_generator(size=32)
+    good = tmp_path / "good.pt"
+    torch.save({"g_ema": g.state_dict()}, good)
+    data = good.read_bytes()
+    cases = {
+        "missing.pt": None,
+        "empty.pt": b"",
+        "truncated.pt": data[: len(data) // 2],
+        "garbage.pt": os.urandom(4096),
+        "text.pt": b"this is not a checkpoint\n",
+    }
+    for name, content in cases.items():
+        p = tmp_path / name
+        if content is not None:
+            p.write_bytes(content)
+        with pytest.raises(CheckpointError) as e:
+            load_checkpoint(p, hint="put it in pretrained_models/")
+        msg = str(e.value)
+        assert str(p) in msg and "\n" not in msg, msg
+    assert "pretrained_models/" in str(pytest.raises(CheckpointError, load_checkpoint, tmp_path / "missing.pt",
+                                                     hint="put it in pretrained_models/").value)
+    p = tmp_path / "list.pt"
+    torch.save([1, 2, 3], p)
+    with pytest.raises(CheckpointError, match="expected a dict"):
+        load_checkpoint(p)
+    p = tmp_path / "object.pt"
+    with open(p, "wb") as f:
+        pickle.dump({"g_ema": NotATensor()}, f)
+    with pytest.raises(CheckpointError, match=str(p)):
+        load_checkpoint(p)
+
+
+def test_layout_mismatch_names_keys_and_fitting_config(tmp_path):
+    g32 = small_generator(size=32)
+    g64 = Generator(64, 16, 2, channel_multiplier=1, load_pretrained_vgg=False, style_pool_size=32)
+    with pytest.raises(CheckpointError) as e:
+        load_state_dict_strict(g64, g32.state_dict(), "blendgan.pt['g_ema']", hint=guess_generator_config)
+    msg = str(e.value)
+    assert "missing" in msg and "convs.6" in msg and "mis-shaped" in msg and "add_weight" in msg
+    assert "size=32" in msg and "style_dim=16" in msg
+    g64c2 = Generator(64, 16, 2, channel_multiplier=2, load_pretrained_vgg=False, style_pool_size=32)
+    assert "channel_multiplier=2" in guess_generator_config(g64c2.state_dict())
+    assert "channel_multiplier=1" in guess_generator_config(g64.state_dict())
+
+
+def test_discriminators_shapes_and_projection_formula():
+    from model import minibatch_stddev
+
+    torch.manual_seed(7)
+    d = Discriminator(32, channel_multiplier=1)
+    pd = ProjectionDiscriminator(32, style_dim=16, channel_multiplier=1)
+    with torch.no_grad():
+        pd.l_style.bias.normal_()
+        pd.l_out.bias.normal_()
+    x = torch.randn(4, 3, 32, 32)
+    s = torch.randn(4, 16)
+    assert d(x).shape == (4, 1)
+    out = pd(x, s)
+    assert out.shape == (4, 1)
+    # projection discriminator: l_out(h) + <l_style(s), h>, h = spatial sum of the final features
+    feat = pd.convs(x)
+    y = feat.view(4, 1, 1, feat.shape[1], 4, 4)  # group 4
+    std = torch.sqrt(y.var(0, unbiased=False) + 1e-8).mean()
+    h = pd.final_conv(torch.cat([feat, std.expand(4, 1, 4, 4)], 1)).sum(dim=(2, 3))
+    lin = lambda m, v: v @ (m.weight * m.scale).t() + m.bias * m.lr_mul  # noqa: E731
+    expected = lin(pd.l_out, h) + (lin(pd.l_style, s) * h).sum(1, keepdim=True)
+    assert torch.allclose(out, expected, rtol=1e-5, atol=1e-5)
+    # minibatch stddev with group 2 of a batch of 4: two statistics, each shared by its group members
+    z = torch.randn(4, 6, 2, 2)
+    m = minibatch_stddev(z, group_size=2)
+    g = z.view(2, 2, 6, 2, 2)
+    ref = torch.sqrt(g.var(0, unbiased=False) + 1e-8).mean(dim=(1, 2, 3))  # [2]
+    assert torch.allclose(m[:, 6, 0, 0], ref.repeat(2))
+    # odd batch: the group falls back to a divisor of the batch instead of crashing
+    assert d(torch.randn(3, 3, 32, 32)).shape == (3, 1)
