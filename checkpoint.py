@@ -16,12 +16,13 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, unreadable, or does not fit the model it is loaded into."""
 
 
-def load_checkpoint(path, map_location="cpu", hint=None):
+def load_checkpoint(path, map_location="cpu", hint=None, expect_dict=True):
     """Load a dict checkpoint safely.
 
     path: file written by ``torch.save`` (zip or legacy format).
     hint: extra text for the missing-file message (e.g. where the release publishes the file).
-    Returns the dict. Raises CheckpointError with one line naming the file otherwise.
+    expect_dict: refuse anything but a dict (False: any weights-only object, e.g. a tensor of codes).
+    Returns the loaded object. Raises CheckpointError with one line naming the file otherwise.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -45,7 +46,7 @@ def load_checkpoint(path, map_location="cpu", hint=None):
         raise CheckpointError(
             f"checkpoint {path}: not a readable PyTorch checkpoint, truncated or corrupt "
             f"({type(e).__name__}: {first})") from None
-    if not isinstance(ckpt, dict):
+    if expect_dict and not isinstance(ckpt, dict):
         raise CheckpointError(f"checkpoint {path}: expected a dict, found {type(ckpt).__name__}")
     return ckpt
 
@@ -73,18 +74,19 @@ def state_dict_mismatch(module, state_dict, limit=3):
     return "; ".join(parts)
 
 
-def load_state_dict_strict(module, state_dict, what, hint=None):
+def load_state_dict_strict(module, state_dict, what, hint=None, assign=False):
     """Strict ``load_state_dict`` with a one-line error naming the first offending keys.
 
     what: the file (or file and entry) the weights come from, for the message.
     hint: optional callable(state_dict) -> str suggesting a configuration that would fit.
+    assign: use the file's tensors as the parameters (for modules built on the meta device: no copy).
     """
     problem = state_dict_mismatch(module, state_dict)
     if problem:
         extra = hint(state_dict) if hint is not None else ""
         raise CheckpointError(f"{what}: layout does not fit {type(module).__name__}: {problem}"
                               + (f". {extra}" if extra else ""))
-    module.load_state_dict(state_dict, strict=True)
+    module.load_state_dict(state_dict, strict=True, assign=assign)
     return module
 
 

@@ -98,19 +98,27 @@ class EqualLinear(nn.Module):
 class ModulatedConv2d(nn.Module):
     """Modulated (and demodulated) convolution, StyleGAN2 Eq. 1-3.
 
-    Per-sample weights W'_b = W * s_b / sqrt(in*k*k), s_b = modulation(w_b); demodulation divides
-    each output filter by sqrt(sum W'^2 + 1e-8). Run as one grouped convolution over the batch.
-    upsample: transposed conv with stride 2, then a FIR blur (pad (1, 1) for k = 3).
+    Per-sample weights W'_b = W * s_b / sqrt(in*k*k), s_b = modulation(w_b); demodulation divides each
+    output filter by sqrt(sum W'^2 + 1e-8). upsample: transposed conv with stride 2, then a FIR blur
+    (pad (1, 1) for k = 3).
+
+    Two exact formulations of the same function:
+    - fused=False (default): modulate the activations, x * s_b, run one convolution with the shared
+      weight, scale the output by the demodulation coefficients (computed from s_b^2 and sum_k W^2).
+      No per-sample weight tensors: much cheaper at low resolution and for batches.
+    - fused=True: build the per-sample weights and run one grouped convolution over the batch (the
+      release's path). Both agree to float rounding; tests check them against a per-sample loop.
     """
 
     def __init__(self, in_channel, out_channel, kernel_size, style_dim, demodulate=True, upsample=False,
-                 blur_kernel=(1, 3, 3, 1)):
+                 blur_kernel=(1, 3, 3, 1), fused=False):
         super().__init__()
         self.eps = 1e-8
         self.kernel_size = kernel_size
         self.in_channel = in_channel
         self.out_channel = out_channel
         self.upsample = upsample
+        self.fused = fused
         if upsample:
             factor = 2
             p = (len(blur_kernel) - factor) - (kernel_size - 1)
@@ -123,12 +131,27 @@ class ModulatedConv2d(nn.Module):
 
     def extra_repr(self):
         return (f"{self.in_channel}, {self.out_channel}, {self.kernel_size}, "
-                f"demodulate={self.demodulate}, upsample={self.upsample}")
+                f"demodulate={self.demodulate}, upsample={self.upsample}, fused={self.fused}")
 
     def forward(self, x, style):
+        s = self.modulation(style)  # [B, in]
+        if self.fused:
+            return self._forward_grouped(x, s)
+        batch = x.shape[0]
+        w = self.weight[0] * self.scale  # [out, in, k, k]
+        x = x * s.view(batch, -1, 1, 1).to(x.dtype)
+        if self.upsample:
+            out = F.conv_transpose2d(x, w.transpose(0, 1), stride=2)
+        else:
+            out = F.conv2d(x, w, padding=self.padding)
+        if self.demodulate:
+            demod = torch.rsqrt(s.pow(2) @ w.pow(2).sum([2, 3]).t() + self.eps)  # [B, out]
+            out = out * demod.view(batch, -1, 1, 1).to(out.dtype)
+        return self.blur(out) if self.upsample else out
+
+    def _forward_grouped(self, x, s):
         batch, in_channel, height, width = x.shape
-        style = self.modulation(style).view(batch, 1, in_channel, 1, 1)
-        weight = self.scale * self.weight * style  # [B, out, in, k, k]
+        weight = self.scale * self.weight * s.view(batch, 1, in_channel, 1, 1)  # [B, out, in, k, k]
         if self.demodulate:
             demod = torch.rsqrt(weight.pow(2).sum([2, 3, 4]) + self.eps)
             weight = weight * demod.view(batch, self.out_channel, 1, 1, 1)

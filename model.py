@@ -11,10 +11,15 @@ import random
 import torch
 from torch import nn
 
-from layers import (  # noqa: F401  (re-exported: code written against the release imports them from model)
+from layers import (
     Blur, ConstantInput, ConvLayer, EqualConv2d, EqualLinear, ModulatedConv2d, NoiseInjection, PixelNorm,
     ResBlock, StyledConv, ToRGB, Upsample, make_kernel)
 from style_encoder import StyleEncoder
+
+__all__ = [  # the release's model.py namespace: code written against it imports these from here
+    "Generator", "Discriminator", "ProjectionDiscriminator", "StyleEncoder", "Blur", "ConstantInput", "ConvLayer",
+    "EqualConv2d", "EqualLinear", "ModulatedConv2d", "NoiseInjection", "PixelNorm", "ResBlock", "StyledConv",
+    "ToRGB", "Upsample", "make_kernel"]
 
 
 def stylegan2_channels(channel_multiplier):
@@ -275,16 +280,27 @@ class ProjectionDiscriminator(nn.Module):
         return self.l_out(h) + (self.l_style(style) * h).sum(dim=1, keepdim=True)
 
 
+def infer_generator_config(state_dict):
+    """Generator arguments a g_ema state dict was made for: dict(size, style_dim, n_mlp, channel_multiplier).
+
+    channel_multiplier is None when it cannot be told (sizes below 64 share their channel counts).
+    Raises KeyError/IndexError when the dict is not a BlendGAN generator's.
+    """
+    n_latent = state_dict["add_weight"].shape[1]
+    size = 2 ** ((n_latent + 2) // 2)
+    n_mlp = len([k for k in state_dict if k.startswith("style.") and k.endswith(".weight")])
+    last = len([k for k in state_dict if k.startswith("to_rgbs.") and k.endswith(".conv.weight")]) - 1
+    in_ch = state_dict[f"to_rgbs.{last}.conv.weight"].shape[2]
+    cm = in_ch / stylegan2_channels(1)[size] if size >= 64 else None
+    return dict(size=size, style_dim=state_dict["style.1.weight"].shape[0], n_mlp=n_mlp,
+                channel_multiplier=int(cm) if cm and cm == int(cm) else None)
+
+
 def guess_generator_config(state_dict):
-    """Which Generator(size, channel_multiplier) a g_ema state dict was made for, as text ('' if unknown)."""
+    """infer_generator_config as a sentence for error messages ('' when the dict is not a generator's)."""
     try:
-        n_latent = state_dict["add_weight"].shape[1]
-        size = 2 ** ((n_latent + 2) // 2)
-        last = len([k for k in state_dict if k.startswith("to_rgbs.") and k.endswith(".conv.weight")]) - 1
-        in_ch = state_dict[f"to_rgbs.{last}.conv.weight"].shape[2]
-        style_dim = state_dict["style.1.weight"].shape[0]
-        cm = in_ch / stylegan2_channels(1)[size] if size >= 64 else None
-        cm_text = f", channel_multiplier={int(cm)}" if cm and cm == int(cm) else ""
-        return f"The file looks like Generator(size={size}, style_dim={style_dim}{cm_text})"
-    except Exception:
+        cfg = infer_generator_config(state_dict)
+    except (KeyError, IndexError, AttributeError):
         return ""
+    cm = f", channel_multiplier={cfg['channel_multiplier']}" if cfg["channel_multiplier"] else ""
+    return f"The file looks like Generator(size={cfg['size']}, style_dim={cfg['style_dim']}, n_mlp={cfg['n_mlp']}{cm})"

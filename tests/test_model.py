@@ -174,7 +174,23 @@ def test_modulated_conv_matches_per_sample_reference():
     for conv in (g.convs[0].conv, g.convs[1].conv, g.to_rgbs[0].conv):
         x = torch.randn(2, conv.in_channel, 8, 8, dtype=torch.float64)
         style = torch.randn(2, 16, dtype=torch.float64)
-        assert torch.allclose(conv(x, style), reference_modulated_conv(x, conv, style), atol=1e-10)
+        ref = reference_modulated_conv(x, conv, style)
+        for fused in (False, True):
+            conv.fused = fused
+            assert torch.allclose(conv(x, style), ref, atol=1e-10), (conv, fused)
+        conv.fused = False
+
+
+def test_fused_and_activation_modulation_agree_on_whole_generator():
+    g = small_generator(size=32)
+    z = torch.randn(3, 16)
+    z_embed = torch.randn(3, 16)
+    a, _ = g([z], z_embed=z_embed, add_weight_index=2, randomize_noise=False)
+    for m in g.modules():
+        if hasattr(m, "fused"):
+            m.fused = True
+    b, _ = g([z], z_embed=z_embed, add_weight_index=2, randomize_noise=False)
+    assert (a - b).abs().max() <= 1e-4 * b.abs().max()
 
 
 def test_style_encoder_matches_independent_vgg_gram():
@@ -306,7 +322,7 @@ def test_layout_mismatch_names_keys_and_fitting_config(tmp_path):
         load_state_dict_strict(g64, g32.state_dict(), "blendgan.pt['g_ema']", hint=guess_generator_config)
     msg = str(e.value)
     assert "missing" in msg and "convs.6" in msg and "mis-shaped" in msg and "add_weight" in msg
-    assert "size=32" in msg and "style_dim=16" in msg
+    assert "size=32" in msg and "style_dim=16" in msg and "n_mlp=2" in msg
     g64c2 = Generator(64, 16, 2, channel_multiplier=2, load_pretrained_vgg=False, style_pool_size=32)
     assert "channel_multiplier=2" in guess_generator_config(g64c2.state_dict())
     assert "channel_multiplier=1" in guess_generator_config(g64.state_dict())
