@@ -1,0 +1,132 @@
+"""Style-interpolation videos (the release's gen_video.py): per face photo, a walk through randomly drawn
+style images, frames [face | sliding reference window | result], written as H.264 MP4 (yuv420p, 30 fps).
+
+    python gen_video.py --size 1024 --ckpt pretrained_models/blendgan.pt \
+        --psp_encoder_ckpt pretrained_models/psp_encoder.pt --style_img_path test_imgs/style_imgs/ \
+        --input_img_path test_imgs/face_imgs/ --outdir results/inter_videos/
+"""
+import argparse
+import os
+import random
+import sys
+
+import torch
+from tqdm import tqdm
+
+from checkpoint import CheckpointError
+from inference import (DTYPES, Report, add_common_args, check_indicator, encode_faces, encode_styles, list_inputs,
+                       load_aligner, load_blendgan, load_psp, read_input, resize, stem, validate_common)
+from video import HOLD_FRAMES, compose_frame, interpolation_alphas, sliding_window, write_mp4
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--size", type=int, default=None, help="output size (default: the checkpoint's; the release's is 1024)")
+    p.add_argument("--ckpt", default="pretrained_models/blendgan.pt", help="BlendGAN checkpoint (g_ema)")
+    p.add_argument("--psp_encoder_ckpt", default="pretrained_models/psp_encoder.pt", help="pSp encoder checkpoint")
+    p.add_argument("--style_img_path", default="test_imgs/style_imgs/", help="folder of style images")
+    p.add_argument("--input_img_path", default="test_imgs/face_imgs/", help="face image or folder of them")
+    p.add_argument("--add_weight_index", type=int, default=7, help="WBM indicator i (the release's video default: 7)")
+    p.add_argument("--channel_multiplier", type=int, default=None, help="generator width (default: the checkpoint's; release 2)")
+    p.add_argument("--outdir", default="results/inter_videos/", help="output folder")
+    p.add_argument("--n_styles", type=int, default=8, help="style images drawn (with replacement) per face")
+    p.add_argument("--fps", type=int, default=30, help="frames per second")
+    p.add_argument("--crf", type=int, default=18, help="H.264 quality (lower is better, 18 is visually lossless)")
+    p.add_argument("--align", action="store_true", help="align each face photo FFHQ-style with dlib first (raw photos)")
+    p.add_argument("--predictor", default=None, help="dlib 68-landmark model (default: face-recognition-models' file)")
+    p.add_argument("--skip_existing", action="store_true", help="keep videos that already exist (resume a run)")
+    add_common_args(p, batch_default=8)
+    opts = p.parse_args(argv)
+    validate_common(p, opts)
+    check_indicator(p, opts.add_weight_index, opts.size)
+    if opts.n_styles < 2:
+        p.error("--n_styles must be >= 2 (a video walks between styles)")
+    return opts
+
+
+@torch.no_grad()
+def face_frames(g, code, face_img, style_imgs, z_styles, opts):
+    """Yield one face's frames, uint8 [size, 3*size, 3]: (n_styles - 1) * 31 + 10 of them.
+
+    Frames are generated in batches of distinct codes (a hold repeats its code exactly and reuses the
+    image) and streamed, so memory does not grow with the video's length.
+    """
+    plan = [(k, alpha) for k in range(len(z_styles) - 1) for alpha in interpolation_alphas()]
+    z_all = torch.stack([torch.lerp(z_styles[k], z_styles[k + 1], alpha) for k, alpha in plan])  # [T, style_dim]
+    distinct = [0]  # index of each frame's code among the distinct consecutive codes
+    for t in range(1, len(plan)):
+        distinct.append(distinct[-1] + int(not torch.equal(z_all[t], z_all[t - 1])))
+    firsts = [t for t in range(len(plan)) if t == 0 or distinct[t] != distinct[t - 1]]
+    batch, batch_start, frame = None, None, None
+    for t, (k, alpha) in enumerate(plan):
+        d = distinct[t]
+        if batch is None or d >= batch_start + len(batch):
+            batch_start = d
+            z = z_all[firsts[d:d + opts.batch]]
+            batch, _ = g([code.expand(len(z), -1, -1)], z_embed=z, add_weight_index=opts.add_weight_index,
+                         theta=opts.theta, input_is_latent=True, randomize_noise=False)
+        window = sliding_window(style_imgs[k], style_imgs[k + 1], alpha)
+        frame = compose_frame(face_img, window, batch[d - batch_start])
+        yield frame
+    for _ in range(HOLD_FRAMES):
+        yield frame
+
+
+def style_walks(face_paths, style_paths, n_styles, seed):
+    """Per face, the style images of its video: random.choices with replacement from one Python RNG
+    seeded once and carried from face to face, in sorted order (the release's picks for seed 0)."""
+    rng = random.Random(seed)
+    return {face: rng.choices(style_paths, k=n_styles) for face in face_paths}
+
+
+def gen_videos(opts):
+    device, dtype = opts.device, DTYPES[opts.dtype]
+    g, _ = load_blendgan(opts.ckpt, opts.size, opts.channel_multiplier, device, dtype)
+    size = g.size
+    psp = load_psp(opts.psp_encoder_ckpt, size, device, dtype)
+    report = Report()
+    aligner = load_aligner(opts.align, opts.predictor)
+    style_paths = []
+    style_cache = {}
+    for path in list_inputs(opts.style_img_path):
+        img = read_input(path, report)
+        if img is not None:
+            style_paths.append(path)
+            style_cache[path] = resize(img, size)  # the release resizes before encoding
+    if not style_paths:
+        print("nothing to do: no usable style image", file=sys.stderr)
+        return report
+    z_cache = dict(zip(style_paths, encode_styles(g, [style_cache[p] for p in style_paths], opts.batch, device, dtype)))
+    face_paths = list_inputs(opts.input_img_path)
+    walks = style_walks(face_paths, style_paths, opts.n_styles, opts.seed)
+    os.makedirs(opts.outdir, exist_ok=True)
+    for path in tqdm(face_paths, desc="videos", unit="face"):
+        picks = walks[path]
+        out = os.path.join(opts.outdir, f"{stem(path)}.mp4")
+        if opts.skip_existing and os.path.exists(out):
+            report.existing += 1
+            continue
+        img = read_input(path, report, aligner, align_size=size)
+        if img is None:
+            continue
+        face = resize(img, size)
+        code = encode_faces(psp, [face], 1, device, dtype)  # [1, n_latent, 512]
+        frames = face_frames(g, code, face, [style_cache[p] for p in picks], [z_cache[p] for p in picks], opts)
+        write_mp4(out, frames, fps=opts.fps, crf=opts.crf)
+        report.written += 1
+    return report
+
+
+def main(argv=None):
+    opts = parse_args(argv)
+    torch.manual_seed(opts.seed)
+    try:
+        report = gen_videos(opts)
+    except (CheckpointError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
+    print(report.summary("videos"))
+    return report.exit_code()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Generate natural / stylized face pairs (paper Fig. 1, 5): latent-guided without --style_img (a random
+style code), reference-guided with it. Writes OUTDIR/000000.jpg ... as [natural | stylized].
+
+    python generate_image_pairs.py --size 1024 --pics 20 --ckpt pretrained_models/blendgan.pt \
+        --outdir results/generated_pairs/reference_guided --style_img test_imgs/style_imgs/100036.jpg
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from checkpoint import CheckpointError, load_checkpoint
+from inference import (Report, add_common_args, check_indicator, encode_styles, load_blendgan, read_input,
+                       validate_common, write_jpeg, DTYPES)
+from utils import ten2img
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--size", type=int, default=None, help="output size (default: the checkpoint's; the release's is 1024)")
+    p.add_argument("--pics", type=int, default=20, help="number of pairs to generate")
+    p.add_argument("--ckpt", default="pretrained_models/blendgan.pt", help="BlendGAN checkpoint (g_ema)")
+    p.add_argument("--style_img", default=None, help="reference style image (reference-guided); none: a random style code")
+    p.add_argument("--outdir", default="results/generated_pairs", help="output folder")
+    p.add_argument("--truncation", type=float, default=0.75, help="truncation psi of the face codes (overridden by ckpt['truncation'])")
+    p.add_argument("--truncation_mean", type=int, default=4096, help="samples for the truncation centre when ckpt has no latent_avg")
+    p.add_argument("--sample_zs", default=None, help="torch file with face codes (indexable, items [1, 512]) instead of random ones")
+    p.add_argument("--add_weight_index", type=int, default=6, help="WBM indicator i: 0 full style ... n_latent natural face")
+    p.add_argument("--channel_multiplier", type=int, default=None, help="generator width (default: the checkpoint's; release 2)")
+    add_common_args(p)
+    opts = p.parse_args(argv)
+    validate_common(p, opts)
+    if opts.pics < 1:
+        p.error("--pics must be >= 1")
+    check_indicator(p, opts.add_weight_index, opts.size)
+    return opts
+
+
+@torch.no_grad()
+def generate_pairs(opts):
+    device, dtype = opts.device, DTYPES[opts.dtype]
+    g, ckpt = load_blendgan(opts.ckpt, opts.size, opts.channel_multiplier, device, dtype)
+    rng = torch.Generator().manual_seed(opts.seed)  # CPU draws: the same numbers on every device
+    truncation = float(ckpt.get("truncation", opts.truncation))
+    trunc_latent = None
+    if truncation < 1:
+        if "latent_avg" in ckpt:
+            trunc_latent = ckpt["latent_avg"].to(device=device, dtype=dtype)
+        else:
+            z = torch.randn(opts.truncation_mean, g.style_dim, generator=rng).to(device=device, dtype=dtype)
+            trunc_latent = g.style(z).mean(0, keepdim=True)
+
+    if opts.style_img:
+        report = Report()
+        img = read_input(opts.style_img, report)
+        if img is None:
+            raise SystemExit(f"error: {report.skipped[0][0]}: {report.skipped[0][1]}")
+        z_embed = encode_styles(g, [img], 1, device, dtype)  # [1, style_dim]
+    else:
+        z_embed = torch.randn(1, g.style_dim, generator=rng).to(device=device, dtype=dtype)
+
+    if opts.sample_zs:
+        sample_zs = load_checkpoint(opts.sample_zs, expect_dict=False)
+        if len(sample_zs) < opts.pics:
+            raise SystemExit(f"error: {opts.sample_zs} holds {len(sample_zs)} codes, --pics asks for {opts.pics}")
+        zs = [torch.as_tensor(sample_zs[i]).reshape(1, -1) for i in range(opts.pics)]
+    else:
+        zs = [torch.randn(1, g.style_dim, generator=rng) for _ in range(opts.pics)]  # one draw per picture
+
+    report = Report()
+    kw = dict(truncation=truncation, truncation_latent=trunc_latent, randomize_noise=False)
+    os.makedirs(opts.outdir, exist_ok=True)
+    for start in tqdm(range(0, opts.pics, opts.batch), desc="pairs", unit="batch"):
+        z = torch.cat(zs[start:start + opts.batch]).to(device=device, dtype=dtype)  # [B, style_dim]
+        natural, _ = g([z], **kw)
+        stylized, _ = g([z], z_embed=z_embed.expand(len(z), -1), add_weight_index=opts.add_weight_index,
+                        theta=opts.theta, **kw)
+        for k, (a, b) in enumerate(zip(ten2img(natural), ten2img(stylized))):
+            write_jpeg(os.path.join(opts.outdir, f"{start + k:06d}.jpg"), np.concatenate([a, b], axis=1))
+            report.written += 1
+    return report
+
+
+def main(argv=None):
+    opts = parse_args(argv)
+    torch.manual_seed(opts.seed)
+    try:
+        report = generate_pairs(opts)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}")
+    print(report.summary("pairs"))
+    return report.exit_code()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

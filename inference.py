@@ -1,0 +1,224 @@
+"""What the three inference scripts share: options, model loading, robust inputs, batched encoding,
+atomic outputs and the end-of-run report.
+
+The scripts (generate_image_pairs.py, style_transfer_folder.py, gen_video.py) stay thin: they parse
+options, then call the functions here and in model.py / psp_encoder/.
+"""
+import os
+import sys
+import tempfile
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict, require_key
+from imageio_utils import UnreadableImageError, read_image_rgb
+from model import Generator, guess_generator_config, infer_generator_config, n_latent_for
+from utils import img2ten
+
+RELEASE_PAGE = "https://github.com/onion-liu/BlendGAN (README, 'Pretrained models')"
+MIN_SIDE = 32  # smaller inputs cannot hold a face; they are reported and skipped
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_common_args(parser, batch_default=4):
+    """--device, --dtype, --seed, --batch, --theta: the options every inference script has."""
+    parser.add_argument("--device", default=default_device(), help="torch device (default: cuda if present, else cpu)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
+                        help="compute precision of the networks (bfloat16/float16 are faster, slightly different)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same output")
+    parser.add_argument("--batch", type=int, default=batch_default, help="images generated per forward pass")
+    parser.add_argument("--theta", type=float, default=None,
+                        help="paper Eq. 5: style weight factor of the boundary layer i (default: the release's "
+                             "behaviour, theta = 1)")
+
+
+def validate_common(parser, opts):
+    if opts.batch < 1:
+        parser.error("--batch must be >= 1")
+    if opts.theta is not None and not 0 <= opts.theta <= 1:
+        parser.error("--theta must be in [0, 1]")
+    if opts.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {opts.device}: CUDA is not available on this machine; use --device cpu")
+    if opts.dtype == "float16" and not opts.device.startswith("cuda"):
+        parser.error("--dtype float16 needs a CUDA device (use bfloat16 on CPU)")
+
+
+def missing_hint(flag, default_name):
+    return (f"pass it with {flag} or put it at pretrained_models/{default_name}; "
+            f"the release publishes it at {RELEASE_PAGE}")
+
+
+def load_blendgan(path, size=None, channel_multiplier=None, device="cpu", dtype=torch.float32):
+    """Generator from a BlendGAN checkpoint's ``g_ema`` (release layout), ready for inference.
+
+    size / channel_multiplier: None reads them from the file. style_dim and n_mlp always come from the
+    file (512 and 8 for the release). The weights are memory-mapped and assigned, not copied, so the
+    1.47 GB release generator is held once. Returns (generator in eval mode, the checkpoint dict).
+    """
+    ckpt = load_checkpoint(path, hint=missing_hint("--ckpt", "blendgan.pt"))
+    sd = require_key(ckpt, "g_ema", path)
+    try:
+        cfg = infer_generator_config(sd)
+    except (KeyError, IndexError, AttributeError):
+        raise CheckpointError(f"{path}['g_ema']: not a BlendGAN generator state dict "
+                              f"(no add_weight/style.*/to_rgbs.* keys)") from None
+    size = size or cfg["size"]
+    channel_multiplier = channel_multiplier or cfg["channel_multiplier"] or 2
+    style_dim, n_mlp = cfg["style_dim"], cfg["n_mlp"]
+    with torch.device("meta"):
+        g = Generator(size, style_dim, n_mlp, channel_multiplier=channel_multiplier, load_pretrained_vgg=False)
+    load_state_dict_strict(g, sd, f"{path}['g_ema']", hint=guess_generator_config, assign=True)
+    g = g.to(device=device, dtype=dtype).eval()
+    return g, ckpt
+
+
+def load_psp(path, size, device="cpu", dtype=torch.float32):
+    from psp_encoder.psp_encoders import PSPEncoder
+
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path}: file not found; {missing_hint('--psp_encoder_ckpt', 'psp_encoder.pt')}")
+    return PSPEncoder(path, output_size=size).to(device=device, dtype=dtype).eval()
+
+
+class Report:
+    """Counts what was processed, names what was skipped and why; decides the exit code."""
+
+    def __init__(self):
+        self.skipped = []  # (path, reason)
+        self.written = 0
+        self.existing = 0  # outputs kept from an earlier run (--skip_existing)
+
+    def skip(self, path, reason):
+        self.skipped.append((path, reason))
+        print(f"skipped {path}: {reason}", file=sys.stderr)
+
+    def summary(self, what="images"):
+        line = f"done: {self.written} {what} written, {len(self.skipped)} input(s) skipped"
+        if self.existing:
+            line += f", {self.existing} already there"
+        if self.skipped:
+            line += " (" + "; ".join(f"{os.path.basename(p)}: {r}" for p, r in self.skipped) + ")"
+        return line
+
+    def exit_code(self):
+        """Non-zero only when nothing could be processed."""
+        return 0 if self.written + self.existing > 0 else 1
+
+
+def list_inputs(path):
+    """A file, or the files of a folder (``*.*``, sorted, hidden files left out, as the release globs)."""
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no such file or folder: {path}")
+    names = sorted(n for n in os.listdir(path) if "." in n and not n.startswith("."))
+    return [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))]
+
+
+def read_input(path, report, aligner=None, align_size=1024):
+    """RGB uint8 [H, W, 3] of an input image, or None (reported) if it cannot be used.
+
+    Any mode (grey, palette, RGBA, 16-bit, CMYK) and EXIF orientation are handled by read_image_rgb;
+    for RGB JPEG/PNG its pixels equal OpenCV's, which the release reads with.
+    aligner: (detector, predictor) to align the face FFHQ-style first (``--align``).
+    """
+    try:
+        img = np.asarray(read_image_rgb(path))
+    except UnreadableImageError as e:
+        report.skip(path, str(e).split(": ", 1)[-1])
+        return None
+    if min(img.shape[:2]) < MIN_SIDE:
+        report.skip(path, f"too small for a face image ({img.shape[1]}x{img.shape[0]} px, need >= {MIN_SIDE})")
+        return None
+    if aligner is not None:
+        from align_faces import align_face
+
+        detector, predictor = aligner
+        faces = align_face(img, predictor, detector, output_size=align_size)
+        if not faces:
+            report.skip(path, "no face found to align")
+            return None
+        img = np.asarray(faces[0])
+    return img
+
+
+def load_aligner(enabled, predictor_path=None):
+    if not enabled:
+        return None
+    from align_faces import load_face_models
+
+    return load_face_models(predictor_path)
+
+
+def resize(img, size):
+    """cv2.resize to size x size (bilinear, as the release)."""
+    return cv2.resize(img, (size, size))
+
+
+def stem(path):
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def pooled_batches(images, pool_size, batch, device, dtype):
+    """Yield [B, 3, pool, pool] tensors: each image converted like cv2ten, then average-pooled.
+
+    Both encoders start with AdaptiveAvgPool2d to ``pool_size`` and pooling an already pooled image is
+    the identity, so images of different sizes can share a batch without changing any result.
+    """
+    for i in range(0, len(images), batch):
+        xs = [F.adaptive_avg_pool2d(img2ten(im), (pool_size, pool_size)) for im in images[i:i + batch]]
+        yield torch.cat(xs).to(device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def encode_styles(g, images, batch, device, dtype):
+    """Style codes z_s [S, style_dim] of RGB images, each encoded once."""
+    pool = g.embedder.embedder.pool.output_size[0]
+    out = [g.get_z_embed(x) for x in pooled_batches(images, pool, batch, device, dtype)]
+    return torch.cat(out) if out else torch.empty(0, g.style_dim, device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def encode_faces(psp, images, batch, device, dtype):
+    """W+ codes [F, n_latent, 512] of RGB face images (pSp), each encoded once."""
+    from psp_encoder.psp_encoders import ENCODER_INPUT_SIZE
+
+    out = [psp(x) for x in pooled_batches(images, ENCODER_INPUT_SIZE[0], batch, device, dtype)]
+    return torch.cat(out)
+
+
+def check_indicator(parser, index, size):
+    n = n_latent_for(size) if size else 18
+    if index is not None and not -n <= index <= n:
+        parser.error(f"--add_weight_index must be in [{-n}, {n}] for size {size} ({n} layers); {n} = natural face")
+
+
+def atomic_write_bytes(path, data):
+    """Write bytes to path through a temporary file and os.replace: no half-written output."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_jpeg(path, rgb):
+    """RGB uint8 -> JPEG bytes exactly as the release's cv2.imwrite (quality 95), written atomically."""
+    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(rgb[:, :, ::-1]))
+    if not ok:
+        raise RuntimeError(f"could not encode {path}")
+    atomic_write_bytes(path, buf.tobytes())

@@ -1,0 +1,104 @@
+"""Stylize every face photo with every style image: OUTDIR/{face}_v_{style}.jpg = [face | style | result].
+
+Faces are inverted to W+ by the pSp encoder and styles encoded by the style encoder once per image, not
+once per pair; the pairs are then generated in batches.
+
+    python style_transfer_folder.py --size 1024 --ckpt pretrained_models/blendgan.pt \
+        --psp_encoder_ckpt pretrained_models/psp_encoder.pt --style_img_path test_imgs/style_imgs/ \
+        --input_img_path test_imgs/face_imgs/ --outdir results/style_transfer/
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from checkpoint import CheckpointError
+from inference import (DTYPES, Report, add_common_args, check_indicator, encode_faces, encode_styles, list_inputs,
+                       load_aligner, load_blendgan, load_psp, read_input, resize, stem, validate_common, write_jpeg)
+from utils import ten2img
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--size", type=int, default=None, help="output size (default: the checkpoint's; the release's is 1024)")
+    p.add_argument("--ckpt", default="pretrained_models/blendgan.pt", help="BlendGAN checkpoint (g_ema)")
+    p.add_argument("--psp_encoder_ckpt", default="pretrained_models/psp_encoder.pt", help="pSp encoder checkpoint")
+    p.add_argument("--style_img_path", default="test_imgs/style_imgs/", help="style image or folder of them")
+    p.add_argument("--input_img_path", default="test_imgs/face_imgs/", help="face image or folder of them")
+    p.add_argument("--add_weight_index", type=int, default=6, help="WBM indicator i: 0 full style ... n_latent natural face")
+    p.add_argument("--channel_multiplier", type=int, default=None, help="generator width (default: the checkpoint's; release 2)")
+    p.add_argument("--outdir", default="results/style_transfer/", help="output folder")
+    p.add_argument("--align", action="store_true", help="align each face photo FFHQ-style with dlib first (raw photos)")
+    p.add_argument("--predictor", default=None, help="dlib 68-landmark model (default: face-recognition-models' file)")
+    p.add_argument("--skip_existing", action="store_true", help="keep outputs that already exist (resume a run)")
+    add_common_args(p)
+    opts = p.parse_args(argv)
+    validate_common(p, opts)
+    check_indicator(p, opts.add_weight_index, opts.size)
+    return opts
+
+
+def read_all(paths, report, size, aligner=None):
+    """(stems, full-resolution RGB images for the encoders, size x size thumbnails for the mosaic)."""
+    stems, images, thumbs = [], [], []
+    for path in tqdm(paths, desc="reading", unit="img", leave=False):
+        img = read_input(path, report, aligner, align_size=size)
+        if img is not None:
+            stems.append(stem(path))
+            images.append(img)
+            thumbs.append(resize(img, size))
+    return stems, images, thumbs
+
+
+@torch.no_grad()
+def style_transfer(opts):
+    device, dtype = opts.device, DTYPES[opts.dtype]
+    g, _ = load_blendgan(opts.ckpt, opts.size, opts.channel_multiplier, device, dtype)
+    size = g.size
+    psp = load_psp(opts.psp_encoder_ckpt, size, device, dtype)
+    report = Report()
+    aligner = load_aligner(opts.align, opts.predictor)
+    face_stems, faces, face_thumbs = read_all(list_inputs(opts.input_img_path), report, size, aligner)
+    style_stems, styles, style_thumbs = read_all(list_inputs(opts.style_img_path), report, size)
+    if not faces or not styles:
+        print(f"nothing to do: {len(faces)} usable face(s), {len(styles)} usable style(s)", file=sys.stderr)
+        return report
+    codes = encode_faces(psp, faces, opts.batch, device, dtype)  # [F, n_latent, 512]
+    z_embeds = encode_styles(g, styles, opts.batch, device, dtype)  # [S, style_dim]
+    del faces, styles
+
+    os.makedirs(opts.outdir, exist_ok=True)
+    pairs = [(f, s) for f in range(len(face_stems)) for s in range(len(style_stems))]
+    out_path = lambda f, s: os.path.join(opts.outdir, f"{face_stems[f]}_v_{style_stems[s]}.jpg")  # noqa: E731
+    if opts.skip_existing:
+        todo = [(f, s) for f, s in pairs if not os.path.exists(out_path(f, s))]
+        report.existing = len(pairs) - len(todo)
+        pairs = todo
+    for start in tqdm(range(0, len(pairs), opts.batch), desc="style transfer", unit="batch"):
+        chunk = pairs[start:start + opts.batch]
+        f_idx = torch.tensor([f for f, _ in chunk])
+        s_idx = torch.tensor([s for _, s in chunk])
+        out, _ = g([codes[f_idx]], z_embed=z_embeds[s_idx], add_weight_index=opts.add_weight_index,
+                   theta=opts.theta, input_is_latent=True, randomize_noise=False)
+        for (f, s), result in zip(chunk, ten2img(out)):
+            write_jpeg(out_path(f, s), np.concatenate([face_thumbs[f], style_thumbs[s], result], axis=1))
+            report.written += 1
+    return report
+
+
+def main(argv=None):
+    opts = parse_args(argv)
+    torch.manual_seed(opts.seed)
+    try:
+        report = style_transfer(opts)
+    except (CheckpointError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
+    print(report.summary("stylized faces"))
+    return report.exit_code()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""The three inference scripts end to end on CPU with size-64 release-layout checkpoints built here."""
+import os
+import shutil
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import gen_video
+import generate_image_pairs
+import style_transfer_folder
+from inference import encode_faces, encode_styles, load_blendgan, load_psp, resize
+from model import Generator
+from psp_encoder.psp_encoders import PSPEncoder
+from utils import img2ten, ten2img
+from video import interpolation_alphas, read_mp4, sliding_window
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FACES = os.path.join(ROOT, "test_imgs", "face_imgs")
+STYLES = os.path.join(ROOT, "test_imgs", "style_imgs")
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """Release-layout blendgan.pt (size 64, style_dim 512: pSp codes are 512-D) and psp_encoder.pt."""
+    d = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    g = Generator(SIZE, 512, 2, channel_multiplier=1, load_pretrained_vgg=False)
+    with torch.no_grad():  # trained-like WBM weights and noise strengths
+        g.add_weight.copy_(torch.linspace(0.9, 0.1, g.n_latent).view(1, -1, 1))
+        for layer in [g.conv1, *g.convs]:
+            layer.noise.weight.fill_(0.05)
+    latent_avg = g.mean_latent(256).detach()
+    torch.save({"g_ema": g.state_dict(), "latent_avg": latent_avg}, d / "blendgan.pt")
+    psp = PSPEncoder(None, output_size=SIZE)
+    with torch.no_grad():
+        for m in psp.modules():  # BatchNorm running stats of an untrained net are (0, 1); make them realistic
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_var.fill_(4.0)
+    sd = {f"encoder.{k}": v for k, v in psp.encoder.state_dict().items()}
+    torch.save({**sd, "latent_avg": latent_avg[0]}, d / "psp_encoder.pt")
+    return str(d / "blendgan.pt"), str(d / "psp_encoder.pt")
+
+
+def read_rgb(path):
+    img = cv2.imread(path, cv2.IMREAD_COLOR)
+    assert img is not None, f"{path} does not decode"
+    return img[:, :, ::-1]
+
+
+def jpeg_roundtrip(rgb):
+    """What our writer would store for this image, decoded (the writer is cv2.imencode, quality 95)."""
+    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(rgb[:, :, ::-1]))
+    return cv2.imdecode(buf, cv2.IMREAD_COLOR)[:, :, ::-1].astype(float)
+
+
+def run_main(module, args):
+    return module.main([str(a) for a in args])
+
+
+def test_generate_pairs_latent_guided_matches_in_process_generation(ckpts, tmp_path):
+    ckpt, _ = ckpts
+    out = tmp_path / "pairs"
+    code = run_main(generate_image_pairs, ["--ckpt", ckpt, "--pics", 3, "--outdir", out, "--seed", 7, "--batch", 2,
+                                           "--device", "cpu"])
+    assert code == 0
+    files = sorted(os.listdir(out))
+    assert files == ["000000.jpg", "000001.jpg", "000002.jpg"]
+    # independent: the same draws (style code first, then one face code per picture) through the generator
+    g, c = load_blendgan(ckpt)
+    rng = torch.Generator().manual_seed(7)
+    z_embed = torch.randn(1, 512, generator=rng)
+    zs = [torch.randn(1, 512, generator=rng) for _ in range(3)]
+    kw = dict(truncation=0.75, truncation_latent=c["latent_avg"], randomize_noise=False)
+    with torch.no_grad():
+        for i, z in enumerate(zs):
+            nat = ten2img(g([z], **kw)[0])[0]
+            sty = ten2img(g([z], z_embed=z_embed, add_weight_index=6, **kw)[0])[0]
+            got = read_rgb(str(out / f"{i:06d}.jpg"))
+            assert got.shape == (SIZE, 2 * SIZE, 3)
+            expected = jpeg_roundtrip(np.concatenate([nat, sty], axis=1))
+            assert np.abs(got - expected).mean() < 0.5
+            assert np.abs(nat.astype(float) - sty).mean() > 3.0  # the style branch really acts
+    # same seed -> same files; another seed -> other faces
+    again = tmp_path / "again"
+    run_main(generate_image_pairs, ["--ckpt", ckpt, "--pics", 3, "--outdir", again, "--seed", 7, "--device", "cpu"])
+    assert all((out / f).read_bytes() == (again / f).read_bytes() for f in files)
+    other = tmp_path / "other"
+    run_main(generate_image_pairs, ["--ckpt", ckpt, "--pics", 1, "--outdir", other, "--seed", 8, "--device", "cpu"])
+    assert np.abs(read_rgb(str(other / files[0])).astype(float) - read_rgb(str(out / files[0]))).mean() > 5
+
+
+def test_generate_pairs_reference_guided_and_natural_indicator(ckpts, tmp_path):
+    ckpt, _ = ckpts
+    styles = sorted(os.listdir(STYLES))
+    outs = []
+    for style in styles[:2]:
+        out = tmp_path / style
+        assert run_main(generate_image_pairs, ["--ckpt", ckpt, "--pics", 2, "--outdir", out, "--device", "cpu",
+                                               "--style_img", os.path.join(STYLES, style)]) == 0
+        outs.append([read_rgb(str(out / f)).astype(float) for f in sorted(os.listdir(out))])
+    for a, b in zip(*outs):
+        assert np.abs(a[:, :SIZE] - b[:, :SIZE]).mean() < 0.5  # same natural faces
+        assert np.abs(a[:, SIZE:] - b[:, SIZE:]).mean() > 2.0  # the style image changes the result
+    # indicator i = n_latent (10 at 64 px) is exactly the natural face
+    out = tmp_path / "natural"
+    run_main(generate_image_pairs, ["--ckpt", ckpt, "--pics", 1, "--outdir", out, "--device", "cpu",
+                                    "--style_img", os.path.join(STYLES, styles[0]), "--add_weight_index", 10])
+    img = read_rgb(str(out / "000000.jpg"))
+    assert np.array_equal(img[:, :SIZE], img[:, SIZE:])
+
+
+def test_style_transfer_folder_outputs_and_values(ckpts, tmp_path):
+    ckpt, psp_ckpt = ckpts
+    faces, styles = tmp_path / "faces", tmp_path / "styles"
+    faces.mkdir(), styles.mkdir()
+    for name in sorted(os.listdir(FACES))[:2]:
+        shutil.copy(os.path.join(FACES, name), faces)
+    for name in sorted(os.listdir(STYLES))[:3]:
+        shutil.copy(os.path.join(STYLES, name), styles)
+    out = tmp_path / "out"
+    args = ["--ckpt", ckpt, "--psp_encoder_ckpt", psp_ckpt, "--input_img_path", faces, "--style_img_path", styles,
+            "--outdir", out, "--device", "cpu", "--batch", 4]
+    assert run_main(style_transfer_folder, args) == 0
+    names = sorted(os.listdir(out))
+    expected_names = sorted(f"{os.path.splitext(f)[0]}_v_{os.path.splitext(s)[0]}.jpg"
+                            for f in os.listdir(faces) for s in os.listdir(styles))
+    assert names == expected_names
+    # independent per-pair computation, as the release: encoders on the full-resolution image
+    g, _ = load_blendgan(ckpt)
+    psp = load_psp(psp_ckpt, SIZE)
+    face_name, style_name = sorted(os.listdir(faces))[1], sorted(os.listdir(styles))[2]
+    face, style = read_rgb(str(faces / face_name)), read_rgb(str(styles / style_name))
+    with torch.no_grad():
+        codes = psp(img2ten(face))
+        z = g.get_z_embed(img2ten(style))
+        result = ten2img(g([codes], z_embed=z, add_weight_index=6, input_is_latent=True, randomize_noise=False)[0])[0]
+    got = read_rgb(str(out / f"{os.path.splitext(face_name)[0]}_v_{os.path.splitext(style_name)[0]}.jpg"))
+    assert got.shape == (SIZE, 3 * SIZE, 3)
+    expected = jpeg_roundtrip(np.concatenate([resize(face, SIZE), resize(style, SIZE), result], axis=1))
+    assert np.abs(got - expected).mean() < 0.5
+    # batched encoders give the codes of one-by-one encoding
+    with torch.no_grad():
+        both = encode_faces(psp, [face, read_rgb(str(faces / sorted(os.listdir(faces))[0]))], 2, "cpu", torch.float32)
+        assert torch.allclose(both[0], codes[0], atol=1e-4)
+        zs = encode_styles(g, [style], 1, "cpu", torch.float32)
+        assert torch.allclose(zs, z, rtol=1e-4, atol=1e-5)
+    # --skip_existing resumes without rewriting
+    before = {n: os.path.getmtime(out / n) for n in names}
+    assert run_main(style_transfer_folder, args + ["--skip_existing"]) == 0
+    assert before == {n: os.path.getmtime(out / n) for n in names}
+
+
+def make_bad_folder(folder):
+    folder.mkdir()
+    shutil.copy(os.path.join(FACES, sorted(os.listdir(FACES))[0]), folder / "good.jpg")
+    rgb = Image.open(os.path.join(FACES, sorted(os.listdir(FACES))[1])).convert("RGB")
+    rgb.convert("CMYK").save(folder / "cmyk.jpg")
+    rgb.save(folder / "good16.png")
+    arr16 = (np.asarray(rgb.convert("L")).astype(np.uint16) * 257)
+    Image.fromarray(arr16).save(folder / "grey16.png")
+    png = (folder / "good16.png").read_bytes()
+    (folder / "corrupt.png").write_bytes(png[:40] + bytes(200) + png[240:])
+    jpg = (folder / "good.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(jpg[: len(jpg) // 3])
+    (folder / "notes.png").write_text("this is a text file\n")
+    (folder / "empty.jpg").write_bytes(b"")
+    Image.new("RGB", (1, 1), (200, 10, 10)).save(folder / "tiny.png")
+    return {"corrupt.png", "truncated.jpg", "notes.png", "empty.jpg", "tiny.png"}
+
+
+def test_bad_inputs_are_named_and_skipped(ckpts, tmp_path, capsys):
+    ckpt, psp_ckpt = ckpts
+    bad = make_bad_folder(tmp_path / "faces")
+    out = tmp_path / "out"
+    style = os.path.join(STYLES, sorted(os.listdir(STYLES))[0])
+    code = run_main(style_transfer_folder, ["--ckpt", ckpt, "--psp_encoder_ckpt", psp_ckpt, "--input_img_path",
+                                            tmp_path / "faces", "--style_img_path", style, "--outdir", out,
+                                            "--device", "cpu"])
+    err = capsys.readouterr()
+    assert code == 0
+    stem = os.path.splitext(os.path.basename(style))[0]
+    assert sorted(os.listdir(out)) == sorted(f"{n}_v_{stem}.jpg" for n in ("good", "cmyk", "good16", "grey16"))
+    for name in bad:
+        assert name in err.err, name
+    assert "4 stylized faces written, 5 input(s) skipped" in err.out
+    for n in os.listdir(out):
+        assert read_rgb(str(out / n)).shape == (SIZE, 3 * SIZE, 3)
+    # nothing usable -> non-zero exit, no output
+    only_bad = tmp_path / "only_bad"
+    only_bad.mkdir()
+    for name in bad:
+        shutil.copy(tmp_path / "faces" / name, only_bad / name)
+    code = run_main(style_transfer_folder, ["--ckpt", ckpt, "--psp_encoder_ckpt", psp_ckpt, "--input_img_path",
+                                            only_bad, "--style_img_path", style, "--outdir", tmp_path / "none",
+                                            "--device", "cpu"])
+    assert code == 1
+    assert not (tmp_path / "none").exists() or not os.listdir(tmp_path / "none")
+
+
+def test_missing_checkpoint_is_one_clear_line(tmp_path):
+    r = subprocess.run([sys.executable, "generate_image_pairs.py", "--ckpt", str(tmp_path / "nope.pt"), "--pics", "1",
+                        "--outdir", str(tmp_path / "o"), "--device", "cpu"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.strip().splitlines() if line]
+    assert len(lines) == 1, r.stderr
+    assert "nope.pt" in lines[0] and "pretrained_models/blendgan.pt" in lines[0] and "onion-liu/BlendGAN" in lines[0]
+
+
+def test_style_walks_match_release_picks():
+    release = {  # format notes Sec. 8: the release's picks for its test images (seed 0, sorted lists)
+        "000000": "100032 100029 100016 100010 100019 100016 100030 100013",
+        "000001": "100018 100022 100034 100019 100012 100029 100024 100010",
+        "000015": "100034 100036 100031 100034 100013 100028 100033 100027",
+        "000067": "100003 100020 100028 100020 100031 100020 100035 100024",
+    }
+    faces = sorted(os.listdir(FACES))
+    styles = sorted(os.listdir(STYLES))
+    walks = gen_video.style_walks(faces, styles, 8, 0)
+    for face, names in release.items():
+        assert [os.path.splitext(s)[0] for s in walks[face + ".jpg"]] == names.split()
+
+
+def test_gen_video_frames_fps_and_layout(ckpts, tmp_path):
+    ckpt, psp_ckpt = ckpts
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    shutil.copy(os.path.join(FACES, sorted(os.listdir(FACES))[0]), faces)
+    out = tmp_path / "videos"
+    assert run_main(gen_video, ["--ckpt", ckpt, "--psp_encoder_ckpt", psp_ckpt, "--input_img_path", faces,
+                                "--style_img_path", STYLES, "--outdir", out, "--device", "cpu", "--n_styles", 3,
+                                "--batch", 16]) == 0
+    name = os.path.splitext(sorted(os.listdir(faces))[0])[0] + ".mp4"
+    assert os.listdir(out) == [name]
+    frames, fps, codec = read_mp4(str(out / name))
+    assert frames.shape == ((3 - 1) * 31 + 10, SIZE, 3 * SIZE, 3)
+    assert fps == 30 and "h264" in codec
+    import imageio_ffmpeg
+
+    probe = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-i", str(out / name)], capture_output=True, text=True)
+    assert "h264" in probe.stderr and "yuv420p" in probe.stderr
+    # the frames: face panel, the sliding window, and the generated result (H.264 is lossy: loose bound)
+    face = resize(read_rgb(os.path.join(faces, sorted(os.listdir(faces))[0])), SIZE)
+    styles = sorted(os.listdir(STYLES))
+    picks = gen_video.style_walks([str(faces / sorted(os.listdir(faces))[0])], [os.path.join(STYLES, s) for s in styles],
+                                  3, 0)
+    walk = [resize(read_rgb(p), SIZE) for p in list(picks.values())[0]]
+    alphas = interpolation_alphas()
+    for t in (0, 12, 31 + 20):
+        k, a = divmod(t, 31)
+        window = sliding_window(walk[k], walk[k + 1], alphas[a])
+        assert np.abs(frames[t][:, :SIZE].astype(float) - face).mean() < 6
+        assert np.abs(frames[t][:, SIZE:2 * SIZE].astype(float) - window).mean() < 6
+    assert np.array_equal(frames[-1], frames[-2])  # the final hold
+    assert np.abs(frames[20].astype(float) - frames[0]).mean() > 1  # the result moves between styles

@@ -1,0 +1,39 @@
+"""Image <-> tensor conversion with the release's exact arithmetic (format notes, Sec. 6).
+
+``cv2ten``/``ten2cv`` keep the release's names and BGR convention for code written against it;
+``img2ten``/``ten2img`` are the RGB versions the scripts use. Tensors are [N, 3, H, W] RGB in [-1, 1].
+"""
+import numpy as np
+import torch
+
+
+def img2ten(img, device="cpu"):
+    """RGB uint8 [H, W, 3] -> [1, 3, H, W] float32 in [-1, 1]; (x / 255 - 0.5) / 0.5 computed in float64."""
+    x = np.asarray(img).transpose(2, 0, 1)[None]  # [1, 3, H, W]
+    x = ((x / 255.0 - 0.5) / 0.5).astype(np.float32)
+    return torch.from_numpy(x).to(device)
+
+
+def cv2ten(img, device="cpu"):
+    """BGR uint8 [H, W, 3] (as from cv2.imread) -> [1, 3, H, W] RGB float32 in [-1, 1] (release API)."""
+    return img2ten(np.asarray(img)[:, :, ::-1], device)
+
+
+def ten2img(t):
+    """[N, 3, H, W] (or [3, H, W]) in [-1, 1] -> list of RGB uint8 [H, W, 3].
+
+    The release's conversion: * 0.5 + 0.5, * 255, clamp to [0, 255], cast by truncation (not rounding).
+    Unlike the release, the caller's tensor is left unchanged.
+    """
+    t = t.detach().float().cpu()
+    if t.ndim == 3:
+        t = t[None]
+    t = ((t * 0.5 + 0.5) * 255).clamp(0, 255)
+    arr = t.permute(0, 2, 3, 1).numpy().astype(np.uint8)  # [N, H, W, 3]
+    return list(arr)
+
+
+def ten2cv(t, bgr=True):
+    """[1, 3, H, W] -> uint8 [H, W, 3], BGR for cv2.imwrite by default (release API, batch 1)."""
+    img = ten2img(t)[0]
+    return np.ascontiguousarray(img[:, :, ::-1]) if bgr else img

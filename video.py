@@ -1,0 +1,88 @@
+"""The release's interpolation-video schedule and frame layout, and an H.264 writer (imageio-ffmpeg).
+
+Per pair of consecutive styles (prev, next): 31 frames with alpha in [0] + sigmoid(-5, -4.5, ..., 4.5) +
+[1] * 10; the style code is lerp(z_prev, z_next, alpha) and the reference window slides from prev to
+next. The last frame is held 10 more frames: (n_styles - 1) * 31 + 10 frames per face.
+"""
+import os
+import tempfile
+
+import numpy as np
+import torch
+
+from utils import img2ten
+
+HOLD_FRAMES = 10
+
+
+def interpolation_alphas(start=-5.0, end=5.0, step=0.5, len_tail=HOLD_FRAMES):
+    """[0] + [sigmoid(x) for x in arange(start, end, step)] + [1] * len_tail (31 values by default)."""
+    xs = np.arange(start, end, step)
+    return [0.0] + [float(1.0 / (1 + np.exp(-x))) for x in xs] + [1.0] * len_tail
+
+
+def sliding_window(prev, nxt, alpha):
+    """prev stacked on next ([2H, W, 3] uint8), the H rows starting at int(H * alpha)."""
+    h = prev.shape[0]
+    top = int(h * alpha)
+    return np.concatenate([prev, nxt], axis=0)[top:top + h]
+
+
+def frame_to_uint8(t):
+    """[3, H, W] in [-1, 1] -> uint8 [H, W, 3] as the release's videos: clamp(x*0.5+0.5, 0, 1) * 255, truncated."""
+    t = torch.clamp(t.float().cpu() * 0.5 + 0.5, 0, 1)
+    return (t.numpy().transpose(1, 2, 0) * 255).astype(np.uint8)
+
+
+def compose_frame(face, window, result):
+    """[face | window | result] as one uint8 frame; the image panels go through the same float
+    conversion as the release's (uint8 -> [-1, 1] -> uint8), so they match it to the bit."""
+    return frame_to_uint8(torch.cat([img2ten(face)[0], img2ten(window)[0], result.float().cpu()], dim=2))
+
+
+def write_mp4(path, frames, fps=30, crf=18):
+    """Encode an iterable of uint8 [H, W, 3] RGB frames as H.264 (yuv420p) MP4, atomically.
+
+    The file appears only when complete (temporary file + os.replace); returns the frame count.
+    """
+    import imageio_ffmpeg
+
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp.mp4", dir=folder)
+    os.close(fd)
+    writer, count = None, 0
+    try:
+        for frame in frames:
+            if writer is None:
+                h, w = frame.shape[:2]
+                writer = imageio_ffmpeg.write_frames(
+                    tmp, (w, h), fps=fps, codec="libx264", pix_fmt_in="rgb24", pix_fmt_out="yuv420p",
+                    quality=None, macro_block_size=2, ffmpeg_log_level="error",
+                    output_params=["-crf", str(crf), "-movflags", "+faststart"])
+                writer.send(None)  # start ffmpeg
+            writer.send(np.ascontiguousarray(frame))
+            count += 1
+        if writer is None:
+            raise ValueError(f"{path}: no frames to write")
+        writer.close()
+        writer = None
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if writer is not None:
+            writer.close()
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return count
+
+
+def read_mp4(path):
+    """Decode an MP4 to (uint8 frames [T, H, W, 3], fps, codec) with imageio-ffmpeg (for checks and tests)."""
+    import imageio_ffmpeg
+
+    reader = imageio_ffmpeg.read_frames(path)
+    meta = reader.__next__()
+    w, h = meta["size"]
+    frames = [np.frombuffer(f, dtype=np.uint8).reshape(h, w, 3) for f in reader]
+    return np.stack(frames), meta["fps"], meta.get("codec", "")
