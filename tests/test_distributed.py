@@ -1,0 +1,230 @@
+"""distributed.py (one process and two gloo processes on CPU) and trainutil.py."""
+import json
+import os
+import random
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+import distributed
+import trainutil
+from checkpoint import load_checkpoint, save_checkpoint
+from style_encoder import nt_xent
+
+
+# ---- distributed.py, one process ----------------------------------------------------------------
+
+@pytest.fixture
+def no_torchrun(monkeypatch):
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_single_process_is_rank_zero_of_one(no_torchrun):
+    assert distributed.get_rank() == 0 and distributed.get_world_size() == 1 and distributed.is_main()
+    assert not distributed.is_distributed()
+    assert distributed.init_distributed("cpu") == torch.device("cpu")
+    assert not torch.distributed.is_initialized()
+    x = torch.randn(3, 4, requires_grad=True)
+    assert distributed.all_gather_with_grad(x) is x
+    m = distributed.reduce_mean(x)
+    assert torch.equal(m, x) and not m.requires_grad
+    assert distributed.reduce_dict({"a": torch.tensor(2.5), "b": 3}) == {"a": 2.5, "b": 3.0}
+    assert distributed.broadcast_object({"k": 1}) == {"k": 1}
+    assert distributed.all_gather_object(7) == [7]
+    distributed.barrier()
+    distributed.cleanup()
+
+
+def test_rank_from_environment(monkeypatch):
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert (distributed.get_rank(), distributed.get_world_size(), distributed.get_local_rank()) == (3, 4, 1)
+    assert not distributed.is_main()
+
+
+def test_cuda_request_without_gpu_is_a_clear_error(no_torchrun):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(RuntimeError, match="--device cpu"):
+        distributed.init_distributed("cuda")
+
+
+# ---- distributed.py, two gloo processes ---------------------------------------------------------
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, out_dir):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    device = distributed.init_distributed("cpu")
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(5, 3, generator=g)
+    data = torch.randn(world * 4, 5, generator=g)  # the global batch, the same on every rank
+    local = data[rank * 4:(rank + 1) * 4]
+    weight = w.clone().requires_grad_(True)
+    h = local @ weight  # [4, 3]
+    gathered = distributed.all_gather_with_grad(h)  # [world * 4, 3]
+    loss = nt_xent(gathered[0::2], gathered[1::2], 0.5)
+    (loss * distributed.get_world_size()).backward()
+    grad = weight.grad.clone()
+    torch.distributed.all_reduce(grad)  # what DDP does, before its division by world size
+    result = {
+        "rank": distributed.get_rank(), "world": distributed.get_world_size(), "main": distributed.is_main(),
+        "device": str(device), "gathered": gathered.detach().tolist(), "loss": float(loss),
+        "grad": (grad / world).tolist(),
+        "mean": distributed.reduce_mean(torch.tensor(float(rank))).item(),
+        "dict": distributed.reduce_dict({"x": torch.tensor(float(rank + 1)), "y": 2.0 * rank}),
+        "bcast": distributed.broadcast_object({"from": rank} if rank == 0 else None),
+        "objs": distributed.all_gather_object(rank * 10),
+    }
+    distributed.barrier()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    distributed.cleanup()
+
+
+def test_two_gloo_processes(tmp_path):
+    world = 2
+    mp.start_processes(_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True,
+                       start_method="spawn")
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(5, 3, generator=g)
+    data = torch.randn(world * 4, 5, generator=g)
+    weight = w.clone().requires_grad_(True)
+    h = data @ weight
+    loss = nt_xent(h[0::2], h[1::2], 0.5)
+    loss.backward()
+
+    for r, res in enumerate(results):
+        assert (res["rank"], res["world"], res["main"], res["device"]) == (r, world, r == 0, "cpu")
+        assert torch.allclose(torch.tensor(res["gathered"]), h.detach(), atol=1e-6)
+        assert res["loss"] == pytest.approx(loss.item(), rel=1e-6)
+        # Local-part gradients, summed over ranks and divided by world size as DDP does, give the
+        # single-process gradient of the global batch.
+        assert torch.allclose(torch.tensor(res["grad"]), weight.grad, atol=1e-6)
+        assert res["mean"] == pytest.approx(0.5)
+        assert res["dict"] == pytest.approx({"x": 1.5, "y": 1.0})
+        assert res["bcast"] == {"from": 0}
+        assert res["objs"] == [0, 10]
+
+
+# ---- trainutil.py --------------------------------------------------------------------------------
+
+def test_checkpoint_manager_keeps_last_k_atomically(tmp_path, no_torchrun):
+    manager = trainutil.CheckpointManager(tmp_path, keep=2)
+    assert manager.latest() is None
+    for step in (5, 10, 1000000):
+        path = manager.save(step, {"step": step, "w": torch.full((2,), float(step))})
+    assert os.path.basename(path) == "1000000.pt"
+    names = sorted(os.listdir(tmp_path / "checkpoints"))
+    assert names == ["000010.pt", "1000000.pt"]  # no temporary files left, oldest removed
+    assert manager.latest() == path
+    ckpt = load_checkpoint(path)
+    assert ckpt["step"] == 1000000 and torch.equal(ckpt["w"], torch.full((2,), 1e6))
+    assert trainutil.resolve_resume("latest", tmp_path) == path
+    assert trainutil.resolve_resume(None, tmp_path) is None
+    assert trainutil.resolve_resume("latest", tmp_path / "empty") is None
+    with pytest.raises(ValueError):
+        trainutil.CheckpointManager(tmp_path, keep=0)
+
+
+def test_checkpoint_manager_writes_on_rank_zero_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    path = trainutil.CheckpointManager(tmp_path).save(3, {"step": 3})
+    assert path.endswith("000003.pt") and not os.path.exists(path)
+
+
+def _draws():
+    return (random.random(), float(np.random.rand()), float(np.random.randn()), torch.rand(3).tolist())
+
+
+def test_rng_state_round_trip_through_a_weights_only_checkpoint(tmp_path):
+    trainutil.seed_everything(123)
+    np.random.randn()  # leaves a cached Gaussian in NumPy's legacy state
+    state = trainutil.rng_state()
+    save_checkpoint({"rng": [state]}, tmp_path / "rng.pt")
+    expected = _draws()
+    trainutil.seed_everything(999)
+    assert _draws() != expected
+    loaded = load_checkpoint(tmp_path / "rng.pt")["rng"]
+    assert trainutil.restore_rng_states(loaded)
+    assert _draws() == expected
+
+
+def test_seeding_is_deterministic_and_per_rank():
+    s0 = trainutil.seed_everything(7, rank=0)
+    a = torch.rand(4)
+    assert trainutil.seed_everything(7, rank=0) == s0
+    assert torch.equal(torch.rand(4), a)
+    trainutil.seed_everything(7, rank=1)
+    assert not torch.equal(torch.rand(4), a)
+    assert len({trainutil.rank_seed(7, r) for r in range(64)}) == 64
+    assert trainutil.rank_seed(7, 0, 5) != trainutil.rank_seed(7, 0, 6)
+
+
+def test_config_json_and_scalar_logger(tmp_path, no_torchrun):
+    from argparse import Namespace
+
+    path = trainutil.write_config(tmp_path, Namespace(lr=0.002, lmdb=["a", "b"], device=torch.device("cpu")),
+                                  world_size=1)
+    assert json.loads(open(path).read()) == {"lr": 0.002, "lmdb": ["a", "b"], "device": "cpu", "world_size": 1}
+    log_dir = tmp_path / "logs"
+    with trainutil.ScalarLogger(log_dir) as logger:
+        logger.log(1, {"loss": torch.tensor(2.5), "lr": 0.002})
+        logger.log(2, {"loss": 1.5, "lr": 0.002})
+    records = trainutil.read_jsonl(log_dir / "scalars.jsonl")
+    assert records == [{"step": 1, "loss": 2.5, "lr": 0.002}, {"step": 2, "loss": 1.5, "lr": 0.002}]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 2.5), (2, 1.5)]
+
+
+def test_scalar_logger_is_silent_off_rank_zero(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    with trainutil.ScalarLogger(tmp_path / "logs") as logger:
+        logger.log(1, {"loss": 1.0})
+    assert not (tmp_path / "logs").exists()
+    assert trainutil.write_config(tmp_path, {"a": 1}) is None and not (tmp_path / "config.json").exists()
+
+
+def test_check_finite():
+    trainutil.check_finite({"loss": torch.tensor(1.0), "acc": 0.5}, step=3)
+    with pytest.raises(trainutil.NonFiniteLossError, match=r"step 7: loss 'loss' is nan.*--resume /x/000005.pt"):
+        trainutil.check_finite({"loss": torch.tensor(float("nan"))}, step=7, last_checkpoint="/x/000005.pt")
+    with pytest.raises(trainutil.NonFiniteLossError, match="inf.*no checkpoint"):
+        trainutil.check_finite({"loss": float("inf")}, step=1)
+
+
+def test_accumulate_is_an_exponential_moving_average():
+    torch.manual_seed(0)
+    model, ema = nn.Linear(3, 2), nn.Linear(3, 2)
+    ema.register_buffer("buf", torch.zeros(2))
+    model.register_buffer("buf", torch.ones(2))
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    trainutil.accumulate(ema, model, decay=0.9)
+    for name, p in model.named_parameters():
+        assert torch.allclose(getattr(ema, name), 0.9 * before[name] + 0.1 * p, atol=1e-7)
+    assert torch.equal(ema.buf, torch.zeros(2))
+    trainutil.accumulate(ema, model, decay=0.0, buffers=True)
+    assert all(torch.equal(ema.state_dict()[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ValueError):
+        trainutil.accumulate(nn.Linear(3, 2, bias=False), model)
+
+
+def test_default_device():
+    assert trainutil.default_device() == ("cuda" if torch.cuda.is_available() else "cpu")

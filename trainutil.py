@@ -1,0 +1,314 @@
+"""Small, general training helpers shared by train_style_encoder.py and train.py.
+
+- ``CheckpointManager``: complete checkpoints as ``DIR/checkpoints/NNNNNN.pt`` (the step, zero-padded
+  to six digits), written atomically through checkpoint.save_checkpoint, the last ``keep`` kept.
+- ``rng_state`` / ``set_rng_state``: Python, NumPy, torch CPU and (when present) CUDA generator
+  states as a dict that a weights-only ``torch.load`` accepts; ``gather_rng_states`` /
+  ``restore_rng_states`` for one entry per rank.
+- ``write_json`` / ``write_config``: atomic JSON (``DIR/config.json``).
+- ``ScalarLogger``: TensorBoard scalars plus one JSON line per call in ``logs/scalars.jsonl``;
+  a no-op off rank 0.
+- ``check_finite``: stops a run on a NaN/inf loss with a clear ``NonFiniteLossError``.
+- ``default_device``, ``rank_seed``, ``seed_everything`` (per-rank seeding), ``accumulate`` (EMA,
+  e.g. ``g_ema``).
+
+Nothing happens at import (TensorBoard is imported when a logger is created).
+"""
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import tempfile
+import warnings
+
+import numpy as np
+import torch
+
+from checkpoint import save_checkpoint
+from distributed import all_gather_object, get_rank, get_world_size, is_main, unwrap
+
+CHECKPOINT_NAME = re.compile(r"^(\d{6,})\.pt$")
+
+
+# ---- checkpoints --------------------------------------------------------------------------------
+
+class CheckpointManager:
+    """Numbered checkpoints in ``run_dir/checkpoints``, the newest ``keep`` kept.
+
+    save(step, state) writes ``NNNNNN.pt`` atomically (temp file + os.replace) on rank 0 only and
+    then deletes the oldest files beyond ``keep``; a crash mid-write leaves the previous checkpoints
+    intact. latest() is the path of the highest step, or None.
+    """
+
+    def __init__(self, run_dir, keep=3):
+        if keep < 1:
+            raise ValueError(f"keep must be at least 1, got {keep}")
+        self.dir = os.path.join(os.fspath(run_dir), "checkpoints")
+        self.keep = keep
+
+    def path(self, step):
+        return os.path.join(self.dir, f"{int(step):06d}.pt")
+
+    def list(self):
+        """[(step, path)] of the finished checkpoints, oldest first."""
+        if not os.path.isdir(self.dir):
+            return []
+        found = []
+        for name in os.listdir(self.dir):
+            m = CHECKPOINT_NAME.match(name)
+            if m:
+                found.append((int(m.group(1)), os.path.join(self.dir, name)))
+        return sorted(found)
+
+    def latest(self):
+        found = self.list()
+        return found[-1][1] if found else None
+
+    def save(self, step, state):
+        """Write ``state`` (a dict of tensors/containers/numbers/strings) as this step's checkpoint.
+
+        Returns the path (on every rank; only rank 0 writes). Off rank 0 nothing is written.
+        """
+        path = self.path(step)
+        if not is_main():
+            return path
+        save_checkpoint(state, path)
+        for _, old in self.list()[:-self.keep]:
+            try:
+                os.remove(old)
+            except FileNotFoundError:
+                pass
+        return path
+
+
+def resolve_resume(resume, run_dir):
+    """``--resume`` value -> checkpoint path or None: a file, or 'latest' (newest in run_dir, else None)."""
+    if resume in (None, ""):
+        return None
+    if resume == "latest":
+        return CheckpointManager(run_dir).latest()
+    return os.fspath(resume)
+
+
+# ---- random number generators ------------------------------------------------------------------
+
+def rng_state():
+    """All global generator states of this process, as tensors/ints (weights-only loadable)."""
+    version, mt, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
+    state = {
+        "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    """Restore what rng_state() returned (CUDA only when both the state and a GPU are there)."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+    npy = state["numpy"]
+    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["gauss"]))
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"][:torch.cuda.device_count()]
+        for index, s in enumerate(cuda_states):
+            torch.cuda.set_rng_state(s.cpu(), index)
+
+
+def gather_rng_states():
+    """[rng_state() of rank 0, of rank 1, ...]: every rank must call it (a collective under torchrun)."""
+    return all_gather_object(rng_state())
+
+
+def restore_rng_states(states, seed=None):
+    """Restore this rank's entry of gather_rng_states(); returns True if it did.
+
+    When the checkpoint came from a different number of processes the states cannot be matched to
+    ranks: with ``seed`` the generators are re-seeded per rank instead (one warning), else nothing
+    is changed.
+    """
+    rank, world = get_rank(), get_world_size()
+    if states is not None and len(states) == world:
+        set_rng_state(states[rank])
+        return True
+    if is_main():
+        warnings.warn(f"checkpoint holds RNG states of {0 if states is None else len(states)} processes, this run "
+                      f"has {world}: random streams are re-seeded, not continued")
+    if seed is not None:
+        seed_everything(seed, rank)
+    return False
+
+
+def rank_seed(seed, rank=0, *salt):
+    """A 63-bit seed derived from (seed, rank, *salt): distinct ranks/salts get unrelated streams."""
+    text = ":".join(str(int(v)) for v in (seed, rank, *salt))
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+
+
+def seed_everything(seed, rank=0):
+    """Seed Python, NumPy and torch (CPU and all GPUs) with rank_seed(seed, rank)."""
+    s = rank_seed(seed, rank)
+    random.seed(s)
+    np.random.seed(s % 2 ** 32)
+    torch.manual_seed(s)
+    return s
+
+
+# ---- config, logging ---------------------------------------------------------------------------
+
+def _jsonable(value):
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, torch.device):
+        return str(value)
+    if hasattr(value, "__dict__"):  # argparse.Namespace and similar
+        return {k: _jsonable(v) for k, v in vars(value).items()}
+    return str(value)
+
+
+def options_dict(options):
+    """A dataclass / Namespace / dict of options as a JSON-ready dict (also used inside checkpoints)."""
+    return _jsonable(options)
+
+
+def write_json(path, obj):
+    """Write ``obj`` as indented JSON atomically (temp file + os.replace), creating the folder."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(_jsonable(obj), f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_config(run_dir, options, **extra):
+    """``run_dir/config.json`` = the options plus ``extra`` entries (e.g. world_size); rank 0 only."""
+    if not is_main():
+        return None
+    config = dict(options_dict(options))
+    config.update(_jsonable(extra))
+    path = os.path.join(os.fspath(run_dir), "config.json")
+    write_json(path, config)
+    return path
+
+
+class ScalarLogger:
+    """TensorBoard scalars in ``log_dir`` plus ``log_dir/scalars.jsonl`` ({"step": s, name: value, ...}).
+
+    A no-op off rank 0. Without the tensorboard package only the jsonl file is written (one warning).
+    Use as a context manager or call close().
+    """
+
+    def __init__(self, log_dir, enabled=None):
+        self.enabled = is_main() if enabled is None else enabled
+        self.writer = None
+        self.jsonl = None
+        if not self.enabled:
+            return
+        os.makedirs(log_dir, exist_ok=True)
+        self.jsonl = open(os.path.join(log_dir, "scalars.jsonl"), "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            warnings.warn(f"TensorBoard is not available ({e}); scalars go to scalars.jsonl only")
+        else:
+            self.writer = SummaryWriter(log_dir)
+
+    def log(self, step, scalars):
+        """scalars: {name: number or 0-d tensor}; names may use '/' for TensorBoard groups."""
+        if not self.enabled:
+            return
+        values = {k: float(v) for k, v in scalars.items()}
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(k, v, step)
+        self.jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
+        self.jsonl.flush()
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        if self.jsonl is not None:
+            self.jsonl.close()
+            self.jsonl = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def read_jsonl(path):
+    """The records of a scalars.jsonl file, as a list of dicts."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ---- guards, devices, EMA ------------------------------------------------------------------------
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or infinite; the run stops and the last written checkpoint stays the good one."""
+
+
+def check_finite(losses, step, last_checkpoint=None):
+    """Raise NonFiniteLossError naming the loss, the step and the checkpoint to resume from.
+
+    losses: {name: tensor or number}. Call it before the optimizer step so that no weights are
+    updated from a bad loss, and with values every rank agrees on (e.g. the global loss) so that all
+    ranks stop together. Tensors on a GPU make this a synchronisation point.
+    """
+    for name, value in losses.items():
+        v = float(value.detach()) if torch.is_tensor(value) else float(value)
+        if not math.isfinite(v):
+            where = (f"the last good checkpoint is {last_checkpoint} (continue with --resume {last_checkpoint})"
+                     if last_checkpoint else "no checkpoint was written before it")
+            raise NonFiniteLossError(f"step {step}: loss '{name}' is {v}; training stopped, {where}. "
+                                     "Lower --lr, use --amp off, or check the data.")
+
+
+def default_device():
+    """'cuda' when torch sees a GPU, else 'cpu' (the default of every --device flag)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@torch.no_grad()
+def accumulate(ema_model, model, decay=0.999, buffers=False):
+    """ema = decay * ema + (1 - decay) * model, parameter by parameter (``g_ema`` from ``g``).
+
+    decay 0 copies the weights. buffers=True also copies the buffers (e.g. noise maps). DDP
+    wrappers are unwrapped; both models must have the same parameter names.
+    """
+    ema_params = dict(unwrap(ema_model).named_parameters())
+    params = dict(unwrap(model).named_parameters())
+    if ema_params.keys() != params.keys():
+        raise ValueError("accumulate: the two models have different parameters")
+    for name, p in params.items():
+        ema_params[name].lerp_(p.detach().to(ema_params[name].dtype), 1.0 - decay)
+    if buffers:
+        ema_buffers = dict(unwrap(ema_model).named_buffers())
+        for name, b in unwrap(model).named_buffers():
+            ema_buffers[name].copy_(b)
