@@ -79,34 +79,50 @@ class MultiResolutionDataset(Dataset):
 
 
 class InfiniteSampler(Sampler):
-    """Endless indices: a new permutation every epoch (seeded), each rank taking every world_size-th."""
+    """Endless indices: a new permutation every epoch (seeded), each rank taking every world_size-th.
 
-    def __init__(self, dataset_size, rank=0, world_size=1, shuffle=True, seed=0):
+    start: how many of this rank's indices to skip, so that a resumed run continues the stream exactly
+    where a checkpoint left it (e.g. iteration * batch size).
+    """
+
+    def __init__(self, dataset_size, rank=0, world_size=1, shuffle=True, seed=0, start=0):
         if dataset_size < 1:
             raise ValueError('InfiniteSampler needs a non-empty dataset')
         if not 0 <= rank < world_size:
             raise ValueError(f'rank {rank} outside world size {world_size}')
+        if start < 0:
+            raise ValueError(f'start must be >= 0, got {start}')
         self.dataset_size = dataset_size
         self.rank = rank
         self.world_size = world_size
         self.shuffle = shuffle
         self.seed = seed
+        self.start = start
 
     def __iter__(self):
         generator = torch.Generator()
         generator.manual_seed(self.seed)
+        skip = self.start
         while True:
             if self.shuffle:
                 order = torch.randperm(self.dataset_size, generator=generator)
             else:
                 order = torch.arange(self.dataset_size)
-            yield from order[self.rank::self.world_size].tolist()
+            mine = order[self.rank::self.world_size]
+            if skip >= len(mine):  # a whole epoch before the start: draw its permutation, yield nothing
+                skip -= len(mine)
+                continue
+            yield from mine[skip:].tolist()
+            skip = 0
 
 
 def infinite_loader(dataset, batch_size, num_workers=0, seed=0, rank=0, world_size=1, shuffle=True,
-                    pin_memory=False):
-    """An endless iterator of batches of `dataset` (InfiniteSampler under a DataLoader)."""
-    sampler = InfiniteSampler(len(dataset), rank, world_size, shuffle, seed)
+                    pin_memory=False, start=0):
+    """An endless iterator of batches of `dataset` (InfiniteSampler under a DataLoader).
+
+    start: this rank's samples to skip (see InfiniteSampler), e.g. iteration * batch_size on resume.
+    """
+    sampler = InfiniteSampler(len(dataset), rank, world_size, shuffle, seed, start)
     loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                         pin_memory=pin_memory, drop_last=True, persistent_workers=num_workers > 0)
     return iter(loader)
@@ -116,15 +132,17 @@ class PairedLoader:
     """Endless (natural batch, artistic batch) pairs for BlendGAN: two loaders, independent shuffles.
 
     The two streams are seeded 2 * seed and 2 * seed + 1, so neither order depends on the other and
-    the datasets may have different sizes.
+    the datasets may have different sizes. start_batch: batches already consumed (resume), skipped in
+    both streams.
     """
 
     def __init__(self, natural, artistic, batch_size, num_workers=0, seed=0, rank=0, world_size=1,
-                 pin_memory=False):
+                 pin_memory=False, start_batch=0):
+        start = start_batch * batch_size
         self.natural = infinite_loader(natural, batch_size, num_workers, 2 * seed, rank, world_size,
-                                       pin_memory=pin_memory)
+                                       pin_memory=pin_memory, start=start)
         self.artistic = infinite_loader(artistic, batch_size, num_workers, 2 * seed + 1, rank, world_size,
-                                        pin_memory=pin_memory)
+                                        pin_memory=pin_memory, start=start)
 
     def __iter__(self):
         return self
