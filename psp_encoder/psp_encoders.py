@@ -94,7 +94,8 @@ class PSPEncoder(nn.Module):
     ckpt_path: a released (or compatible) psp_encoder.pt, or None for a randomly initialised encoder
         with latent_avg = 0 (tests, training).
     output_size: the generator's output size; n_styles = 2*log2(output_size) - 2 must match the file.
-    device: optional; moves the module there once at the end of construction (same as ``.to(device)``).
+    device: optional convenience, same as calling ``.to(device)`` after construction (weights read from
+        a file are copied straight to it).
 
     The constructor puts the module in eval mode once (BatchNorm uses running statistics, as at
     inference in the release); call ``.train()`` to train it. forward never changes mode or device.
@@ -117,15 +118,18 @@ class PSPEncoder(nn.Module):
         else:
             # The strict load below overwrites every tensor: skip the random initialisation (seconds
             # for ~270M parameters) by building on the meta device and allocating uninitialised memory.
+            # With a device given, the weights are copied straight from the file to it.
             with torch.device("meta"):
                 encoder = GradualStyleEncoder(50, "ir_se", n_styles)
-            self.encoder = encoder.to_empty(device=torch.get_default_device())
+            target = torch.device(device) if device is not None else torch.get_default_device()
+            self.encoder = encoder.to_empty(device=target)
         own_device = next(self.encoder.parameters()).device
         if latent_avg is None:
             latent_avg = torch.zeros(n_styles, STYLE_DIM)
         self.register_buffer(LATENT_AVG, latent_avg.to(own_device), persistent=False)
         if state_dict is not None:
-            load_state_dict_strict(self.encoder, state_dict, f"checkpoint {ckpt_path}")
+            load_state_dict_strict(self.encoder, state_dict,
+                                   f"checkpoint {ckpt_path} ('{ENCODER_PREFIX}.' weights)")
         self.eval()
         if device is not None:
             self.to(device)

@@ -15,11 +15,10 @@ from checkpoint import CheckpointError
 from psp_encoder.encoders import GradualStyleEncoder
 from psp_encoder.psp_encoders import PSPEncoder
 
-SCHEMA_CANDIDATES = (
-    os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs",
-                 "official_checkpoint_schema.json"),
-    "/work/shared/reference/official_checkpoint_schema.json",
-)
+# The shared reference beside the repository, or where BLENDGAN_SCHEMA points (as in test_model.py).
+_SHARED_SCHEMA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "reference",
+                              "official_checkpoint_schema.json")
+SCHEMA = os.environ.get("BLENDGAN_SCHEMA", _SHARED_SCHEMA)
 # From the schema (PSPEncoder_1024_encoder): checked even where the JSON file is not at hand.
 RELEASE_1024_KEYS = 621
 RELEASE_1024_ELEMENTS = 267161076
@@ -31,11 +30,10 @@ BN_EPS = 1e-5
 
 
 def _schema_rows():
-    for path in SCHEMA_CANDIDATES:
-        if os.path.isfile(path):
-            with open(path) as f:
-                return json.load(f)["modules"]["PSPEncoder_1024_encoder"]["groups"]["encoder"]
-    return None
+    if not os.path.isfile(SCHEMA):
+        return None
+    with open(SCHEMA) as f:
+        return json.load(f)["modules"]["PSPEncoder_1024_encoder"]["groups"]["encoder"]
 
 
 def test_state_dict_matches_release_schema():
@@ -48,7 +46,7 @@ def test_state_dict_matches_release_schema():
     assert all(k.startswith("encoder.") for k in sd)
     rows = _schema_rows()
     if rows is None:
-        pytest.skip("official_checkpoint_schema.json not found; only key count and size were checked")
+        pytest.skip(f"schema not found at {SCHEMA}; only the key count and size were checked")
     assert len(rows) == RELEASE_1024_KEYS
     assert list(sd) == [r[0] for r in rows]  # same keys, same (registration) order
     for key, shape, dtype, _kind in rows:
@@ -161,9 +159,11 @@ def reference_codes(sd, x, n_styles):
                                F.conv2d(h, sd[p + "shortcut_layer.0.weight"], stride=stride))
             r = _bn(sd, p + "res_layer.0.", h)
             r = F.prelu(F.conv2d(r, sd[p + "res_layer.1.weight"], padding=1), sd[p + "res_layer.2.weight"])
-            r = _bn(sd, p + "res_layer.4.", F.conv2d(r, sd[p + "res_layer.3.weight"], stride=stride, padding=1))
-            gate = r.mean(dim=(2, 3), keepdim=True)
-            gate = F.conv2d(F.relu(F.conv2d(gate, sd[p + "res_layer.5.fc1.weight"])), sd[p + "res_layer.5.fc2.weight"])
+            r = F.conv2d(r, sd[p + "res_layer.3.weight"], stride=stride, padding=1)
+            r = _bn(sd, p + "res_layer.4.", r)
+            gate = r.mean(dim=(2, 3), keepdim=True)  # squeeze-and-excitation
+            gate = F.relu(F.conv2d(gate, sd[p + "res_layer.5.fc1.weight"]))
+            gate = F.conv2d(gate, sd[p + "res_layer.5.fc2.weight"])
             h = r * torch.sigmoid(gate) + shortcut
             in_ch = out_ch
             unit += 1
@@ -181,8 +181,8 @@ def reference_codes(sd, x, n_styles):
         level = c3 if i < 3 else p2 if i < 7 else p1
         g = level
         for k in range(int(math.log2(level.shape[-1]))):
-            g = F.leaky_relu(F.conv2d(g, sd[f"styles.{i}.convs.{2 * k}.weight"], sd[f"styles.{i}.convs.{2 * k}.bias"],
-                                      stride=2, padding=1), 0.01)
+            conv = f"styles.{i}.convs.{2 * k}."
+            g = F.leaky_relu(F.conv2d(g, sd[conv + "weight"], sd[conv + "bias"], stride=2, padding=1), 0.01)
         assert g.shape[-2:] == (1, 1)
         w = sd[f"styles.{i}.linear.weight"]
         codes.append(F.linear(g.flatten(1), w / math.sqrt(w.shape[1]), sd[f"styles.{i}.linear.bias"]))
