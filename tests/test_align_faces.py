@@ -1,0 +1,177 @@
+"""align_faces.py on real photos: FFHQ layout, stability on aligned faces, rotation, the CLI's report."""
+
+import glob
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy.ndimage import gaussian_filter
+
+import align_faces
+from align_faces import align_face, align_from_landmarks, detect_landmarks, ffhq_quad, load_face_models
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FACES = sorted(glob.glob(os.path.join(ROOT, 'test_imgs', 'face_imgs', '*.jpg')))
+ASTRONAUT = os.path.join(ROOT, 'test_imgs', 'unaligned', 'astronaut.png')
+
+
+def _rgb(path):
+    return np.asarray(Image.open(path).convert('RGB'))
+
+
+def _psnr(a, b):
+    mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
+    return 10 * np.log10(255 ** 2 / mse)
+
+
+@pytest.fixture(scope='module')
+def models():
+    return load_face_models()
+
+
+def _main_face_landmarks(img, models):
+    detector, predictor = models
+    found = detect_landmarks(np.asarray(img), detector, predictor)
+    assert found, 'no face found'
+    return max(found, key=lambda lm: ffhq_quad(lm)[1])  # [68, 2]
+
+
+def _eyes(img, models, lm=None):
+    """Eye centres (left x, left y, right x, right y) as fractions of the image width."""
+    lm = _main_face_landmarks(img, models) if lm is None else lm
+    width = np.asarray(img).shape[1]
+    return np.concatenate([lm[36:42].mean(axis=0), lm[42:48].mean(axis=0)]) / width
+
+
+def _eye_line_degrees(img, models):
+    eyes = _eyes(img, models)
+    return np.degrees(np.arctan2(eyes[3] - eyes[1], eyes[2] - eyes[0]))
+
+
+@pytest.fixture(scope='module')
+def ffhq_landmarks(models):
+    """Landmarks of the FFHQ test faces (512 px, aligned by NVIDIA's FFHQ script)."""
+    return {path: _main_face_landmarks(_rgb(path), models) for path in FACES}
+
+
+@pytest.fixture(scope='module')
+def ffhq_template(models, ffhq_landmarks):
+    """Where FFHQ puts the eyes: mean eye centres of the FFHQ test faces."""
+    return np.mean([_eyes(_rgb(path), models, lm) for path, lm in ffhq_landmarks.items()], axis=0)
+
+
+def test_template_is_ffhq_geometry(ffhq_template, ffhq_landmarks):
+    # Sanity of the reference itself: eyes level, a quarter of the width apart, just above the middle.
+    assert abs(ffhq_template[0] - 0.375) < 0.01 and abs(ffhq_template[2] - 0.625) < 0.01
+    assert abs(ffhq_template[1] - ffhq_template[3]) < 0.01 and 0.45 < ffhq_template[1] < 0.5
+    # The crop square our code derives from an FFHQ face's own landmarks is that face's frame.
+    for path, lm in ffhq_landmarks.items():
+        size = Image.open(path).size[0]
+        quad, qsize = ffhq_quad(lm)
+        corners = np.array([[0, 0], [0, size], [size, size], [size, 0]], np.float64)
+        assert np.abs(quad + 0.5 - corners).max() < 0.02 * size, path
+        assert abs(qsize / size - 1) < 0.03, path
+
+
+def test_astronaut_eyes_land_on_ffhq_template(models, ffhq_template):
+    detector, predictor = models
+    faces = align_face(_rgb(ASTRONAUT), predictor, detector, output_size=256)
+    assert len(faces) == 1
+    face = faces[0]
+    assert face.mode == 'RGB' and face.size == (256, 256)
+    assert np.abs(_eyes(face, models) - ffhq_template).max() < 0.02
+    # The default is the largest face: the woman, not the face-like mission patch.
+    every = align_face(_rgb(ASTRONAUT), predictor, detector, output_size=256, all_faces=True)
+    assert len(every) == 2
+    np.testing.assert_array_equal(np.asarray(every[0]), np.asarray(face))
+
+
+def test_aligned_ffhq_face_comes_back_nearly_unchanged(models):
+    detector, predictor = models
+    img = Image.open(os.path.join(ROOT, 'test_imgs', 'face_imgs', '000026.jpg')).convert('RGB')
+    face = align_face(np.asarray(img), predictor, detector, output_size=256)[0]
+    reference = img.resize((256, 256), Image.Resampling.LANCZOS)
+    assert _psnr(face, reference) > 25
+
+
+@pytest.mark.parametrize('angle,scale', [(20, 0.55), (-20, 0.9)])
+def test_rotated_scaled_face_comes_back_upright(models, ffhq_template, angle, scale):
+    detector, predictor = models
+    face = Image.open(os.path.join(ROOT, 'test_imgs', 'face_imgs', '000027.jpg')).convert('RGB')
+    face = face.resize((round(512 * scale),) * 2, Image.Resampling.LANCZOS)
+    photo = Image.new('RGB', (640, 640), (128, 128, 128))
+    photo.paste(face, ((640 - face.size[0]) // 2, (640 - face.size[1]) // 2))
+    photo = photo.rotate(angle, resample=Image.Resampling.BICUBIC, fillcolor=(128, 128, 128))
+    assert abs(abs(_eye_line_degrees(photo, models)) - 20) < 3  # the input really is tilted
+
+    aligned = align_face(np.asarray(photo), predictor, detector, output_size=256)[0]
+    assert abs(_eye_line_degrees(aligned, models)) < 2
+    assert np.abs(_eyes(aligned, models) - ffhq_template).max() < 0.02
+
+
+def test_transform_is_exact_under_known_motions(models):
+    """Moving the photo and its landmarks together must not move the output (pixel-centre conventions)."""
+    img = _rgb(os.path.join(ROOT, 'test_imgs', 'face_imgs', '000026.jpg'))  # [512, 512, 3]
+    lm = _main_face_landmarks(img, models)
+    # 512 px output so that FFHQ's pre-shrink stays off; 2x (not 4x) supersampling to save time.
+    base = align_from_landmarks(img, lm, 512, transform_size=1024)
+
+    # 90 degree turn: pixel (x, y) moves to (y, W - 1 - x).
+    turned = np.ascontiguousarray(np.rot90(img))
+    lm_turned = np.stack([lm[:, 1], img.shape[1] - 1 - lm[:, 0]], axis=1)
+    assert _psnr(align_from_landmarks(turned, lm_turned, 512, transform_size=1024), base) > 50
+
+    # Nearest-neighbour 2x enlargement: pixel centre x moves to 2x + 0.5 (2x alone gives ~40 dB).
+    doubled = np.repeat(np.repeat(img, 2, axis=0), 2, axis=1)
+    assert _psnr(align_from_landmarks(doubled, 2 * lm + 0.5, 512, transform_size=1024), base) > 45
+
+
+def test_wide_seam_blur_matches_direct_filter():
+    """The reduced-resolution blur used for large faces equals scipy's full-resolution Gaussian."""
+    arr = np.asarray(Image.open(ASTRONAUT).convert('RGB').resize((301, 337)), dtype=np.float32).copy()
+    for sigma in (5.0, 17.0, 33.3):
+        expected = gaussian_filter(arr, [sigma, sigma, 0])
+        got = align_faces._gaussian_blur(arr, sigma)
+        assert got.shape == expected.shape and got.dtype == np.float32
+        assert np.abs(got - expected).max() < 0.1, sigma
+
+
+def test_cli_reports_skipped_and_writes_pngs(tmp_path, capsys, models):
+    photos = tmp_path / 'photos'
+    (photos / 'sub').mkdir(parents=True)
+    shutil.copy(ASTRONAUT, photos / 'astronaut.png')
+    Image.fromarray(_rgb(ASTRONAUT)[0:280, 330:512]).save(photos / 'sub' / 'shuttle.jpg')  # no face
+    (photos / 'broken.jpg').write_bytes(b'\xff\xd8 not a jpeg')
+    exif = Image.Exif()
+    exif[0x0112] = 8  # stored turned, displayed upright after a 90 degree counter-clockwise turn
+    upright = Image.open(FACES[0]).convert('RGB')
+    upright.transpose(Image.Transpose.ROTATE_270).save(photos / 'sub' / 'turned.webp', exif=exif, quality=95)
+
+    outdir = tmp_path / 'aligned'
+    argv = ['--input_img_path', str(photos), '--outdir', str(outdir), '--output_size', '64', '--n_worker', '2']
+    assert align_faces.main(argv) == 0
+    printed = capsys.readouterr().out
+    written = sorted(os.path.relpath(os.path.join(d, f), outdir) for d, _, fs in os.walk(outdir) for f in fs)
+    assert written == ['astronaut.png', os.path.join('sub', 'turned.png')]
+    assert 'aligned 2 of 4 images' in printed
+    assert f"no face found): {photos / 'sub' / 'shuttle.jpg'}" in printed
+    assert 'unreadable' in printed and 'broken.jpg' in printed
+    for name in written:
+        with Image.open(outdir / name) as out:
+            assert out.format == 'PNG' and out.size == (64, 64) and out.mode == 'RGB'
+    # The EXIF-turned photo was aligned upright: same result as the upright original.
+    detector, predictor = models
+    expected = align_face(np.asarray(upright), predictor, detector, output_size=64)[0]
+    assert _psnr(Image.open(outdir / 'sub' / 'turned.png'), expected) > 25
+
+    argv = ['--input_img_path', str(photos / 'astronaut.png'), '--outdir', str(tmp_path / 'all'),
+            '--output_size', '64', '--all_faces', '--n_worker', '0']
+    assert align_faces.main(argv) == 0
+    assert sorted(os.listdir(tmp_path / 'all')) == ['astronaut_0.png', 'astronaut_1.png']
+
+    argv = ['--input_img_path', str(photos / 'sub' / 'shuttle.jpg'), '--outdir', str(tmp_path / 'none'),
+            '--output_size', '64', '--n_worker', '0']
+    assert align_faces.main(argv) == 1
+    assert 'shuttle.jpg' in capsys.readouterr().out
