@@ -2,10 +2,10 @@
 
 - `MultiResolutionDataset`: one resolution of one LMDB, images decoded with PIL, then `transform`.
 - `InfiniteSampler`, `infinite_loader`, `PairedLoader`: endless, per-rank shuffled batches; BlendGAN
-  trains on natural faces (FFHQ) and artistic faces (AAHQ) drawn from two LMDBs with independent
-  shuffles (paper, Sec. 4 / supplementary: both datasets at 1024 px).
+  trains on natural faces (FFHQ) and artistic faces (AAHQ), both at 1024 px (supplementary material),
+  drawn here from two LMDBs with independent shuffles.
 - `MultiViewDataset`: unlabeled images returned as several independently augmented views, for the
-  self-supervised (SimCLR-style) training of the style encoder (paper, Sec. 3.2).
+  self-supervised (SimCLR-style, contrastive) training of the style encoder on the artistic dataset.
 """
 
 import io

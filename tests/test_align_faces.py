@@ -138,6 +138,34 @@ def test_wide_seam_blur_matches_direct_filter():
         assert np.abs(got - expected).max() < 0.1, sigma
 
 
+def test_padding_touches_only_the_margin(models):
+    """A close-up whose crop leaves the photo: inside the photo (beyond FFHQ's blur band of 0.1 qsize
+    from its edge) the output equals the unpadded rendering; outside, the fill is smooth, not black."""
+    photo = Image.open(ASTRONAUT).convert('RGB').crop((150, 40, 330, 240))
+    photo = np.asarray(photo.resize((900, 1000), Image.Resampling.BICUBIC))  # [1000, 900, 3]
+    lm = _main_face_landmarks(photo, models)
+    quad, qsize = ffhq_quad(lm)
+    assert qsize * 0.02 > 2 * align_faces.BLUR_FULL_RES_MAX_SIGMA  # the reduced-resolution blur runs
+    size = 128
+    padded = np.asarray(align_from_landmarks(photo, lm, size), np.float64)
+    bare = np.asarray(align_from_landmarks(photo, lm, size, enable_padding=False), np.float64)
+
+    # Source position of each output pixel centre (the crop square maps affinely).
+    v, u = (np.mgrid[:size, :size] + 0.5) / size
+    src = quad[0] + u[..., None] * (quad[3] - quad[0]) + v[..., None] * (quad[1] - quad[0])  # [S, S, 2]
+    height, width = photo.shape[:2]
+    resampling_reach = 4 * qsize / size  # Lanczos support of the final downsampling, in photo pixels
+    depth = np.minimum(np.minimum(src[..., 0], width - src[..., 0]),
+                       np.minimum(src[..., 1], height - src[..., 1]))  # [S, S], negative outside
+    inside = depth > 0.1 * qsize + resampling_reach
+    outside = depth < -resampling_reach
+    assert inside.mean() > 0.5 and outside.mean() > 0.05
+    np.testing.assert_array_equal(padded[inside], bare[inside])
+    assert padded[outside].mean() > 60  # filled, unlike the black of the unpadded rendering
+    roughness = np.abs(np.diff(padded, axis=1)).mean(axis=2)  # [S, S - 1]
+    assert roughness[outside[:, :-1]].mean() < 0.5 * roughness[inside[:, :-1]].mean()
+
+
 def test_cli_reports_skipped_and_writes_pngs(tmp_path, capsys, models):
     photos = tmp_path / 'photos'
     (photos / 'sub').mkdir(parents=True)
