@@ -358,7 +358,11 @@ def parse_args(argv=None):
 
 def main(argv=None):
     options = parse_args(argv)
-    summary = align_images(options)
+    try:
+        summary = align_images(options)
+    except KeyboardInterrupt:
+        print(f'interrupted: the PNGs already in {options.outdir} are complete', file=sys.stderr)
+        return 130
     report(summary, options.outdir)
     return 0 if summary['written'] else 1
 

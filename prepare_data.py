@@ -370,6 +370,9 @@ def main(argv=None):
     except ValueError as error:
         print(f'error: {error}', file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f'interrupted: {options.out} was left as it was', file=sys.stderr)
+        return 130
     report(summary, options)
     return 0
 
