@@ -346,6 +346,13 @@ def test_infinite_sampler_epochs_and_ranks():
     assert sorted(shards[0] + shards[1]) == list(range(10))
     assert shards[0] == epoch0[0::2] and shards[1] == epoch0[1::2]
     assert [next(iter(InfiniteSampler(10, shuffle=False))) for _ in range(2)] == [0, 0]
+    # Resuming with start=k continues the same stream exactly, across epoch boundaries too.
+    for rank in range(2):
+        full = iter(InfiniteSampler(7, rank, 2, seed=3))
+        stream = [next(full) for _ in range(30)]
+        for start in (0, 2, 4, 9, 17):
+            resumed = iter(InfiniteSampler(7, rank, 2, seed=3, start=start))
+            assert [next(resumed) for _ in range(30 - start)] == stream[start:]
 
 
 def test_paired_loader_independent_shuffles(numbered_lmdbs):
