@@ -1,0 +1,964 @@
+"""BlendGAN training (paper Sec. 3.2-3.4, supplementary A.1 and A.5): one generator, three discriminators.
+
+Each iteration draws natural faces x_f (FFHQ), artistic faces x_s (AAHQ) and face codes z_f; the style
+encoder is frozen, z_s = E_style(x_s) (eval, no gradients). With G(z_f, z_s, i) the generator whose WBM
+indicator is i (i = n_latent: the natural face, i = 0: every layer blended):
+
+  Eq. 6  D_face:          real x_f            vs  fake G(z_f, i = n_latent)
+  Eq. 7  D_style:         real x_s            vs  fake G(z_f, z_s, i = 0)
+  Eq. 8  D_style_latent:  real (x_s, z_s)     vs  fake (G(z_f, z_s^-, i = 0), z_s^-)
+  Eq. 9  G minimises the sum of the three generator terms.
+  Eq. 10 plus StyleGAN2's regularisers: lazy R1 on all three discriminators, path length on G.
+
+Every adversarial term is the non-saturating logistic loss: D minimises softplus(-D(real)) +
+softplus(D(fake)), G minimises softplus(-D(fake)).
+
+How Eq. 8 is read. z_s^- is a style code taken from an embedding queue (``StyleQueue``) of the style codes
+of earlier batches (``--queue_size``), drawn uniformly with replacement; on the very first iteration, with
+the queue still empty, the current batch's codes are drawn instead. The fake pair is the image generated
+WITH the queued code, judged together with that same code, and the real pair is an artistic image with its
+own code. The queue therefore only decides which style codes the fake pairs carry: codes of other real
+artistic images than the current batch, so that within a step the real and the fake pairs never share a
+code and D_style_latent has to judge whether image and code agree rather than recognise the batch's codes.
+G's D_style_latent term is the non-saturating loss on a fake pair made the same way (fresh z_f, a fresh
+draw from the queue). The current batch's codes enter the queue at the end of the iteration (gathered from
+every rank, so all ranks hold the same queue).
+
+Regularisers, as StyleGAN2 / rosinality's trainer: R1 = r1/2 * E||grad_x D(x)||^2 on real images every
+d_reg_every iterations (times d_reg_every), on D_face (x_f), D_style (x_s) and D_style_latent (x_s with
+its code z_s fixed; the gradient is taken with respect to the image only). The path-length penalty is on
+the natural branch only, as StyleGAN2 (not on the stylized one), every g_reg_every iterations (times
+g_reg_every) with a batch shrunk by path_batch_shrink; its running mean is averaged over ranks so that
+every rank keeps the same value. Both optimizers are Adam(0, 0.99) with lr 0.002 and the lazy
+regularisation correction (lr * c, betas ** c, c = every / (every + 1)). Style mixing (probability
+--mixing) applies to the face code. g_ema follows G with a half-life of ema_kimg thousand images (per step
+decay 0.5 ** (images per step / (ema_kimg * 1000)), rosinality's 0.5 ** (32 / 10000) at 32 images per
+step). The WBM weights (``add_weight``, the face weight 1 - alpha) are trained with G and clamped to [0, 1]
+after every optimizer step (the paper's clamped alpha; the forward uses a clamped copy as well).
+
+One-shot fine-tuning (A.5): --finetune_style_img. The style encoder stays frozen, G and the three
+discriminators train; D_face still sees FFHQ while D_style and D_style_latent see only the reference
+image(s), cycled to fill the batch.
+
+Distributed: torchrun starts one process per GPU; the trained modules are wrapped in DDP (G without its
+frozen style encoder, which DDP neither broadcasts nor reduces), each rank reads its share of the data,
+losses are averaged over ranks for logging and for the non-finite guard, and rank 0 alone writes files.
+"""
+import copy
+import math
+import os
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+import distributed
+from checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict, require_key
+from dataset import MultiResolutionDataset, PairedLoader, infinite_loader
+from imageio_utils import read_image_rgb
+from model import Discriminator, Generator, ProjectionDiscriminator, guess_generator_config, n_latent_for
+from prepare_data import resize_and_center_crop
+from trainutil import (CheckpointManager, ScalarLogger, accumulate_except, check_finite, default_device,
+                       gather_rng_states, options_dict, resolve_resume, restore_rng_states, seed_everything,
+                       write_config)
+
+CHECKPOINT_FORMAT = "blendgan-train-1"
+BLENDGAN_ONLY_KEYS = ("embedder.", "embedding.", "add_weight")  # generator keys a StyleGAN2 file lacks
+ARCH_OPTIONS = ("size", "style_dim", "n_mlp", "channel_multiplier")
+PATH_LENGTH_DECAY = 0.01  # running-mean rate of the path-length target (StyleGAN2)
+LATENT_AVG_SAMPLES = 4096  # z_f draws for the stored truncation centre (the release scripts' default)
+SAMPLE_WBM_INDEX = 6  # middle sample column: WBM indicator of generate_image_pairs.py's default
+
+
+# ---- options --------------------------------------------------------------------------------------
+
+@dataclass
+class TrainOptions:
+    """Everything train.py accepts (see its --help). None for batch/iter means the mode's default."""
+
+    ffhq_lmdb: str
+    aahq_lmdb: str = None
+    out_dir: str = "runs/blendgan"
+    style_encoder_ckpt: str = None
+    stylegan2_ckpt: str = None
+    blendgan_ckpt: str = None
+    finetune_style_img: list = None
+    vgg_ckpt: str = None
+    size: int = 1024
+    style_dim: int = 512
+    n_mlp: int = 8
+    channel_multiplier: int = 2
+    style_pool_size: int = 256
+    batch: int = None
+    iter: int = None
+    lr: float = 0.002
+    queue_size: int = 1024
+    r1: float = 10.0
+    path_regularize: float = 2.0
+    path_batch_shrink: int = 2
+    d_reg_every: int = 16
+    g_reg_every: int = 4
+    mixing: float = 0.9
+    ema_kimg: float = 10.0
+    flip: bool = True
+    save_every: int = 10000
+    sample_every: int = 1000
+    log_every: int = 100
+    keep_checkpoints: int = 3
+    n_sample: int = 8
+    resume: str = None
+    seed: int = 0
+    device: str = None
+    amp: bool = False
+    num_workers: int = 4
+    progress: bool = True
+
+    @property
+    def finetune(self):
+        return bool(self.finetune_style_img)
+
+
+def resolve_defaults(opts):
+    """Fill the mode-dependent defaults: batch 8 / 200k iterations (A.1), batch 1 / 1000 (one-shot, A.5)."""
+    if opts.batch is None:
+        opts.batch = 1 if opts.finetune else 8
+    if opts.iter is None:
+        opts.iter = 1000 if opts.finetune else 200000
+    if opts.device is None:
+        opts.device = default_device()
+    return opts
+
+
+def validate_options(opts):
+    """Raise ValueError with one clear message for the first invalid option (after resolve_defaults)."""
+    size = opts.size
+    if size < 8 or 2 ** int(math.log2(size)) != size:
+        raise ValueError(f"--size must be a power of two >= 8, got {size}")
+    positive = {"batch": opts.batch, "iter": opts.iter, "style_dim": opts.style_dim, "n_mlp": opts.n_mlp,
+                "channel_multiplier": opts.channel_multiplier, "queue_size": opts.queue_size,
+                "path_batch_shrink": opts.path_batch_shrink, "d_reg_every": opts.d_reg_every,
+                "g_reg_every": opts.g_reg_every, "save_every": opts.save_every, "sample_every": opts.sample_every,
+                "log_every": opts.log_every, "keep_checkpoints": opts.keep_checkpoints, "n_sample": opts.n_sample,
+                "style_pool_size": opts.style_pool_size}
+    for name, value in positive.items():
+        if value < 1:
+            raise ValueError(f"--{name} must be >= 1, got {value}")
+    for name in ("lr", "ema_kimg"):
+        if getattr(opts, name) <= 0:
+            raise ValueError(f"--{name} must be > 0, got {getattr(opts, name)}")
+    for name in ("r1", "path_regularize"):
+        if getattr(opts, name) < 0:
+            raise ValueError(f"--{name} must be >= 0, got {getattr(opts, name)}")
+    if not 0 <= opts.mixing <= 1:
+        raise ValueError(f"--mixing is a probability in [0, 1], got {opts.mixing}")
+    if opts.num_workers < 0:
+        raise ValueError(f"--num_workers must be >= 0, got {opts.num_workers}")
+    if not os.path.isdir(opts.ffhq_lmdb):
+        raise ValueError(f"FFHQ_LMDB {opts.ffhq_lmdb}: no such folder (make it with prepare_data.py)")
+    if opts.finetune:
+        for path in opts.finetune_style_img:
+            if not os.path.isfile(path):
+                raise ValueError(f"--finetune_style_img {path}: no such file")
+        if opts.blendgan_ckpt is None and opts.resume is None:
+            raise ValueError("one-shot fine-tuning (--finetune_style_img) starts from a trained BlendGAN: "
+                             "pass --blendgan_ckpt (the release's blendgan.pt is enough)")
+    else:
+        if opts.aahq_lmdb is None:
+            raise ValueError("AAHQ_LMDB (the artistic faces) is required unless --finetune_style_img is given")
+        if not os.path.isdir(opts.aahq_lmdb):
+            raise ValueError(f"AAHQ_LMDB {opts.aahq_lmdb}: no such folder (make it with prepare_data.py)")
+    if opts.style_encoder_ckpt is None and opts.blendgan_ckpt is None and opts.resume is None:
+        raise ValueError("--style_encoder_ckpt is required (the frozen style encoder E_style), unless the "
+                         "generator comes from --blendgan_ckpt or --resume")
+    for flag in ("style_encoder_ckpt", "stylegan2_ckpt", "blendgan_ckpt", "vgg_ckpt"):
+        path = getattr(opts, flag)
+        if path is not None and not os.path.isfile(path):
+            raise ValueError(f"--{flag} {path}: no such file")
+    if opts.resume not in (None, "latest") and not os.path.isfile(opts.resume):
+        raise ValueError(f"--resume {opts.resume}: no such file (or pass 'latest')")
+    if str(opts.device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {opts.device}: torch sees no GPU; use --device cpu")
+    return opts
+
+
+# ---- the style-code queue -----------------------------------------------------------------------
+
+class StyleQueue:
+    """Ring buffer of the last ``size`` style codes z_s [size, style_dim]: the negatives z_s^- of Eq. 8."""
+
+    def __init__(self, size, style_dim, device="cpu"):
+        self.codes = torch.zeros(size, style_dim, device=device)
+        self.ptr = 0  # next row to write
+        self.count = 0  # rows filled so far (<= size)
+
+    def __len__(self):
+        return self.count
+
+    @property
+    def size(self):
+        return self.codes.shape[0]
+
+    @torch.no_grad()
+    def push(self, codes):
+        """Append codes [N, style_dim], overwriting the oldest rows once full."""
+        codes = codes.detach().to(self.codes.dtype)[-self.size:]
+        n = codes.shape[0]
+        rows = (self.ptr + torch.arange(n, device=self.codes.device)) % self.size
+        self.codes[rows] = codes.to(self.codes.device)
+        self.ptr = (self.ptr + n) % self.size
+        self.count = min(self.size, self.count + n)
+
+    def sample(self, n, fallback=None):
+        """n codes drawn uniformly with replacement (global RNG); from ``fallback`` while the queue is empty."""
+        pool = self.codes[:self.count] if self.count else fallback
+        if pool is None:
+            raise RuntimeError("the style queue is empty and no fallback codes were given")
+        index = torch.randint(0, pool.shape[0], (n,), device=pool.device)
+        return pool[index]
+
+    def state_dict(self):
+        return {"codes": self.codes.detach().cpu().clone(), "ptr": self.ptr, "count": self.count}
+
+    def load_state_dict(self, state):
+        codes = state["codes"]
+        if tuple(codes.shape) != tuple(self.codes.shape):
+            raise CheckpointError(f"style queue of shape {tuple(codes.shape)} does not fit --queue_size/--style_dim "
+                                  f"{tuple(self.codes.shape)}")
+        self.codes.copy_(codes)
+        self.ptr, self.count = int(state["ptr"]), int(state["count"])
+
+
+# ---- losses: one helper per term ------------------------------------------------------------------
+
+def d_logistic_loss(real_pred, fake_pred):
+    """Discriminator side of the logistic GAN loss: E[softplus(-D(real))] + E[softplus(D(fake))]."""
+    return F.softplus(-real_pred).mean() + F.softplus(fake_pred).mean()
+
+
+def g_nonsaturating_loss(fake_pred):
+    """Generator side, non-saturating: E[softplus(-D(fake))] = -E[log sigmoid(D(fake))]."""
+    return F.softplus(-fake_pred).mean()
+
+
+def r1_penalty(real_pred, real_img):
+    """E ||grad_x D(x)||^2 over real images (Mescheder et al. 2018); differentiable (create_graph)."""
+    (grad,) = torch.autograd.grad(real_pred.sum(), real_img, create_graph=True)
+    return grad.pow(2).reshape(grad.shape[0], -1).sum(1).mean()
+
+
+def path_length_penalty(fake_img, latents, mean_path_length, decay=PATH_LENGTH_DECAY, reduce=None):
+    """StyleGAN2's path-length penalty (Karras et al. 2020, Sec. 3.2).
+
+    fake_img [N, 3, H, W] generated from W+ latents [N, n_latent, D]. With y ~ N(0, I) / sqrt(H*W) the
+    path length is L = sqrt(mean over layers of ||J_w^T y||^2) per sample, and the penalty is
+    E (L - a)^2 with a the running mean of L (rate ``decay``). reduce: averages the batch mean of L over
+    ranks before it updates a (so every rank keeps the same a). Returns (penalty, new a, L [N]).
+    """
+    height, width = fake_img.shape[2:]
+    y = torch.randn_like(fake_img) / math.sqrt(height * width)
+    (grad,) = torch.autograd.grad((fake_img * y).sum(), latents, create_graph=True)  # [N, n_latent, D]
+    lengths = grad.pow(2).sum(2).mean(1).sqrt()  # [N]
+    batch_mean = lengths.detach().mean()
+    if reduce is not None:
+        batch_mean = reduce(batch_mean)
+    target = mean_path_length + decay * (batch_mean - mean_path_length)
+    return (lengths - target).pow(2).mean(), target.detach(), lengths
+
+
+def adversarial_d_losses(d_face, d_style, d_style_latent, x_f, x_s, z_s, fakes):
+    """The discriminators' losses of Eq. 6-8 on one batch. fakes: a Fakes; returns {name: loss}."""
+    return {
+        "d_face": d_logistic_loss(d_face(x_f), d_face(fakes.face)),  # Eq. 6
+        "d_style": d_logistic_loss(d_style(x_s), d_style(fakes.style)),  # Eq. 7
+        "d_style_latent": d_logistic_loss(d_style_latent(x_s, z_s),
+                                          d_style_latent(fakes.negative, fakes.z_negative)),  # Eq. 8
+    }
+
+
+def adversarial_g_losses(d_face, d_style, d_style_latent, fakes):
+    """The generator's three terms of Eq. 9 (their sum is G's adversarial loss); returns {name: loss}."""
+    return {
+        "g_face": g_nonsaturating_loss(d_face(fakes.face)),
+        "g_style": g_nonsaturating_loss(d_style(fakes.style)),
+        "g_style_latent": g_nonsaturating_loss(d_style_latent(fakes.negative, fakes.z_negative)),
+    }
+
+
+# ---- sampling the generator -----------------------------------------------------------------------
+
+@dataclass
+class Fakes:
+    """One batch of generated images: natural G(z_f), stylized G(z_f, z_s, 0), negative G(z_f, z_s^-, 0)."""
+
+    face: torch.Tensor  # [N, 3, H, W]
+    style: torch.Tensor  # [N, 3, H, W]
+    negative: torch.Tensor  # [N, 3, H, W]
+    z_negative: torch.Tensor  # [N, style_dim], the z_s^- the negatives were made with
+
+
+def sample_face_codes(batch, style_dim, n_latent, mixing, device):
+    """Face codes z_f for G: ([z], None), or with probability ``mixing`` ([z1, z2], crossover layer).
+
+    All draws use the global generators (restored on resume), never Python's ``random``.
+    """
+    z1 = torch.randn(batch, style_dim, device=device)
+    if mixing > 0 and float(torch.rand(())) < mixing:
+        z2 = torch.randn(batch, style_dim, device=device)
+        return [z1, z2], int(torch.randint(1, n_latent, ()))
+    return [z1], None
+
+
+def generate_fakes(g, z_f, inject_index, z_s, z_negative):
+    """The three generated batches of one phase (fresh noise in every layer, as in training)."""
+    face, _ = g(z_f, inject_index=inject_index)  # i = n_latent: the natural face
+    style, _ = g(z_f, inject_index=inject_index, z_embed=z_s, add_weight_index=0)
+    negative, _ = g(z_f, inject_index=inject_index, z_embed=z_negative, add_weight_index=0)
+    return Fakes(face, style, negative, z_negative)
+
+
+# ---- networks -----------------------------------------------------------------------------------
+
+@dataclass
+class Networks:
+    """G, its EMA copy (sharing the one frozen style encoder) and the three discriminators."""
+
+    g: Generator
+    g_ema: Generator
+    d_face: Discriminator
+    d_style: Discriminator
+    d_style_latent: ProjectionDiscriminator
+
+    def discriminators(self):
+        return {"d_face": self.d_face, "d_style": self.d_style, "d_style_latent": self.d_style_latent}
+
+    def g_trainable(self):
+        """G's parameters that train: everything but the frozen style encoder (``embedder``)."""
+        return [p for name, p in self.g.named_parameters() if not name.startswith("embedder.")]
+
+    def d_parameters(self):
+        return [p for d in self.discriminators().values() for p in d.parameters()]
+
+
+def build_networks(opts, device):
+    """Fresh networks for ``opts`` on ``device``; g_ema is a copy of g that shares its style encoder."""
+    g = Generator(opts.size, opts.style_dim, opts.n_mlp, channel_multiplier=opts.channel_multiplier,
+                  load_pretrained_vgg=False, style_pool_size=opts.style_pool_size)
+    freeze(g.embedder)
+    # One style encoder for both: the 1.25 GB layer is not duplicated (deepcopy's memo maps it to itself).
+    g_ema = copy.deepcopy(g, memo={id(g.embedder): g.embedder})
+    g_ema.eval().requires_grad_(False)
+    nets = Networks(g, g_ema, Discriminator(opts.size, channel_multiplier=opts.channel_multiplier),
+                    Discriminator(opts.size, channel_multiplier=opts.channel_multiplier),
+                    ProjectionDiscriminator(opts.size, opts.style_dim, channel_multiplier=opts.channel_multiplier))
+    for module in (nets.g, nets.g_ema, nets.d_face, nets.d_style, nets.d_style_latent):
+        module.to(device)
+    return nets
+
+
+def freeze(module):
+    """Eval mode and no gradients, for good (the style encoder)."""
+    module.eval().requires_grad_(False)
+    return module
+
+
+def set_requires_grad(params, flag):
+    for p in params:
+        p.requires_grad_(flag)
+
+
+def copy_g_to_ema(nets):
+    """g_ema := g exactly (after loading initial weights into g)."""
+    nets.g_ema.load_state_dict(nets.g.state_dict())
+
+
+def _load_with_missing(module, state_dict, missing_prefixes, what):
+    """Strict load where keys starting with ``missing_prefixes`` may be absent from the file (kept as they are)."""
+    own = module.state_dict()
+    merged = {k: v for k, v in own.items() if k.startswith(missing_prefixes) and k not in state_dict}
+    merged.update(state_dict)
+    load_state_dict_strict(module, merged, what, hint=guess_generator_config if isinstance(module, Generator)
+                           else None)
+
+
+def load_stylegan2(nets, path, log):
+    """--stylegan2_ckpt: G (``g`` into g, ``g_ema`` into g_ema) and D_face from a rosinality checkpoint.
+
+    The file's generators hold the synthesis network and the face mapping ``style`` only; the style mapping
+    ``embedding`` and D_style / D_style_latent stay fresh and the WBM weights stay at 1.
+    """
+    ckpt = load_checkpoint(path)
+    _load_with_missing(nets.g, require_key(ckpt, "g", path), BLENDGAN_ONLY_KEYS, f"{path}['g']")
+    _load_with_missing(nets.g_ema, require_key(ckpt, "g_ema", path), BLENDGAN_ONLY_KEYS, f"{path}['g_ema']")
+    # The file's g_ema has no `embedding`: start it from g's fresh one so that g_ema == g there.
+    nets.g_ema.embedding.load_state_dict(nets.g.embedding.state_dict())
+    with torch.no_grad():
+        nets.g_ema.add_weight.copy_(nets.g.add_weight)
+    load_state_dict_strict(nets.d_face, require_key(ckpt, "d", path), f"{path}['d']")
+    log(f"initialised G, g_ema and D_face from the StyleGAN2 checkpoint {path}")
+
+
+def style_encoder_state(ckpt, path):
+    """The StyleEncoder state dict inside a style-encoder checkpoint (see load_style_encoder)."""
+    for key in ("style_encoder", "embedder"):
+        if key in ckpt and isinstance(ckpt[key], dict):
+            return ckpt[key]
+    if "g_ema" in ckpt:
+        prefix = "embedder."
+        sd = {k[len(prefix):]: v for k, v in ckpt["g_ema"].items() if k.startswith(prefix)}
+        if not sd:
+            raise CheckpointError(f"checkpoint {path}: its g_ema holds no style encoder (no embedder.* keys)")
+        return sd
+    if any(k.startswith("embedder_mlp.") for k in ckpt):
+        return ckpt
+    raise CheckpointError(f"checkpoint {path}: no style encoder found (expected a 'style_encoder' or 'embedder' "
+                          f"state dict, a BlendGAN 'g_ema' with embedder.* keys, or a bare StyleEncoder state dict)")
+
+
+def load_style_encoder(g, path, vgg_ckpt, log):
+    """--style_encoder_ckpt into g.embedder (shared with g_ema).
+
+    Accepted: a dict whose 'style_encoder' (or 'embedder') entry is a StyleEncoder state dict, a BlendGAN
+    checkpoint whose 'g_ema' holds embedder.* (e.g. the release's blendgan.pt), or a bare StyleEncoder state
+    dict. A state dict without the VGG-19 weights (only ``embedder_mlp.*``) is completed with ImageNet VGG-19
+    (--vgg_ckpt, or torchvision's cache).
+    """
+    sd = style_encoder_state(load_checkpoint(path), path)
+    vgg_prefix = "embedder.feature_extractor."
+    if not any(k.startswith(vgg_prefix) for k in sd):
+        from style_encoder import imagenet_vgg19_state_dict
+
+        g.embedder.load_vgg(imagenet_vgg19_state_dict(vgg_ckpt))
+        _load_with_missing(g.embedder, sd, (vgg_prefix,), f"{path} (style encoder)")
+        log(f"style encoder MLP from {path}, VGG-19 from ImageNet weights")
+    else:
+        load_state_dict_strict(g.embedder, sd, f"{path} (style encoder)")
+        log(f"style encoder from {path}")
+    freeze(g.embedder)
+
+
+def load_blendgan_start(nets, path, stylegan2_path, log):
+    """--blendgan_ckpt: start from a BlendGAN checkpoint (fine-tuning, A.5, or a warm start).
+
+    'g_ema' (the release layout) is required and initialises g and g_ema, style encoder included; 'g'
+    (without its style encoder, as this trainer writes it) replaces g when present. Discriminators come
+    from 'd_face' / 'd_style' / 'd_style_latent' when present; otherwise D_face comes from --stylegan2_ckpt
+    ('d') when given, and whatever is left starts fresh (said in the log).
+    """
+    ckpt = load_checkpoint(path)
+    sd = require_key(ckpt, "g_ema", path)
+    load_state_dict_strict(nets.g_ema, sd, f"{path}['g_ema']", hint=guess_generator_config)
+    load_state_dict_strict(nets.g, sd, f"{path}['g_ema']", hint=guess_generator_config)
+    if "g" in ckpt:
+        _load_with_missing(nets.g, ckpt["g"], ("embedder.",), f"{path}['g']")
+    notes = []
+    for name, d in nets.discriminators().items():
+        if name in ckpt:
+            load_state_dict_strict(d, ckpt[name], f"{path}['{name}']")
+        elif name == "d_face" and stylegan2_path:
+            load_state_dict_strict(d, require_key(load_checkpoint(stylegan2_path), "d", stylegan2_path),
+                                   f"{stylegan2_path}['d']")
+            notes.append(f"{name} from the StyleGAN2 checkpoint {stylegan2_path}")
+        else:
+            notes.append(f"{name} fresh")
+    log(f"G and g_ema from {path}" + (f"; {path} has no discriminators for: " + ", ".join(notes) if notes else ""))
+    freeze(nets.g.embedder)
+
+
+# ---- training state and phases ------------------------------------------------------------------
+
+@dataclass
+class TrainState:
+    """Everything the phases read and update."""
+
+    opts: TrainOptions
+    device: torch.device
+    nets: Networks
+    g_optim: torch.optim.Optimizer
+    d_optim: torch.optim.Optimizer
+    queue: StyleQueue
+    g_train: nn.Module = None  # g, or its DDP wrapper
+    d_train: dict = None  # {name: D or its DDP wrapper}
+    mean_path_length: torch.Tensor = None
+    g_scaler: torch.amp.GradScaler = None
+    d_scaler: torch.amp.GradScaler = None
+    iteration: int = 0  # completed iterations
+    last_checkpoint: str = None
+
+    def __post_init__(self):
+        if self.g_train is None:
+            self.g_train = self.nets.g
+        if self.d_train is None:
+            self.d_train = self.nets.discriminators()
+        if self.mean_path_length is None:
+            self.mean_path_length = torch.zeros((), device=self.device)
+        amp_on_cuda = self.opts.amp and self.device.type == "cuda"
+        if self.g_scaler is None:
+            self.g_scaler = torch.amp.GradScaler("cuda", enabled=amp_on_cuda)
+        if self.d_scaler is None:
+            self.d_scaler = torch.amp.GradScaler("cuda", enabled=amp_on_cuda)
+
+    def autocast(self):
+        """Mixed precision for the adversarial phases with --amp (float16 on CUDA, bfloat16 on CPU)."""
+        if not self.opts.amp:
+            return nullcontext()
+        dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def guard(self, losses):
+        """Mean over ranks of the losses (floats); stops the run on a NaN/inf before any weight changes."""
+        stats = distributed.reduce_dict(losses)
+        check_finite(stats, self.iteration + 1, self.last_checkpoint)
+        return stats
+
+    @property
+    def n_latent(self):
+        return self.nets.g.n_latent
+
+
+@dataclass
+class Batch:
+    """One iteration's real data on the device: x_f, x_s [N, 3, H, W] in [-1, 1], z_s = E_style(x_s)."""
+
+    x_f: torch.Tensor
+    x_s: torch.Tensor
+    z_s: torch.Tensor
+
+
+def _sample_fakes(s, g, batch, z_s):
+    z_f, inject = sample_face_codes(batch, s.opts.style_dim, s.n_latent, s.opts.mixing, s.device)
+    z_negative = s.queue.sample(batch, fallback=z_s)
+    return generate_fakes(g, z_f, inject, z_s, z_negative)
+
+
+def d_step(s, b):
+    """D_face, D_style, D_style_latent: one step on the sum of Eq. 6-8. Returns reduced losses."""
+    nets = s.nets
+    set_requires_grad(nets.g_trainable(), False)
+    set_requires_grad(nets.d_parameters(), True)
+    with s.autocast():
+        with torch.no_grad():
+            fakes = _sample_fakes(s, nets.g, b.x_f.shape[0], b.z_s)
+        losses = adversarial_d_losses(s.d_train["d_face"], s.d_train["d_style"], s.d_train["d_style_latent"],
+                                      b.x_f, b.x_s, b.z_s, fakes)
+    total = sum(losses.values())
+    s.d_optim.zero_grad(set_to_none=True)
+    s.d_scaler.scale(total).backward()
+    stats = s.guard({**losses, "d_total": total})
+    s.d_scaler.step(s.d_optim)
+    s.d_scaler.update()
+    return stats
+
+
+def d_reg_step(s, b):
+    """Lazy R1 on real images for all three discriminators (float32, no autocast)."""
+    nets = s.nets
+    set_requires_grad(nets.d_parameters(), True)
+    x_f = b.x_f.detach().clone().requires_grad_(True)
+    x_s = b.x_s.detach().clone().requires_grad_(True)
+    x_s_pair = b.x_s.detach().clone().requires_grad_(True)
+    preds = {"d_face": s.d_train["d_face"](x_f), "d_style": s.d_train["d_style"](x_s),
+             "d_style_latent": s.d_train["d_style_latent"](x_s_pair, b.z_s)}
+    penalties = {"r1_face": r1_penalty(preds["d_face"], x_f), "r1_style": r1_penalty(preds["d_style"], x_s),
+                 "r1_style_latent": r1_penalty(preds["d_style_latent"], x_s_pair)}
+    # 0 * D(x): the output layers' biases do not enter grad_x D, so without this term they would get no
+    # gradient at all and DDP would wait for them forever.
+    anchor = sum(pred.sum() for pred in preds.values()) * 0
+    loss = s.opts.r1 / 2 * s.opts.d_reg_every * sum(penalties.values()) + anchor
+    s.d_optim.zero_grad(set_to_none=True)
+    loss.backward()
+    stats = s.guard(penalties)
+    s.d_optim.step()
+    return stats
+
+
+def g_step(s, b):
+    """G: one step on the sum of the three non-saturating terms (Eq. 9). Returns reduced losses."""
+    nets = s.nets
+    set_requires_grad(nets.d_parameters(), False)
+    set_requires_grad(nets.g_trainable(), True)
+    with s.autocast():
+        fakes = _sample_fakes(s, s.g_train, b.x_f.shape[0], b.z_s)
+        # The discriminators are fixed here: their plain modules (no DDP gradient sync needed).
+        losses = adversarial_g_losses(nets.d_face, nets.d_style, nets.d_style_latent, fakes)
+    total = sum(losses.values())
+    s.g_optim.zero_grad(set_to_none=True)
+    s.g_scaler.scale(total).backward()
+    stats = s.guard({**losses, "g_total": total})
+    s.g_scaler.step(s.g_optim)
+    s.g_scaler.update()
+    clamp_wbm(nets.g)
+    return stats
+
+
+def g_reg_step(s):
+    """Path-length regularisation on natural faces (float32, batch shrunk by path_batch_shrink)."""
+    nets = s.nets
+    set_requires_grad(nets.g_trainable(), True)
+    batch = max(1, s.opts.batch // s.opts.path_batch_shrink)
+    z_f, inject = sample_face_codes(batch, s.opts.style_dim, s.n_latent, s.opts.mixing, s.device)
+    fake, latents = s.g_train(z_f, inject_index=inject, return_latents=True)
+    penalty, s_mean, lengths = path_length_penalty(fake, latents, s.mean_path_length,
+                                                   reduce=distributed.reduce_mean)
+    # Exact zeros for every trainable parameter: the style branch (embedding, add_weight) and the ToRGB
+    # biases do not reach the penalty, and DDP needs a gradient for each parameter it reduces.
+    anchor = sum(p.reshape(-1)[0] for p in nets.g_trainable()) * 0
+    loss = s.opts.path_regularize * s.opts.g_reg_every * penalty + anchor
+    s.g_optim.zero_grad(set_to_none=True)
+    loss.backward()
+    stats = s.guard({"path_loss": penalty, "path_length": lengths.mean()})
+    s.g_optim.step()
+    clamp_wbm(nets.g)
+    s.mean_path_length = s_mean
+    stats["mean_path_length"] = float(s_mean)
+    return stats
+
+
+@torch.no_grad()
+def clamp_wbm(g):
+    """The WBM weights live in [0, 1] (paper Sec. 3.2): clamp after each optimizer step."""
+    g.add_weight.clamp_(0, 1)
+
+
+@torch.no_grad()
+def encode_styles(s, x_s):
+    """z_s = E_style(x_s) with the frozen encoder (the generator's own ``embedder``)."""
+    with s.autocast():
+        return s.nets.g.embedder(x_s).float()
+
+
+def ema_decay(opts, world_size):
+    """Per-step EMA decay for a half-life of ema_kimg thousand images."""
+    return 0.5 ** (opts.batch * world_size / (opts.ema_kimg * 1000))
+
+
+def random_flip(x):
+    """Horizontal flip of each image with probability 1/2 (global RNG: restored on resume)."""
+    flip = torch.rand(x.shape[0], device=x.device) < 0.5
+    return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+
+
+def train_iteration(s, b):
+    """One iteration: D, lazy R1, G, lazy path length, EMA, queue. Returns the merged stats."""
+    it = s.iteration
+    stats = d_step(s, b)
+    if s.opts.r1 > 0 and it % s.opts.d_reg_every == 0:
+        stats.update(d_reg_step(s, b))
+    stats.update(g_step(s, b))
+    if s.opts.path_regularize > 0 and it % s.opts.g_reg_every == 0:
+        stats.update(g_reg_step(s))
+    # The shared frozen style encoder is left out (it would only be blended with itself).
+    accumulate_except(s.nets.g_ema, s.nets.g, ema_decay(s.opts, distributed.get_world_size()), skip=("embedder.",))
+    s.queue.push(distributed.all_gather_with_grad(b.z_s))
+    s.iteration += 1
+    return stats
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+def to_tensor(img):
+    """PIL RGB -> [3, H, W] float32 in [-1, 1]."""
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float()
+    return x / 127.5 - 1
+
+
+def read_reference_images(paths, size):
+    """--finetune_style_img files -> [R, 3, size, size] in [-1, 1] (shorter side resized, centre-cropped)."""
+    return torch.stack([to_tensor(resize_and_center_crop(read_image_rgb(p), size)) for p in paths])
+
+
+class DataStream:
+    """Endless real batches (x_f, x_s) of this rank, starting after ``start_batch`` batches (resume)."""
+
+    def __init__(self, opts, rank, world_size, start_batch, device):
+        self.opts = opts
+        self.device = device
+        self.rank = rank
+        self.world_size = world_size
+        self.step = start_batch
+        pin = device.type == "cuda"
+        self.faces = MultiResolutionDataset(opts.ffhq_lmdb, to_tensor, opts.size)
+        if opts.finetune:
+            self.references = read_reference_images(opts.finetune_style_img, opts.size)
+            self.styles = None
+            self.loader = infinite_loader(self.faces, opts.batch, opts.num_workers, 2 * opts.seed, rank, world_size,
+                                          pin_memory=pin, start=start_batch * opts.batch)
+        else:
+            self.references = None
+            self.styles = MultiResolutionDataset(opts.aahq_lmdb, to_tensor, opts.size)
+            self.loader = PairedLoader(self.faces, self.styles, opts.batch, opts.num_workers, opts.seed, rank,
+                                       world_size, pin_memory=pin, start_batch=start_batch)
+
+    def reference_batch(self):
+        """The reference image(s), cycled over the batch (and over ranks)."""
+        n = self.references.shape[0]
+        first = (self.step * self.world_size + self.rank) * self.opts.batch
+        return self.references[(first + torch.arange(self.opts.batch)) % n]
+
+    def __next__(self):
+        if self.opts.finetune:
+            x_f, x_s = next(self.loader), self.reference_batch()
+        else:
+            x_f, x_s = next(self.loader)
+        self.step += 1
+        return x_f.to(self.device, non_blocking=True), x_s.to(self.device, non_blocking=True)
+
+    def sample_styles(self, n):
+        """Fixed reference style images for the sample grids: [n, 3, H, W]."""
+        if self.references is not None:
+            return self.references[torch.arange(n) % self.references.shape[0]]
+        return torch.stack([self.styles[i % len(self.styles)] for i in range(n)])
+
+
+# ---- samples, checkpoints -------------------------------------------------------------------------
+
+@torch.no_grad()
+def sample_grid(g_ema, z_f, style_images, wbm_index=SAMPLE_WBM_INDEX):
+    """Rows: reference style | natural G(z_f) | blended at i = wbm_index | blended at i = 0.
+
+    Stored noise maps (randomize_noise=False): the grid draws no random numbers. Returns [3, H', W'] in [0, 1].
+    """
+    z_s = g_ema.embedder(style_images)
+    natural, _ = g_ema([z_f], randomize_noise=False)
+    middle, _ = g_ema([z_f], z_embed=z_s, add_weight_index=wbm_index, randomize_noise=False)
+    full, _ = g_ema([z_f], z_embed=z_s, add_weight_index=0, randomize_noise=False)
+    rows = torch.stack([style_images, natural, middle, full], dim=1)  # [N, 4, 3, H, W]
+    n, cols, c, h, w = rows.shape
+    grid = rows.permute(2, 0, 3, 1, 4).reshape(c, n * h, cols * w)  # [3, N*H, 4*W]
+    return (grid.float().clamp(-1, 1) + 1) / 2
+
+
+def save_png(tensor01, path):
+    """[3, H, W] in [0, 1] -> PNG, written atomically."""
+    arr = (tensor01.mul(255).round().clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy())
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".png", dir=folder)
+    os.close(fd)
+    try:
+        Image.fromarray(arr).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+@torch.no_grad()
+def latent_avg(g_ema, seed):
+    """Truncation centre stored with the checkpoint, [1, style_dim]: mean of ``style`` over 4096 z_f.
+
+    Drawn from its own generator, so saving a checkpoint never moves the training random streams.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(LATENT_AVG_SAMPLES, g_ema.style_dim, generator=gen).to(g_ema.input.input.device)
+    return g_ema.style(z).mean(0, keepdim=True).cpu()
+
+
+def _generator_state_without_encoder(g):
+    return {k: v for k, v in g.state_dict().items() if not k.startswith("embedder.")}
+
+
+def checkpoint_state(s, rng_states):
+    """The complete, self-describing checkpoint of a training run.
+
+    'g_ema' and 'latent_avg' are the release's layout (generate_image_pairs.py & co. load it as is);
+    'g' leaves out the frozen style encoder, which is g_ema's (one copy of the 1.25 GB layer per file).
+    """
+    nets = s.nets
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "g": _generator_state_without_encoder(nets.g),
+        "g_ema": nets.g_ema.state_dict(),
+        "latent_avg": latent_avg(nets.g_ema, s.opts.seed),
+        **{name: d.state_dict() for name, d in nets.discriminators().items()},
+        "g_optim": s.g_optim.state_dict(),
+        "d_optim": s.d_optim.state_dict(),
+        "g_scaler": s.g_scaler.state_dict(),
+        "d_scaler": s.d_scaler.state_dict(),
+        "queue": s.queue.state_dict(),
+        "mean_path_length": s.mean_path_length.detach().cpu(),
+        "iteration": s.iteration,
+        "world_size": distributed.get_world_size(),
+        "args": options_dict(s.opts),
+        "rng": rng_states,
+    }
+
+
+def load_training_checkpoint(s, path):
+    """Restore a checkpoint_state() file into ``s`` (networks, optimizers, queue, counters). Returns its RNG states."""
+    ckpt = load_checkpoint(path)
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"checkpoint {path}: not a train.py checkpoint (format {ckpt.get('format')!r}); "
+                              "to start from a released generator use --blendgan_ckpt")
+    args = require_key(ckpt, "args", path)
+    for name in ARCH_OPTIONS + ("style_pool_size", "queue_size"):
+        if name in args and args[name] != getattr(s.opts, name):
+            raise CheckpointError(f"checkpoint {path} was trained with --{name} {args[name]}, this run has "
+                                  f"--{name} {getattr(s.opts, name)}")
+    nets = s.nets
+    load_state_dict_strict(nets.g_ema, require_key(ckpt, "g_ema", path), f"{path}['g_ema']")
+    _load_with_missing(nets.g, require_key(ckpt, "g", path), ("embedder.",), f"{path}['g']")
+    for name, d in nets.discriminators().items():
+        load_state_dict_strict(d, require_key(ckpt, name, path), f"{path}['{name}']")
+    s.g_optim.load_state_dict(ckpt["g_optim"])
+    s.d_optim.load_state_dict(ckpt["d_optim"])
+    s.g_scaler.load_state_dict(ckpt["g_scaler"])
+    s.d_scaler.load_state_dict(ckpt["d_scaler"])
+    s.queue.load_state_dict(ckpt["queue"])
+    s.mean_path_length = ckpt["mean_path_length"].to(s.device)
+    s.iteration = int(ckpt["iteration"])
+    s.last_checkpoint = path
+    return ckpt.get("rng")
+
+
+# ---- setting up and running ---------------------------------------------------------------------
+
+def make_optimizers(nets, opts):
+    """Adam(0, 0.99) at lr 0.002 with the lazy-regularisation correction (StyleGAN2 App. B).
+
+    The fused implementation: one pass over the weights per step (the same update as the default one up
+    to float rounding; the 4x4 layers of the three discriminators make the step a large part of a CPU
+    iteration).
+    """
+    g_ratio = opts.g_reg_every / (opts.g_reg_every + 1)
+    d_ratio = opts.d_reg_every / (opts.d_reg_every + 1)
+    g_optim = torch.optim.Adam(nets.g_trainable(), lr=opts.lr * g_ratio, betas=(0 ** g_ratio, 0.99 ** g_ratio),
+                               fused=True)
+    d_optim = torch.optim.Adam(nets.d_parameters(), lr=opts.lr * d_ratio, betas=(0 ** d_ratio, 0.99 ** d_ratio),
+                               fused=True)
+    return g_optim, d_optim
+
+
+def wrap_ddp(nets, device):
+    """DDP wrappers of the modules that train; G's frozen style encoder is left out of DDP entirely."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [device.index] if device.type == "cuda" else None
+    encoder = [f"embedder.{k}" for k in nets.g.embedder.state_dict()]
+    DDP._set_params_and_buffers_to_ignore_for_model(nets.g, encoder)
+    g_train = DDP(nets.g, device_ids=ids, broadcast_buffers=False)
+    d_train = {name: DDP(d, device_ids=ids, broadcast_buffers=False) for name, d in nets.discriminators().items()}
+    return g_train, d_train
+
+
+def setup(opts, log=print):
+    """Networks, optimizers, queue and (under torchrun) DDP for ``opts``; resumes when asked.
+
+    Returns (TrainState, RNG states to restore or None). All ranks build identical networks (same seed);
+    DDP then checks that by broadcasting rank 0's.
+    """
+    device = distributed.init_distributed(opts.device)
+    seed_everything(opts.seed, 0)  # identical initial weights on every rank
+    nets = build_networks(opts, device)
+    resume_path = resolve_resume(opts.resume, opts.out_dir)
+    if opts.resume == "latest" and resume_path is None:
+        log(f"--resume latest: no checkpoint in {opts.out_dir}/checkpoints yet, starting from scratch")
+    if resume_path is None:
+        if opts.stylegan2_ckpt and not opts.blendgan_ckpt:
+            load_stylegan2(nets, opts.stylegan2_ckpt, log)
+        if opts.blendgan_ckpt:
+            load_blendgan_start(nets, opts.blendgan_ckpt, opts.stylegan2_ckpt, log)
+        if opts.style_encoder_ckpt:
+            load_style_encoder(nets.g, opts.style_encoder_ckpt, opts.vgg_ckpt, log)
+        clamp_wbm(nets.g)
+        if not (opts.stylegan2_ckpt or opts.blendgan_ckpt):
+            copy_g_to_ema(nets)  # fresh G: g_ema starts equal to it
+    g_optim, d_optim = make_optimizers(nets, opts)
+    queue = StyleQueue(opts.queue_size, opts.style_dim, device)
+    s = TrainState(opts, device, nets, g_optim, d_optim, queue)
+    rng = None
+    if resume_path is not None:
+        rng = load_training_checkpoint(s, resume_path)
+        log(f"resumed from {resume_path} at iteration {s.iteration}")
+    if distributed.is_distributed():
+        s.g_train, s.d_train = wrap_ddp(nets, device)
+    return s, rng
+
+
+def log_wbm(g):
+    """WBM weights for the log: alpha_j = 1 - add_weight_j (the paper's style weight per layer)."""
+    alpha = 1 - g.add_weight.detach().clamp(0, 1).view(-1).cpu()
+    return {f"wbm/alpha_{j:02d}": float(a) for j, a in enumerate(alpha)}
+
+
+def train(opts, log=None):
+    """Run (or continue) a training run as ``opts`` says; returns the final TrainState.
+
+    Raises NonFiniteLossError when a loss becomes NaN/inf (the last written checkpoint is the good one).
+    """
+    resolve_defaults(opts)
+    validate_options(opts)
+    main = distributed.is_main()
+    log = log or (print if main else (lambda *a, **k: None))
+    s, rng = setup(opts, log)
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    if s.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    data = DataStream(opts, rank, world, s.iteration, s.device)
+    # Random streams: per rank, and continued exactly on resume. Set after the data loaders exist
+    # (creating a DataLoader iterator draws from the global generator).
+    if rng is not None:
+        restore_rng_states(rng, opts.seed + s.iteration)
+    else:
+        seed_everything(opts.seed, rank)
+
+    ckpts = CheckpointManager(opts.out_dir, keep=opts.keep_checkpoints)
+    write_config(opts.out_dir, opts, world_size=world, start_iteration=s.iteration)
+    sample_z = torch.randn(opts.n_sample, opts.style_dim, generator=torch.Generator().manual_seed(opts.seed))
+    sample_z = sample_z.to(s.device)
+    sample_styles = data.sample_styles(opts.n_sample).to(s.device)
+    logger = ScalarLogger(os.path.join(opts.out_dir, "logs"))
+    progress = None
+    if main and opts.progress:
+        from tqdm import tqdm
+
+        progress = tqdm(total=opts.iter, initial=s.iteration, dynamic_ncols=True, smoothing=0.05)
+    window_time, window_iters, sums, counts = 0.0, 0, {}, {}
+    try:
+        while s.iteration < opts.iter:
+            t0 = time.perf_counter()
+            x_f, x_s = next(data)
+            if opts.flip:
+                x_f, x_s = random_flip(x_f), random_flip(x_s)
+            b = Batch(x_f, x_s, encode_styles(s, x_s))
+            stats = train_iteration(s, b)
+            if s.device.type == "cuda":
+                torch.cuda.synchronize(s.device)
+            window_time += time.perf_counter() - t0
+            window_iters += 1
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v
+                counts[k] = counts.get(k, 0) + 1
+            if progress is not None:
+                progress.update(1)
+            step = s.iteration
+            if step % opts.log_every == 0 or step == opts.iter:
+                scalars = {k: v for k, v in stats.items()}
+                scalars.update({f"mean/{k}": v / counts[k] for k, v in sums.items()})
+                scalars.update(log_wbm(s.nets.g))
+                scalars["speed/it_per_s"] = window_iters / window_time
+                scalars["speed/images_per_s"] = window_iters * opts.batch * world / window_time
+                logger.log(step, scalars)
+                if progress is not None:
+                    progress.set_postfix(d=f"{stats['d_total']:.3f}", g=f"{stats['g_total']:.3f}",
+                                         img_s=f"{scalars['speed/images_per_s']:.1f}")
+                window_time, window_iters, sums, counts = 0.0, 0, {}, {}
+            if main and (step % opts.sample_every == 0 or step == opts.iter):
+                grid = sample_grid(s.nets.g_ema, sample_z, sample_styles)
+                save_png(grid, os.path.join(opts.out_dir, "samples", f"{step:06d}.png"))
+                if logger.writer is not None:
+                    logger.writer.add_image("samples", grid, step)
+            if step % opts.save_every == 0 or step == opts.iter:
+                rng_states = gather_rng_states()  # a collective: every rank takes part
+                s.last_checkpoint = ckpts.save(step, checkpoint_state(s, rng_states) if main else None)
+    finally:
+        if progress is not None:
+            progress.close()
+        logger.close()
+    return s
