@@ -1,0 +1,242 @@
+"""Check the CUDA ops against their PyTorch references on a GPU, in one command:
+
+    python -m op.check_cuda            # from the repository root
+
+Builds both extensions (showing the compiler output if a build fails), then for every case of the
+parameter grid below (the same grid tests/test_op.py uses) compares, in float32, the outputs and the
+first- and second-order gradients of impl='cuda' with impl='ref' (relative error < TOLERANCE), and runs
+gradcheck / gradgradcheck of the CUDA path in float64. Prints one table row per case; the exit status
+is 1 when any check fails.
+"""
+
+import argparse
+import contextlib
+import sys
+
+import torch
+
+TOLERANCE = 1e-5
+
+# upfirdn2d cases: x shape [N, C, H, W], kernel shape (kh, kw), up, down, pad. Odd and even, square and
+# non-square kernels; up/down 1, 2, 3 and per axis; symmetric, asymmetric and negative (cropping) pads.
+UPFIRDN2D_CASES = [
+    dict(shape=(1, 2, 5, 6), kernel=(3, 3), up=1, down=1, pad=(1, 1)),
+    dict(shape=(1, 2, 5, 6), kernel=(4, 4), up=2, down=1, pad=(2, 1)),
+    dict(shape=(1, 2, 5, 6), kernel=(4, 4), up=1, down=2, pad=(1, 1)),
+    dict(shape=(1, 2, 5, 6), kernel=(3, 4), up=(2, 1), down=(1, 2), pad=(1, 0, 2, -1)),
+    dict(shape=(1, 2, 5, 6), kernel=(5, 5), up=2, down=2, pad=(-1, 2)),
+    dict(shape=(1, 2, 5, 6), kernel=(2, 3), up=1, down=(2, 1), pad=(0, 0, -1, 1)),
+    dict(shape=(1, 2, 4, 5), kernel=(4, 5), up=3, down=2, pad=(2, 3, 1, 0)),
+    dict(shape=(2, 3, 4, 4), kernel=(4, 4), up=2, down=2, pad=(1, 2)),
+]
+
+# fused_leaky_relu cases: x shape (rank 2 as after EqualLinear, 3, 4, 5), bias or None, slope, scale.
+FUSED_LRELU_CASES = [
+    dict(shape=(3, 4), bias=True, negative_slope=0.2, scale=2 ** 0.5),
+    dict(shape=(2, 3, 4, 5), bias=True, negative_slope=0.2, scale=2 ** 0.5),
+    dict(shape=(2, 3, 7), bias=False, negative_slope=0.2, scale=2 ** 0.5),
+    dict(shape=(1, 3, 2, 2, 3), bias=True, negative_slope=0.01, scale=1.0),
+    dict(shape=(2, 5, 3, 3), bias=True, negative_slope=0.3, scale=-0.5),
+]
+
+
+def case_id(case):
+    """Short readable name of a grid case (pytest ids and table rows)."""
+    return "-".join(f"{k}={v}".replace(" ", "") for k, v in case.items())
+
+
+def rel_error(a, b):
+    """max |a - b| / max |b| (0 when both are zero)."""
+    scale = b.abs().max().item()
+    diff = (a - b).abs().max().item()
+    return diff / scale if scale > 0 else diff
+
+
+@contextlib.contextmanager
+def exact_float32():
+    """Disable TF32 so the cuDNN convolution of the reference computes true float32 products."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def upfirdn2d_inputs(case, device, dtype, seed=0):
+    """x [N, C, H, W] and a random non-symmetric kernel, from a seeded CPU generator."""
+    from op.upfirdn2d import _pads, _pair, out_size
+
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(case["shape"], generator=gen, dtype=torch.float64)
+    kernel = torch.randn(case["kernel"], generator=gen, dtype=torch.float64)
+    (up_x, up_y), (down_x, down_y) = _pair(case["up"], "up"), _pair(case["down"], "down")
+    pad_x0, pad_x1, pad_y0, pad_y1 = _pads(case["pad"])
+    out_shape = (*case["shape"][:2],
+                 out_size(case["shape"][2], up_y, down_y, pad_y0, pad_y1, case["kernel"][0]),
+                 out_size(case["shape"][3], up_x, down_x, pad_x0, pad_x1, case["kernel"][1]))
+    weight = torch.randn(out_shape, generator=gen, dtype=torch.float64)  # upstream gradient weights
+    return [t.to(device=device, dtype=dtype) for t in (x, kernel, weight)]
+
+
+def fused_lrelu_inputs(case, device, dtype, seed=0):
+    """x, bias (or None) and upstream weights; x + bias kept at least 0.05 away from the kink at 0."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = case["shape"]
+    bias = torch.randn(shape[1], generator=gen, dtype=torch.float64) if case["bias"] else None
+    pre = torch.randn(shape, generator=gen, dtype=torch.float64)
+    pre = pre + 0.05 * pre.sign()  # the pre-activation x + bias
+    x = pre - bias.view(1, -1, *([1] * (len(shape) - 2))) if bias is not None else pre
+    weight = torch.randn(shape, generator=gen, dtype=torch.float64)
+    return [t.to(device=device, dtype=dtype) if t is not None else None for t in (x, bias, weight)]
+
+
+def _derivatives(fn, inputs, weight):
+    """Output, first-order grads of (out * weight).sum() w.r.t. `inputs`, and second-order grads of the
+    squared norm of the first input's gradient w.r.t. `weight` (through the backward of the backward)."""
+    out = fn(*inputs)
+    grads = torch.autograd.grad((out * weight).sum(), inputs, create_graph=True)
+    (grad2,) = torch.autograd.grad(grads[0].pow(2).sum(), weight)
+    return [out, *grads, grad2]
+
+
+def upfirdn2d_errors(case, device="cuda"):
+    """Relative errors (out, grad_x, grad2_weight) of impl='cuda' vs impl='ref' in float32."""
+    from op.upfirdn2d import upfirdn2d
+
+    results = {}
+    for impl in ("cuda", "ref"):
+        x, kernel, weight = upfirdn2d_inputs(case, device, torch.float32)
+        x.requires_grad_(True)
+        weight.requires_grad_(True)
+        with exact_float32():
+            results[impl] = _derivatives(
+                lambda t: upfirdn2d(t, kernel, case["up"], case["down"], case["pad"], impl=impl), [x], weight)
+    return dict(zip(("out", "grad_x", "grad2_w"),
+                    (rel_error(a, b) for a, b in zip(results["cuda"], results["ref"]))))
+
+
+def fused_lrelu_errors(case, device="cuda"):
+    """Relative errors (out, grad_x[, grad_bias], grad2_weight) of impl='cuda' vs impl='ref' in float32."""
+    from op.fused_act import fused_leaky_relu
+
+    results = {}
+    for impl in ("cuda", "ref"):
+        x, bias, weight = fused_lrelu_inputs(case, device, torch.float32)
+        inputs = [x.requires_grad_(True)] + ([bias.requires_grad_(True)] if bias is not None else [])
+        weight.requires_grad_(True)
+        results[impl] = _derivatives(
+            lambda *t: fused_leaky_relu(t[0], t[1] if len(t) > 1 else None, case["negative_slope"],
+                                        case["scale"], impl=impl), inputs, weight)
+    names = ["out", "grad_x"] + (["grad_bias"] if case["bias"] else []) + ["grad2_w"]
+    return dict(zip(names, (rel_error(a, b) for a, b in zip(results["cuda"], results["ref"]))))
+
+
+def upfirdn2d_gradchecks(case, device="cuda"):
+    """gradcheck and gradgradcheck of the CUDA upfirdn2d in float64 (w.r.t. x)."""
+    from op.upfirdn2d import upfirdn2d
+
+    x, kernel, _ = upfirdn2d_inputs(case, device, torch.float64)
+    x.requires_grad_(True)
+
+    def fn(t):
+        return upfirdn2d(t, kernel, case["up"], case["down"], case["pad"], impl="cuda")
+
+    return torch.autograd.gradcheck(fn, (x,)) and torch.autograd.gradgradcheck(fn, (x,))
+
+
+def fused_lrelu_gradchecks(case, device="cuda"):
+    """gradcheck and gradgradcheck of the CUDA fused_leaky_relu in float64 (w.r.t. x and bias)."""
+    from op.fused_act import fused_leaky_relu
+
+    x, bias, _ = fused_lrelu_inputs(case, device, torch.float64)
+    inputs = (x.requires_grad_(True),) + ((bias.requires_grad_(True),) if bias is not None else ())
+
+    def fn(*t):
+        return fused_leaky_relu(t[0], t[1] if len(t) > 1 else None, case["negative_slope"], case["scale"],
+                                impl="cuda")
+
+    # eps well below the 0.05 distance to the kink, so finite differences never cross it.
+    return (torch.autograd.gradcheck(fn, inputs, eps=1e-6)
+            and torch.autograd.gradgradcheck(fn, inputs, eps=1e-6))
+
+
+def _benchmark(device):
+    """Milliseconds per forward+backward of a 256x256 StyleGAN blur and a 512-channel activation."""
+    from op.fused_act import fused_leaky_relu
+    from op.upfirdn2d import upfirdn2d
+
+    x = torch.randn(8, 256, 128, 128, device=device, requires_grad=True)
+    bias = torch.randn(256, device=device, requires_grad=True)
+    kernel = torch.outer(*(2 * [torch.tensor([1.0, 3.0, 3.0, 1.0], device=device)]))
+    kernel = kernel / kernel.sum() * 4
+    ops = {
+        "upfirdn2d up=2 k=4": lambda impl: upfirdn2d(x, kernel, up=2, pad=(2, 1), impl=impl),
+        "upfirdn2d blur k=4": lambda impl: upfirdn2d(x, kernel, pad=(2, 1), impl=impl),
+        "fused_leaky_relu": lambda impl: fused_leaky_relu(x, bias, impl=impl),
+    }
+    rows = []
+    for name, op_fn in ops.items():
+        timings = {}
+        for impl in ("ref", "cuda"):
+            for _ in range(3):
+                op_fn(impl).sum().backward()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(10):
+                op_fn(impl).sum().backward()
+            end.record()
+            torch.cuda.synchronize()
+            timings[impl] = start.elapsed_time(end) / 10
+        rows.append(f"{name:<22} ref {timings['ref']:8.3f} ms   cuda {timings['cuda']:8.3f} ms")
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bench", action="store_true", help="also time ref vs cuda (forward + backward)")
+    parser.add_argument("--verbose-build", action="store_true", help="show the full compiler commands")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to check", file=sys.stderr)
+        return 2
+
+    from op import build
+
+    if build.cuda_ops_disabled():
+        print(f"{build.NO_CUDA_OPS_ENV} is set: unset it to check the CUDA ops", file=sys.stderr)
+        return 2
+    for name in build.EXTENSIONS:
+        build.load_extension(name, strict=True, verbose=args.verbose_build)  # raises with the compiler output
+
+    failed = False
+    header = f"{'op':<10} {'case':<72} {'max rel err':>12} {'gradchecks':>10}  result"
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  CUDA {torch.version.cuda}")
+    print(header)
+    print("-" * len(header))
+    for op_name, cases, errors_fn, gradchecks_fn in (
+            ("upfirdn2d", UPFIRDN2D_CASES, upfirdn2d_errors, upfirdn2d_gradchecks),
+            ("lrelu", FUSED_LRELU_CASES, fused_lrelu_errors, fused_lrelu_gradchecks)):
+        for case in cases:
+            errors = errors_fn(case)
+            try:
+                grad_ok = gradchecks_fn(case)
+            except Exception as err:  # gradcheck raises GradcheckError with the offending Jacobians
+                grad_ok = False
+                print(f"  gradcheck failed for {case_id(case)}: {err}")
+            worst = max(errors.values())
+            ok = worst < TOLERANCE and grad_ok
+            failed |= not ok
+            detail = " ".join(f"{k}={v:.1e}" for k, v in errors.items())
+            print(f"{op_name:<10} {case_id(case):<72} {worst:12.2e} {str(grad_ok):>10}  "
+                  f"{'ok' if ok else 'FAIL'}  ({detail})")
+    if args.bench:
+        print()
+        for row in _benchmark("cuda"):
+            print(row)
+    print("ALL OK" if not failed else "SOME CHECKS FAILED")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

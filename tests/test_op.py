@@ -1,0 +1,446 @@
+"""Tests of op/: fused leaky ReLU and upfirdn2d.
+
+The reference paths are checked on values against formulations written here independently (numpy /
+scipy, no torch), and with gradcheck + gradgradcheck in float64. The autograd Functions of the CUDA path
+(their backward calls the same kernel with adjoint arguments) are checked on CPU by handing them an
+emulation of the compiled extension. GPU cases compare the real kernels with the reference and skip
+without a GPU. The build helper is checked for laziness, caching, its fallback and BLENDGAN_NO_CUDA_OPS.
+"""
+
+import os
+import subprocess
+import sys
+import types
+import warnings
+
+import numpy as np
+import pytest
+import scipy.signal
+import torch
+
+import op
+import op.build
+from op import FusedLeakyReLU, fused_leaky_relu, upfirdn2d
+from op.check_cuda import (FUSED_LRELU_CASES, TOLERANCE, UPFIRDN2D_CASES, case_id, fused_lrelu_errors,
+                           fused_lrelu_gradchecks, fused_lrelu_inputs, upfirdn2d_errors, upfirdn2d_gradchecks,
+                           upfirdn2d_inputs)
+from op.fused_act import fused_bias_leaky_relu_with
+from op.upfirdn2d import upfirdn2d_ref, upfirdn2d_with
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_cpu_thread():
+    """These tensors are tiny: with more than one intra-op thread, thread hand-offs cost more than the
+    arithmetic (an order of magnitude more CPU time on a loaded machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _axis_args(case):
+    """(up_x, up_y), (down_x, down_y), (pad_x0, pad_x1, pad_y0, pad_y1) of a grid case."""
+    def pair(v):
+        return (v, v) if isinstance(v, int) else tuple(v)
+
+    pad = tuple(case["pad"])
+    pad = pad * 2 if len(pad) == 2 else pad
+    return pair(case["up"]), pair(case["down"]), pad
+
+
+# ---------------------------------------------------------------------------------------------------
+# upfirdn2d: independent formulations
+
+
+def upfirdn2d_scipy(x, kernel, up, down, pad):
+    """Zero insertion by slicing into np.zeros, np.pad / slicing for pads and crops, scipy's true 2-D
+    convolution ('valid'), then [::down]. x [N, C, H, W] numpy, kernel [kh, kw]."""
+    (up_x, up_y), (down_x, down_y), (pad_x0, pad_x1, pad_y0, pad_y1) = up, down, pad
+    n, c, h, w = x.shape
+    upsampled = np.zeros((n, c, h * up_y, w * up_x))
+    upsampled[:, :, ::up_y, ::up_x] = x
+    padded = np.pad(upsampled, ((0, 0), (0, 0), (max(pad_y0, 0), max(pad_y1, 0)),
+                                (max(pad_x0, 0), max(pad_x1, 0))))
+    padded = padded[:, :, max(-pad_y0, 0):padded.shape[2] - max(-pad_y1, 0),
+                    max(-pad_x0, 0):padded.shape[3] - max(-pad_x1, 0)]
+    out = np.stack([np.stack([scipy.signal.convolve2d(plane, kernel, mode="valid") for plane in sample])
+                    for sample in padded])
+    return out[:, :, ::down_y, ::down_x]
+
+
+def upfirdn2d_scatter(x, kernel, up, down, pad):
+    """Direct loops in 'scatter' form: input sample (m, l) sits at (m * up_y + pad_y0, l * up_x + pad_x0)
+    of the padded signal; the full true convolution puts x * K[t - position] at position t, and output o
+    of the valid part is t = o * down + k - 1."""
+    (up_x, up_y), (down_x, down_y), (pad_x0, pad_x1, pad_y0, pad_y1) = up, down, pad
+    n, c, h, w = x.shape
+    kh, kw = kernel.shape
+    out_h = (h * up_y + pad_y0 + pad_y1 - kh) // down_y + 1
+    out_w = (w * up_x + pad_x0 + pad_x1 - kw) // down_x + 1
+    out = np.zeros((n, c, out_h, out_w))
+    for oy in range(out_h):
+        for ox in range(out_w):
+            for m in range(h):
+                i = oy * down_y + kh - 1 - (m * up_y + pad_y0)
+                if not 0 <= i < kh:
+                    continue
+                for col in range(w):
+                    j = ox * down_x + kw - 1 - (col * up_x + pad_x0)
+                    if 0 <= j < kw:
+                        out[:, :, oy, ox] += x[:, :, m, col] * kernel[i, j]
+    return out
+
+
+@pytest.mark.parametrize("case", UPFIRDN2D_CASES, ids=case_id)
+def test_upfirdn2d_matches_independent_formulations(case):
+    x, kernel, _ = upfirdn2d_inputs(case, "cpu", torch.float64, seed=1)
+    up, down, pad = _axis_args(case)
+    expected = upfirdn2d_scipy(x.numpy(), kernel.numpy(), up, down, pad)
+    np.testing.assert_allclose(upfirdn2d_scatter(x.numpy(), kernel.numpy(), up, down, pad), expected,
+                               rtol=1e-12, atol=1e-12)
+    for impl in ("ref", "auto"):
+        out = upfirdn2d(x, kernel, case["up"], case["down"], case["pad"], impl=impl)
+        assert out.shape == expected.shape
+        np.testing.assert_allclose(out.numpy(), expected, rtol=1e-10, atol=1e-12)
+    out32 = upfirdn2d(x.float(), kernel.float(), case["up"], case["down"], case["pad"])
+    assert out32.dtype == torch.float32
+    np.testing.assert_allclose(out32.numpy(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_upfirdn2d_is_a_true_convolution():
+    """A one-hot input reproduces the (unflipped) kernel: the kernel is flipped before correlating."""
+    kernel = torch.arange(1.0, 7.0, dtype=torch.float64).view(2, 3)  # not symmetric
+    x = torch.zeros(1, 1, 3, 3, dtype=torch.float64)
+    x[0, 0, 1, 1] = 1.0
+    out = upfirdn2d(x, kernel, pad=(2, 2, 1, 1))  # 'full' convolution: [3 + 2 - 1, 3 + 3 - 1]
+    assert out.shape == (1, 1, 4, 5)
+    expected = torch.zeros(4, 5, dtype=torch.float64)
+    expected[1:3, 1:4] = kernel
+    torch.testing.assert_close(out[0, 0], expected, rtol=0, atol=0)
+
+
+def test_upfirdn2d_argument_forms():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 5, 6, generator=gen, dtype=torch.float64)
+    kernel = torch.randn(4, 4, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(upfirdn2d(x, kernel, up=2, down=2, pad=(1, 2)),
+                               upfirdn2d(x, kernel, up=(2, 2), down=(2, 2), pad=(1, 2, 1, 2)))
+    # StyleGAN2's up-sampling: up=2, pad=(2, 1) for a 4-tap kernel doubles the size exactly.
+    assert upfirdn2d(x, kernel, up=2, pad=(2, 1)).shape == (2, 3, 10, 12)
+    # per-axis: (x, y) order
+    assert upfirdn2d(x, kernel, up=(2, 1), down=(1, 2), pad=(1, 1, 1, 1)).shape == (2, 3, 2, 11)
+    # channels-last / non-contiguous input gives the same values
+    torch.testing.assert_close(upfirdn2d(x.transpose(2, 3).contiguous().transpose(2, 3), kernel, down=2),
+                               upfirdn2d(x, kernel, down=2))
+    with pytest.raises(ValueError, match="empty"):
+        upfirdn2d(x, kernel, pad=(-2, -2))
+    with pytest.raises(ValueError, match="N, C, H, W"):
+        upfirdn2d(x[0], kernel)
+    with pytest.raises(ValueError, match="2-D"):
+        upfirdn2d(x, kernel[0])
+    with pytest.raises(ValueError, match="up"):
+        upfirdn2d(x, kernel, up=0)
+    with pytest.raises(ValueError, match="pad"):
+        upfirdn2d(x, kernel, pad=(1, 2, 3))
+    with pytest.raises(ValueError, match="impl"):
+        upfirdn2d(x, kernel, impl="fast")
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        upfirdn2d(x, kernel, impl="cuda")
+
+
+@pytest.mark.parametrize("case", UPFIRDN2D_CASES, ids=case_id)
+def test_upfirdn2d_ref_gradcheck(case):
+    x, kernel, _ = upfirdn2d_inputs(case, "cpu", torch.float64, seed=2)
+    inputs = (x.requires_grad_(True), kernel.requires_grad_(True))
+
+    def fn(t, k):
+        return upfirdn2d_ref(t, k, case["up"], case["down"], case["pad"])
+
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
+class EmulatedUpFirDn2dExtension:
+    """Stands in for the compiled extension on CPU: the same call signature, computed by the reference
+    without autograd, so that the CUDA path's autograd Function (adjoint pads, recursion) is testable."""
+
+    calls = 0
+
+    @classmethod
+    def upfirdn2d(cls, x, kernel, up_x, up_y, down_x, down_y, pad_x0, pad_x1, pad_y0, pad_y1):
+        cls.calls += 1
+        assert not torch.is_grad_enabled()
+        return upfirdn2d_ref(x, kernel, (up_x, up_y), (down_x, down_y), (pad_x0, pad_x1, pad_y0, pad_y1))
+
+
+@pytest.mark.parametrize("case", UPFIRDN2D_CASES, ids=case_id)
+def test_upfirdn2d_cuda_autograd_wiring_on_cpu(case):
+    x, kernel, weight = upfirdn2d_inputs(case, "cpu", torch.float64, seed=4)
+    x.requires_grad_(True)
+    ext = EmulatedUpFirDn2dExtension
+
+    def fn(t):
+        return upfirdn2d_with(ext, t, kernel, case["up"], case["down"], case["pad"])
+
+    calls = ext.calls
+    out = fn(x)
+    assert ext.calls == calls + 1
+    torch.testing.assert_close(out, upfirdn2d_ref(x, kernel, case["up"], case["down"], case["pad"]))
+    # The backward is the same extension call (adjoint), compared with the reference's autograd.
+    (grad,) = torch.autograd.grad((out * weight).sum(), x)
+    assert ext.calls == calls + 2
+    (grad_ref,) = torch.autograd.grad(
+        (upfirdn2d_ref(x, kernel, case["up"], case["down"], case["pad"]) * weight).sum(), x)
+    torch.testing.assert_close(grad, grad_ref)
+    assert torch.autograd.gradcheck(fn, (x,))
+    assert torch.autograd.gradgradcheck(fn, (x,))
+
+
+# ---------------------------------------------------------------------------------------------------
+# fused leaky ReLU
+
+
+def fused_lrelu_numpy(x, bias, negative_slope, scale):
+    """x + b (broadcast on dim 1) -> leaky ReLU -> * scale, in numpy."""
+    pre = x if bias is None else x + bias.reshape(1, -1, *([1] * (x.ndim - 2)))
+    return np.where(pre > 0, pre, pre * negative_slope) * scale
+
+
+@pytest.mark.parametrize("case", FUSED_LRELU_CASES, ids=case_id)
+def test_fused_leaky_relu_values(case):
+    x, bias, _ = fused_lrelu_inputs(case, "cpu", torch.float64, seed=5)
+    expected = fused_lrelu_numpy(x.numpy(), None if bias is None else bias.numpy(), case["negative_slope"],
+                                 case["scale"])
+    for impl in ("ref", "auto"):
+        out = fused_leaky_relu(x, bias, case["negative_slope"], case["scale"], impl=impl)
+        assert out.shape == x.shape
+        np.testing.assert_allclose(out.numpy(), expected, rtol=1e-12, atol=0)
+    # float32 activations with a float64 bias (the bias follows x's dtype)
+    out32 = fused_leaky_relu(x.float(), bias, case["negative_slope"], case["scale"])
+    assert out32.dtype == torch.float32
+    np.testing.assert_allclose(out32.numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_leaky_relu_defaults_and_errors():
+    x = torch.tensor([[-1.0, 2.0], [3.0, -4.0]])
+    bias = torch.tensor([0.5, -0.5])
+    expected = torch.tensor([[-0.5 * 0.2, 1.5], [3.5, -4.5 * 0.2]]) * 2 ** 0.5
+    torch.testing.assert_close(fused_leaky_relu(x, bias), expected)
+    with pytest.raises(ValueError, match="bias"):
+        fused_leaky_relu(x, torch.zeros(3))
+    with pytest.raises(ValueError, match="rank"):
+        fused_leaky_relu(torch.zeros(3), None)
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        fused_leaky_relu(x, bias, impl="cuda")
+
+
+@pytest.mark.parametrize("case", FUSED_LRELU_CASES, ids=case_id)
+def test_fused_leaky_relu_ref_gradcheck(case):
+    x, bias, _ = fused_lrelu_inputs(case, "cpu", torch.float64, seed=6)
+    inputs = (x.requires_grad_(True),) + ((bias.requires_grad_(True),) if bias is not None else ())
+
+    def fn(*t):
+        return fused_leaky_relu(t[0], t[1] if len(t) > 1 else None, case["negative_slope"], case["scale"],
+                                impl="ref")
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6)
+    assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6)
+
+
+class EmulatedFusedBiasActExtension:
+    """Stands in for the compiled fused_bias_act extension on CPU (same signatures, no autograd)."""
+
+    @staticmethod
+    def fused_bias_leaky_relu(x, bias, negative_slope, scale):
+        assert not torch.is_grad_enabled()
+        pre = x if bias is None else x + bias.view(1, -1, *([1] * (x.ndim - 2)))
+        return torch.where(pre > 0, pre, pre * negative_slope) * scale
+
+    @staticmethod
+    def leaky_relu_grad(grad_out, ref, negative_slope, scale, ref_sign):
+        assert not torch.is_grad_enabled()
+        return torch.where(ref * ref_sign > 0, grad_out * scale, grad_out * (negative_slope * scale))
+
+
+@pytest.mark.parametrize("case", FUSED_LRELU_CASES, ids=case_id)
+def test_fused_leaky_relu_cuda_autograd_wiring_on_cpu(case):
+    x, bias, weight = fused_lrelu_inputs(case, "cpu", torch.float64, seed=7)
+    inputs = (x.requires_grad_(True),) + ((bias.requires_grad_(True),) if bias is not None else ())
+    weight.requires_grad_(True)
+    ext = EmulatedFusedBiasActExtension
+
+    def fn(*t):
+        return fused_bias_leaky_relu_with(ext, t[0], t[1] if len(t) > 1 else None, case["negative_slope"],
+                                          case["scale"])
+
+    def fn_ref(*t):
+        return fused_leaky_relu(t[0], t[1] if len(t) > 1 else None, case["negative_slope"], case["scale"],
+                                impl="ref")
+
+    # first and second order against the reference, then numerical checks
+    results = []
+    for f in (fn, fn_ref):
+        out = f(*inputs)
+        grads = torch.autograd.grad((out * weight).sum(), inputs, create_graph=True)
+        (grad2,) = torch.autograd.grad(grads[0].pow(2).sum(), weight)
+        results.append([out, *grads, grad2])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6)
+    assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6)
+
+
+def test_fused_leaky_relu_module():
+    module = FusedLeakyReLU(4)
+    assert list(module.state_dict()) == ["bias"]
+    assert module.bias.shape == (4,) and torch.count_nonzero(module.bias) == 0
+    assert [name for name, _ in module.named_parameters()] == ["bias"]
+    gen = torch.Generator().manual_seed(8)
+    bias = torch.randn(4, generator=gen)
+    module.load_state_dict({"bias": bias})
+    x = torch.randn(2, 4, 3, 3, generator=gen)
+    np.testing.assert_allclose(module(x).detach().numpy(),
+                               fused_lrelu_numpy(x.numpy(), bias.numpy(), 0.2, 2 ** 0.5), rtol=1e-6, atol=1e-6)
+    module(x).sum().backward()
+    assert module.bias.grad is not None and module.bias.grad.shape == (4,)
+    no_bias = FusedLeakyReLU(4, bias=False, negative_slope=0.1, scale=1.0)
+    assert list(no_bias.state_dict()) == [] and no_bias.bias is None
+    np.testing.assert_allclose(no_bias(x).numpy(), fused_lrelu_numpy(x.numpy(), None, 0.1, 1.0), rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# build helper
+
+
+def test_importing_op_builds_nothing():
+    code = ("import sys, op, op.build, op.check_cuda\n"
+            "assert op.build._CACHE == {}, op.build._CACHE\n"
+            "assert 'torch.utils.cpp_extension' not in sys.modules\n"
+            "assert not [m for m in sys.modules if m.startswith('blendgan_')]\n"
+            "print('clean')\n")
+    env = dict(os.environ, PYTHONPATH=REPO)
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "clean"
+
+
+class FakeCudaTensor:
+    """Only what `select_impl` reads of a tensor."""
+
+    is_cuda = True
+
+
+def test_no_cuda_ops_env_is_honoured(monkeypatch):
+    def must_not_build(name, verbose=False):
+        raise AssertionError(f"built {name} although {op.build.NO_CUDA_OPS_ENV}=1")
+
+    monkeypatch.setattr(op.build, "compile_extension", must_not_build)
+    monkeypatch.setattr(op.build, "_CACHE", {})
+    monkeypatch.setenv(op.build.NO_CUDA_OPS_ENV, "1")
+    assert op.build.cuda_ops_disabled()
+    assert op.build.load_extension("upfirdn2d") is None
+    assert op.build.select_impl("auto", "upfirdn2d", (FakeCudaTensor(),)) is None
+    with pytest.raises(RuntimeError, match=op.build.NO_CUDA_OPS_ENV):
+        op.build.select_impl("cuda", "fused_bias_act", (FakeCudaTensor(),))
+    monkeypatch.setenv(op.build.NO_CUDA_OPS_ENV, "0")
+    assert not op.build.cuda_ops_disabled()
+
+
+def test_build_is_cached_and_failure_warns_once(monkeypatch):
+    monkeypatch.delenv(op.build.NO_CUDA_OPS_ENV, raising=False)
+    monkeypatch.setattr(op.build, "_CACHE", {})
+    built = []
+    module = types.SimpleNamespace()
+
+    def fake_compile(name, verbose=False):
+        built.append(name)
+        if name == "upfirdn2d":
+            raise RuntimeError("nvcc exploded")
+        return module
+
+    monkeypatch.setattr(op.build, "compile_extension", fake_compile)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert op.build.load_extension("upfirdn2d") is None
+        assert op.build.load_extension("upfirdn2d") is None
+        assert op.build.select_impl("auto", "upfirdn2d", (FakeCudaTensor(),)) is None
+    assert len(caught) == 1 and "nvcc exploded" in str(caught[0].message)
+    with pytest.raises(RuntimeError, match="did not build"):
+        op.build.select_impl("cuda", "upfirdn2d", (FakeCudaTensor(),))
+    with pytest.raises(RuntimeError, match="nvcc exploded"):
+        op.build.load_extension("upfirdn2d", strict=True)
+    assert op.build.load_extension("fused_bias_act") is module
+    assert op.build.select_impl("auto", "fused_bias_act", (FakeCudaTensor(),)) is module
+    assert built == ["upfirdn2d", "upfirdn2d", "fused_bias_act"]
+    # CPU tensors never trigger a build
+    assert op.build.select_impl("auto", "fused_bias_act", (torch.zeros(1),)) is None
+
+
+def test_build_dir_is_keyed_by_source_hash(monkeypatch, tmp_path):
+    (tmp_path / "a.cpp").write_text("int a;\n")
+    monkeypatch.setattr(op.build, "OP_DIR", str(tmp_path))
+    monkeypatch.setattr(op.build, "EXTENSIONS", {"a": ["a.cpp"]})
+    first = op.build.source_hash("a")
+    assert op.build.source_hash("a") == first
+    (tmp_path / "a.cpp").write_text("int a = 1;\n")
+    second = op.build.source_hash("a")
+    assert second != first
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", os.environ.get("TORCH_CUDA_ARCH_LIST", "") + ";7.5+PTX")
+    assert op.build.source_hash("a") != second  # the target architectures are part of the key
+
+
+def test_extension_sources_exist():
+    for name in ("fused_bias_act", "upfirdn2d"):
+        paths = op.build.source_paths(name)
+        assert any(p.endswith(".cu") for p in paths) and any(p.endswith(".cpp") for p in paths)
+        assert all(os.path.isfile(p) for p in paths)
+
+
+@pytest.mark.skipif(os.environ.get("BLENDGAN_TEST_CUDA_BUILD") != "1" or not os.path.isdir(
+    os.environ.get("CUDA_HOME", "/usr/local/cuda")), reason="slow: set BLENDGAN_TEST_CUDA_BUILD=1 and CUDA_HOME")
+@pytest.mark.timeout(1800)
+@pytest.mark.parametrize("name", ["fused_bias_act", "upfirdn2d"])
+def test_extensions_compile(name, monkeypatch):
+    """Compiles and links with nvcc through the build helper (no GPU needed; importing the module may
+    still need the CUDA runtime libraries)."""
+    monkeypatch.setattr(op.build, "_CACHE", {})
+    module = op.build.load_extension(name, strict=True)
+    assert module is not None
+
+
+# ---------------------------------------------------------------------------------------------------
+# CUDA kernels vs reference (GPU only)
+
+
+@needs_gpu
+@pytest.mark.parametrize("case", UPFIRDN2D_CASES, ids=case_id)
+def test_upfirdn2d_cuda_matches_ref(case):
+    errors = upfirdn2d_errors(case)
+    assert max(errors.values()) < TOLERANCE, errors
+    assert upfirdn2d_gradchecks(case)
+
+
+@needs_gpu
+@pytest.mark.parametrize("case", FUSED_LRELU_CASES, ids=case_id)
+def test_fused_leaky_relu_cuda_matches_ref(case):
+    errors = fused_lrelu_errors(case)
+    assert max(errors.values()) < TOLERANCE, errors
+    assert fused_lrelu_gradchecks(case)
+
+
+@needs_gpu
+def test_cuda_auto_uses_kernels_and_half_precision():
+    x = torch.randn(2, 3, 8, 8, device="cuda", dtype=torch.float16)
+    kernel = torch.ones(4, 4, device="cuda") / 16
+    bias = torch.randn(3, device="cuda")
+    out = upfirdn2d(x, kernel, up=2, pad=(2, 1))
+    assert out.dtype == torch.float16 and out.shape == (2, 3, 16, 16)
+    torch.testing.assert_close(out.float(), upfirdn2d(x.float(), kernel, up=2, pad=(2, 1), impl="ref"),
+                               rtol=2e-3, atol=2e-3)
+    act = fused_leaky_relu(x, bias)
+    assert act.dtype == torch.float16
+    torch.testing.assert_close(act.float(), fused_leaky_relu(x.float(), bias, impl="ref"), rtol=2e-3, atol=2e-3)
