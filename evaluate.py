@@ -1,0 +1,127 @@
+"""Paper Table 1: FID against the real artistic set (AAHQ) and LPIPS style diversity, latent- and
+reference-guided, per blending indicator i; plus style consistency (cosine between the style code that
+drove an output and the code E_style extracts from it).
+
+Writes OUTDIR/table1.csv, OUTDIR/table1.md and OUTDIR/partial_results.json (finished rows: a rerun with
+the same settings skips them), and caches the real set's FID statistics (OUTDIR/real_stats.npz).
+
+    python evaluate.py --ckpt pretrained_models/blendgan.pt --real data/aahq.lmdb --indicators 0,2,...,18
+
+Per face code, --n_styles outputs (latent-guided: random style codes; reference-guided: distinct references
+drawn from --style_refs); FID takes the first --n_samples outputs, LPIPS diversity and style consistency
+the outputs of the first --lpips_faces face codes. Metrics see the outputs as the inference scripts save
+them (8-bit). The same seed gives the same codes and references on any device and for any --batch.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+from checkpoint import CheckpointError
+from imageio_utils import UnreadableImageError
+from inference import DTYPES, add_common_args, load_blendgan, validate_common
+from metrics import (MODES, ImageSet, Protocol, evaluation_settings, load_inception, load_lpips, parse_indicators,
+                     real_statistics, run_protocol)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", default="pretrained_models/blendgan.pt", help="BlendGAN checkpoint (g_ema)")
+    p.add_argument("--size", type=int, default=None, help="output size (default: the checkpoint's)")
+    p.add_argument("--channel_multiplier", type=int, default=None, help="generator width (default: the checkpoint's)")
+    p.add_argument("--real", default=None, help="real artistic faces (AAHQ): an LMDB of prepare_data.py or a folder")
+    p.add_argument("--real_resolution", type=int, default=None,
+                   help="resolution to read from an LMDB --real / --style_refs (default: the generator's size)")
+    p.add_argument("--n_real", type=int, default=None, help="use the first N real images (default: all)")
+    p.add_argument("--real_stats", default=None,
+                   help="FID statistics cache of the real set (.npz, pytorch-fid's layout); read if it exists, "
+                        "else computed from --real and written (default: OUTDIR/real_stats.npz)")
+    p.add_argument("--style_refs", default=None,
+                   help="reference style images for reference-guided rows, LMDB or folder (default: --real)")
+    p.add_argument("--modes", default="latent,reference", help="rows to compute: latent and/or reference")
+    p.add_argument("--indicators", default=None,
+                   help="blending indicators i, e.g. 0,2,...,18 (default: every second one from 0 to n_latent)")
+    p.add_argument("--n_samples", type=int, default=50000, help="generated images for FID")
+    p.add_argument("--lpips_faces", type=int, default=1000, help="face codes for LPIPS diversity and style consistency")
+    p.add_argument("--n_styles", type=int, default=10, help="style codes (or references) per face code")
+    p.add_argument("--lpips_size", type=int, default=256,
+                   help="side outputs are resized to for LPIPS (StarGAN v2 works at 256); 0: as generated")
+    p.add_argument("--truncation", type=float, default=1.0, help="truncation psi of the face codes (1: none)")
+    p.add_argument("--inception", default=None,
+                   help="FID Inception weights pt_inception-2015-12-05-6726825d.pth (default: the torch hub cache)")
+    p.add_argument("--lpips_alexnet", default=None,
+                   help="torchvision AlexNet weights alexnet-owt-7be5be79.pth for LPIPS (default: the torch hub cache)")
+    p.add_argument("--no_download", action="store_true", help="never download missing weights files")
+    p.add_argument("--outdir", default="results/evaluation", help="output folder")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image decoding processes")
+    add_common_args(p, batch_default=20)
+    opts = p.parse_args(argv)
+    validate_common(p, opts)
+    opts.modes = [m.strip() for m in opts.modes.split(",") if m.strip()]
+    if not opts.modes or any(m not in MODES for m in opts.modes):
+        p.error(f"--modes: a comma-separated subset of {','.join(MODES)}")
+    if opts.indicators is not None:
+        try:
+            opts.indicators = parse_indicators(opts.indicators)
+        except ValueError as e:
+            p.error(f"--indicators: {e}")
+    if opts.n_samples < 2:
+        p.error("--n_samples must be >= 2 (FID needs a covariance)")
+    if opts.lpips_faces < 0 or opts.n_styles < 2:
+        p.error("--lpips_faces must be >= 0 and --n_styles >= 2")
+    if opts.lpips_size < 0 or opts.workers < 0 or (opts.n_real is not None and opts.n_real < 2):
+        p.error("--lpips_size and --workers must be >= 0, --n_real >= 2")
+    if not 0 < opts.truncation <= 1:
+        p.error("--truncation must be in (0, 1]")
+    if "reference" in opts.modes and not (opts.style_refs or opts.real):
+        p.error("reference-guided rows need --style_refs (or --real); or pass --modes latent")
+    opts.real_stats = opts.real_stats or os.path.join(opts.outdir, "real_stats.npz")
+    return opts
+
+
+@torch.no_grad()
+def evaluate(opts):
+    device, dtype = opts.device, DTYPES[opts.dtype]
+    extractor = load_inception(opts.inception, not opts.no_download).to(device)
+    lpips_model = load_lpips(opts.lpips_alexnet, not opts.no_download).to(device)
+    g, ckpt = load_blendgan(opts.ckpt, opts.size, opts.channel_multiplier, device, dtype)
+    indicators = opts.indicators if opts.indicators is not None else list(range(0, g.n_latent + 1, 2))
+    bad = [i for i in indicators if not 0 <= i <= g.n_latent]
+    if bad:
+        raise ValueError(f"--indicators {bad}: must be in [0, {g.n_latent}] at size {g.size} ({g.n_latent} = natural face)")
+    resolution = opts.real_resolution or g.size
+    real_mu, real_sigma, real_id = real_statistics(opts.real, resolution, opts.n_real, opts.real_stats, extractor,
+                                                   opts.batch, device, opts.workers)
+    refs, refs_id = None, None
+    if "reference" in opts.modes:
+        refs = ImageSet(opts.style_refs or opts.real, resolution)
+        refs_id = f"{os.path.abspath(refs.path)}@{resolution} ({len(refs)} images)"
+
+    truncation_latent = None
+    if opts.truncation < 1:
+        if "latent_avg" in ckpt:
+            truncation_latent = ckpt["latent_avg"].to(device=device, dtype=dtype)
+        else:
+            z = torch.randn(4096, g.style_dim, generator=torch.Generator().manual_seed(opts.seed))
+            truncation_latent = g.style(z.to(device=device, dtype=dtype)).mean(0, keepdim=True)
+    protocol = Protocol(opts.n_samples, opts.lpips_faces, opts.n_styles, opts.lpips_size, opts.truncation, opts.theta,
+                        opts.seed)
+    settings = evaluation_settings(opts.ckpt, g.size, real_id, refs_id, protocol, dtype=opts.dtype,
+                                   inception=extractor.weights_file, lpips_alexnet=lpips_model.weights_file)
+    return run_protocol(g, opts.modes, indicators, protocol, real_mu, real_sigma, extractor, lpips_model, opts.outdir,
+                        settings, opts.batch, refs, truncation_latent, opts.workers)
+
+
+def main(argv=None):
+    opts = parse_args(argv)
+    try:
+        table = evaluate(opts)
+    except (CheckpointError, ValueError, FileNotFoundError, UnreadableImageError) as e:
+        raise SystemExit(f"error: {e}")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

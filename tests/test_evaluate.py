@@ -1,0 +1,447 @@
+"""metrics.py / evaluate.py on CPU: FID and its matrix square root against scipy and pytorch-fid, the FID
+Inception and LPIPS wrappers against the pytorch-fid / lpips packages (random weights built here), the
+weights-file errors, and the Table 1 protocol (table contents, resume, determinism) against an independent
+recomputation with tiny models."""
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import evaluate
+import metrics
+from checkpoint import CheckpointError
+from metrics import (INCEPTION_URL, FeatureStats, ImageSet, Protocol, dataset_statistics, draw_codes,
+                     draw_references, frechet_distance, load_inception, load_lpips, lpips_diversity, parse_indicators,
+                     pretrained_file, reference_codes, run_protocol, style_consistency, trace_sqrt_product)
+from model import Generator
+from utils import img2ten, ten2img
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STYLES = os.path.join(ROOT, "test_imgs", "style_imgs")
+SIZE = 16  # n_latent 6: the smallest generator, synthesis dominates the run time
+
+
+class TinyFeatures(nn.Module):
+    """A small fixed random conv net behind the feature-extractor interface ([0, 1] images -> [N, dim])."""
+
+    input_size = 32
+
+    def __init__(self, dim=6):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, dim, 3, 2, 1),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        rng = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=rng) * 0.3)
+
+    def forward(self, x):
+        if x.shape[-1] != self.input_size:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+        return self.net(x)
+
+
+def random_covariance(rng, d, n):
+    x = rng.standard_normal((n, d)) @ rng.standard_normal((d, d))
+    return np.cov(x, rowvar=False)
+
+
+# ---------------------------------------------------------------------------------------------- FID math
+
+
+def test_matrix_square_root_matches_scipy():
+    rng = np.random.default_rng(0)
+    s1, s2 = random_covariance(rng, 40, 200), random_covariance(rng, 40, 200)
+    expected = np.trace(scipy.linalg.sqrtm(s1 @ s2)).real
+    assert trace_sqrt_product(s1, s2) == pytest.approx(expected, rel=1e-9)
+    assert trace_sqrt_product(s2, s1) == pytest.approx(expected, rel=1e-9)
+    # one singular covariance (fewer samples than dimensions), either order
+    s3 = random_covariance(rng, 40, 10)
+    assert np.linalg.matrix_rank(s3) < 40
+    expected = np.trace(scipy.linalg.sqrtm(s3 @ s1)).real
+    assert trace_sqrt_product(s3, s1) == pytest.approx(expected, rel=1e-6)
+    assert trace_sqrt_product(s1, s3) == pytest.approx(expected, rel=1e-6)
+    # both singular: Tr sqrt(S S) = Tr S; the rounding-level eigenvalues of the null space enter through
+    # their square roots, hence sqrt(eps)-level agreement
+    assert trace_sqrt_product(s3, s3) == pytest.approx(np.trace(s3), rel=1e-6)
+    s4 = random_covariance(rng, 40, 12)
+    expected = np.sqrt(np.clip(np.linalg.eigvals(s3 @ s4).real, 0, None)).sum()
+    assert trace_sqrt_product(s3, s4) == pytest.approx(expected, rel=1e-6)
+
+
+def test_frechet_distance_matches_pytorch_fid():
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    rng = np.random.default_rng(1)
+    mu1, mu2 = rng.standard_normal(64), rng.standard_normal(64)
+    s1, s2 = random_covariance(rng, 64, 500), random_covariance(rng, 64, 500)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(calculate_frechet_distance(mu1, s1, mu2, s2), rel=1e-8)
+    assert abs(frechet_distance(mu1, s1, mu1, s1)) < 1e-8 * np.trace(s1)
+    with pytest.raises(ValueError):
+        frechet_distance(mu1, s1, mu2[:10], s2[:10, :10])
+
+
+def test_feature_stats_match_numpy():
+    rng = np.random.default_rng(2)
+    feats = rng.standard_normal((37, 5)) * 3 + 10
+    stats = FeatureStats()
+    for chunk in (feats[:10], feats[10:11], feats[11:]):
+        stats.update(torch.from_numpy(chunk).float())
+    mu, sigma = stats.mean_cov()
+    f32 = feats.astype(np.float32).astype(np.float64)
+    np.testing.assert_allclose(mu, f32.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(f32, rowvar=False), rtol=1e-9, atol=1e-9)
+    assert stats.n == 37
+
+
+def test_fid_of_a_set_against_itself_is_zero_and_grows_with_noise():
+    extractor = TinyFeatures(dim=16).eval()
+    images = ImageSet(STYLES)
+    mu, sigma, n, skipped = dataset_statistics(images, extractor, batch=8, device="cpu")
+    assert n == len(images) == 30 and skipped == []
+    # the same images through the extractor one by one (pytorch-fid resizes each to the network's input)
+    x = torch.cat([F.interpolate(torch.from_numpy(images.read(k)).permute(2, 0, 1)[None].float() / 255,
+                                 size=(32, 32), mode="bilinear", align_corners=False) for k in range(n)])
+    with torch.no_grad():
+        feats = extractor(x).double().numpy()
+    np.testing.assert_allclose(mu, feats.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(sigma, np.cov(feats, rowvar=False), rtol=1e-4, atol=1e-6)
+    assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-9 * np.trace(sigma)
+
+    rng = torch.Generator().manual_seed(0)
+    noise = torch.randn(x.shape, generator=rng)
+    fids = []
+    for level in (0.03, 0.1, 0.3):
+        stats = FeatureStats()
+        with torch.no_grad():
+            stats.update(extractor((x + level * noise).clamp(0, 1)))
+        fids.append(frechet_distance(*stats.mean_cov(), mu, sigma))
+    assert 0 < fids[0] < fids[1] < fids[2], fids
+    assert fids[0] > 1e-6 * np.trace(sigma)
+
+
+# ---------------------------------------------------------------------------------------------- networks
+
+
+@pytest.fixture(scope="module")
+def inception_file(tmp_path_factory):
+    """The FID Inception's file layout with random weights (He-initialised so the features are not tiny)."""
+    torch.manual_seed(0)
+    net = metrics.fid_inception_v3()
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    path = tmp_path_factory.mktemp("weights") / "pt_inception_random.pth"
+    torch.save(net.state_dict(), path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def alexnet_file(tmp_path_factory):
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("weights") / "alexnet_random.pth"
+    torch.save(torchvision.models.alexnet(weights=None).state_dict(), path)
+    return str(path)
+
+
+def test_inception_features_match_pytorch_fid(inception_file, monkeypatch):
+    import pytorch_fid.inception
+
+    ours = load_inception(inception_file, allow_download=False)
+    sd = torch.load(inception_file, weights_only=True)
+    monkeypatch.setattr(pytorch_fid.inception, "load_state_dict_from_url", lambda *a, **k: sd)
+    theirs = pytorch_fid.inception.InceptionV3([3]).eval()  # the FID network, with these weights
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a = ours(x)
+        b = theirs(x)[0].flatten(1)
+    assert a.shape == (2, 2048)
+    assert a.std() > 1e-2
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # files saved before BatchNorm counted batches (no num_batches_tracked) load too, to the same weights
+    legacy = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+    path = os.path.join(os.path.dirname(inception_file), "legacy.pth")
+    torch.save(legacy, path)
+    loaded = load_inception(path, allow_download=False).state_dict()
+    assert loaded.keys() == ours.state_dict().keys()
+    assert all(torch.equal(v, ours.state_dict()[k]) for k, v in loaded.items())
+
+
+def reference_lpips(alexnet_file, monkeypatch):
+    """The lpips package's own LPIPS with the AlexNet backbone from the file (through torchvision)."""
+    import lpips
+
+    build = torchvision.models.alexnet
+
+    def alexnet(*args, **kwargs):
+        net = build(weights=None)
+        net.load_state_dict(torch.load(alexnet_file, weights_only=True))
+        return net
+
+    monkeypatch.setattr(lpips.pretrained_networks.tv, "alexnet", alexnet)
+    return lpips.LPIPS(net="alex", version="0.1", pretrained=True, pnet_rand=False, verbose=False).eval()
+
+
+def test_lpips_pairwise_matches_package_and_is_zero_for_identical_outputs(alexnet_file, monkeypatch):
+    ours = load_lpips(alexnet_file, allow_download=False)
+    ref = reference_lpips(alexnet_file, monkeypatch)
+    x = torch.rand(2, 4, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1  # 2 faces x 4 outputs
+    div = lpips_diversity(ours, x)
+    with torch.no_grad():
+        expected = [np.mean([ref(x[f, a:a + 1], x[f, b:b + 1]).item() for a in range(4) for b in range(a + 1, 4)])
+                    for f in range(2)]
+        torch.testing.assert_close(ours(x[0], x[1]), ref(x[0], x[1]).flatten(), rtol=1e-5, atol=1e-7)
+    assert div.shape == (2,)
+    np.testing.assert_allclose(div.numpy(), expected, rtol=1e-5)
+    assert (div > 0).all()
+    same = x[:, :1].expand(-1, 4, -1, -1, -1)
+    assert lpips_diversity(ours, same).abs().max().item() == 0
+
+
+def test_style_consistency_is_cosine_of_style_codes():
+    torch.manual_seed(0)
+    g = Generator(SIZE, 16, 2, channel_multiplier=1, load_pretrained_vgg=False, style_pool_size=32).eval()
+    x = torch.rand(4, 3, SIZE, SIZE) * 2 - 1
+    z = g.get_z_embed(x)
+    torch.testing.assert_close(style_consistency(g, x, z), torch.ones(4), rtol=0, atol=1e-5)
+    other = torch.randn(4, 16)
+    torch.testing.assert_close(style_consistency(g, x, other), F.cosine_similarity(z, other, dim=1))
+
+
+# ---------------------------------------------------------------------------------------------- weights files
+
+
+def test_missing_weights_say_where_to_put_them_and_never_download_offline(tmp_path, monkeypatch):
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(cache))
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
+    monkeypatch.setattr(metrics, "host_reachable", lambda url, timeout=3.0: False)
+    expected = cache / "checkpoints" / "pt_inception-2015-12-05-6726825d.pth"
+    for allow in (True, False):  # offline, and downloads switched off
+        with pytest.raises(CheckpointError) as e:
+            pretrained_file("FID Inception-v3", INCEPTION_URL, None, "--inception", allow_download=allow)
+        assert f"put file pt_inception-2015-12-05-6726825d.pth at {expected}" in str(e.value)
+        assert "--inception" in str(e.value)
+    with pytest.raises(CheckpointError, match=f"put file alexnet-owt-7be5be79.pth .* at {tmp_path / 'a.pth'}"):
+        load_lpips(str(tmp_path / "a.pth"))
+    with pytest.raises(SystemExit, match="put file pt_inception-2015-12-05-6726825d.pth at"):
+        evaluate.main(["--real", STYLES, "--device", "cpu", "--outdir", str(tmp_path / "out"), "--no_download"])
+
+    # a cached file is used as is; online, the file is fetched into the cache (announced)
+    expected.parent.mkdir(parents=True)
+    expected.write_bytes(b"x")
+    assert pretrained_file("FID Inception-v3", INCEPTION_URL) == str(expected)
+    monkeypatch.setattr(metrics, "host_reachable", lambda url, timeout=3.0: True)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda url, dst, **k: open(dst, "wb").close())
+    got = pretrained_file("LPIPS AlexNet backbone", metrics.ALEXNET_URL)
+    assert got == str(cache / "checkpoints" / "alexnet-owt-7be5be79.pth") and os.path.isfile(got)
+
+
+def test_parse_indicators():
+    assert parse_indicators("0,2,...,18") == list(range(0, 19, 2))
+    assert parse_indicators("0, 6,18") == [0, 6, 18]
+    assert parse_indicators("1,4,...,10") == [1, 4, 7, 10]
+    for bad in ("0,...,18", "0,2,...,7", "0,2,2", "a"):
+        with pytest.raises(ValueError):
+            parse_indicators(bad)
+
+
+# ---------------------------------------------------------------------------------------------- protocol
+
+
+@pytest.fixture(scope="module")
+def tiny_g():
+    torch.manual_seed(0)
+    g = Generator(SIZE, 16, 2, channel_multiplier=1, load_pretrained_vgg=False, style_pool_size=32)
+    with torch.no_grad():  # trained-like WBM weights and noise strengths
+        g.add_weight.copy_(torch.linspace(0.9, 0.1, g.n_latent).view(1, -1, 1))
+        for layer in [g.conv1, *g.convs]:
+            layer.noise.weight.fill_(0.05)
+    return g.eval()
+
+
+@pytest.fixture(scope="module")
+def protocol_parts(tiny_g, alexnet_file):
+    extractor = TinyFeatures(dim=4).eval()  # 4 < 6 samples: full-rank covariances, as scipy needs
+    mu, sigma, _, _ = dataset_statistics(ImageSet(STYLES), extractor, batch=16, device="cpu")
+    return dict(extractor=extractor, lpips=load_lpips(alexnet_file, allow_download=False), mu=mu, sigma=sigma,
+                refs=ImageSet(STYLES))
+
+
+PROTOCOL = Protocol(n_samples=6, lpips_faces=2, n_styles=3, lpips_size=64, seed=3)  # 2 faces x 3 styles
+SETTINGS = {"test": 1}
+
+
+def run(g, parts, outdir, indicators, batch, protocol=PROTOCOL):
+    return run_protocol(g, ["latent", "reference"], indicators, protocol, parts["mu"], parts["sigma"],
+                        parts["extractor"], parts["lpips"], str(outdir), {**SETTINGS, **vars(protocol)}, batch,
+                        parts["refs"])
+
+
+def read_csv(path):
+    with open(path) as f:
+        return {(r["mode"], int(r["indicator"])): r for r in csv.DictReader(f)}
+
+
+EVALUATE_ROW = metrics.evaluate_row
+
+
+class Interrupted(Exception):
+    pass
+
+
+def count_rows(monkeypatch, fail_after=None):
+    """Record the indicator of every row computed; with fail_after, stop the run at the next row."""
+    calls = []
+
+    def counted(*args, **kwargs):
+        if fail_after is not None and len(calls) >= fail_after:
+            raise Interrupted
+        calls.append(args[1])
+        return EVALUATE_ROW(*args, **kwargs)
+
+    monkeypatch.setattr(metrics, "evaluate_row", counted)
+    return calls
+
+
+def independent_row(g, parts, indicator, z_style):
+    """One row recomputed from the documented protocol with the packages' own metrics."""
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    p = PROTOCOL
+    n_faces = max(-(-p.n_samples // p.n_styles), p.lpips_faces)
+    rng = torch.Generator().manual_seed(2 * p.seed)
+    z_face = torch.stack([torch.randn(16, generator=rng) for _ in range(n_faces)])
+    saved = []  # the 8-bit images an inference script would write, face-major
+    with torch.no_grad():
+        for k in range(n_faces):
+            out, _ = g([z_face[k:k + 1].expand(p.n_styles, -1)], z_embed=z_style[k], add_weight_index=indicator,
+                       randomize_noise=False)
+            saved += ten2img(out)
+    x01 = torch.stack([torch.from_numpy(im).permute(2, 0, 1).float() / 255 for im in saved[:p.n_samples]])
+    with torch.no_grad():
+        feats = parts["extractor"](x01).double().numpy()
+    fid = calculate_frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), parts["mu"], parts["sigma"])
+    ref = parts["ref_lpips"]
+    div, cos = [], []
+    for k in range(p.lpips_faces):
+        x = torch.cat([img2ten(im) for im in saved[k * p.n_styles:(k + 1) * p.n_styles]])
+        with torch.no_grad():
+            cos += F.cosine_similarity(g.get_z_embed(x), z_style[k], dim=1).tolist()
+            x = F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False, antialias=True)
+            div.append(np.mean([ref(x[a:a + 1], x[b:b + 1]).item() for a in range(p.n_styles)
+                                for b in range(a + 1, p.n_styles)]))
+    return fid, float(np.mean(div)), float(np.mean(cos))
+
+
+def test_protocol_table_resume_and_determinism(tiny_g, protocol_parts, alexnet_file, tmp_path, monkeypatch):
+    g, parts = tiny_g, protocol_parts
+    calls = count_rows(monkeypatch)
+    table = run(g, parts, tmp_path / "a", [0, 6], batch=6)
+    assert sorted(calls) == [0, 0, 6, 6]
+    rows = read_csv(tmp_path / "a" / "table1.csv")
+    assert set(rows) == {("latent", 0), ("latent", 6), ("reference", 0), ("reference", 6)}
+    for r in rows.values():
+        assert int(r["n_fid"]) == 6 and int(r["lpips_faces"]) == 2
+        assert all(np.isfinite(float(r[k])) for k in ("fid", "lpips", "style_consistency"))
+    with open(tmp_path / "a" / "table1.md") as f:
+        md = f.read()
+    assert md == table
+    lines = md.strip().splitlines()
+    assert "latent-guided FID" in lines[0] and "reference-guided LPIPS" in lines[0]
+    assert [ln.split("|")[1].strip() for ln in lines[2:]] == ["0", "6"]
+    # i = n_latent is the natural face: the S outputs of a face are identical, LPIPS diversity 0
+    for mode in ("latent", "reference"):
+        assert float(rows[(mode, 6)]["lpips"]) < 1e-6
+        assert float(rows[(mode, 0)]["lpips"]) > 1e-4
+
+    # every number of a row against an independent recomputation (latent- and reference-guided, i = 0)
+    parts = {**parts, "ref_lpips": reference_lpips(alexnet_file, monkeypatch)}
+    n_faces = PROTOCOL.n_faces()
+    _, z_latent = draw_codes(n_faces, PROTOCOL.n_styles, 16, PROTOCOL.seed)
+    picks = draw_references(n_faces, PROTOCOL.n_styles, 30, PROTOCOL.seed)
+    refs = parts["refs"]
+    with torch.no_grad():
+        z_ref = torch.stack([g.get_z_embed(torch.cat([img2ten(refs.read(k)) for k in face])) for face in picks.tolist()])
+    torch.testing.assert_close(reference_codes(g, refs, picks, 5, "cpu", torch.float32), z_ref, rtol=1e-5, atol=1e-6)
+    assert all(len(set(face)) == PROTOCOL.n_styles for face in picks.tolist())
+    for mode, z_style in (("latent", z_latent), ("reference", z_ref)):
+        fid, div, cos = independent_row(g, parts, 0, z_style)
+        r = rows[(mode, 0)]
+        assert float(r["fid"]) == pytest.approx(fid, rel=1e-4, abs=1e-6)
+        assert float(r["lpips"]) == pytest.approx(div, rel=1e-4)
+        assert float(r["style_consistency"]) == pytest.approx(cos, rel=1e-4)
+
+    # resume: a rerun asking for one more indicator computes only the new rows, keeps the others as they were
+    calls.clear()
+    run(g, parts, tmp_path / "a", [0, 4, 6], batch=6)
+    assert calls == [4, 4]
+    rows_b = read_csv(tmp_path / "a" / "table1.csv")
+    assert len(rows_b) == 6 and all(rows_b[k] == rows[k] for k in rows)
+
+    # an interrupted run (other batch size) finishes on rerun with the same numbers
+    calls_c = count_rows(monkeypatch, fail_after=1)
+    with pytest.raises(Interrupted):
+        run(g, parts, tmp_path / "c", [0], batch=3)
+    with open(tmp_path / "c" / "partial_results.json") as f:
+        assert list(json.load(f)["rows"]) == ["latent/0"]
+    calls_c = count_rows(monkeypatch)
+    run(g, parts, tmp_path / "c", [0], batch=3)
+    assert calls_c == [0]
+    rows_c = read_csv(tmp_path / "c" / "table1.csv")
+    assert set(rows_c) == {("latent", 0), ("reference", 0)}
+    for k in rows_c:
+        r = rows[k]
+        for name in ("fid", "lpips", "style_consistency"):
+            assert float(rows_c[k][name]) == pytest.approx(float(r[name]), rel=1e-5, abs=1e-9), (k, name)
+
+    # other settings in the same folder are refused, not mixed
+    with pytest.raises(ValueError, match="other settings.*n_samples: 6 -> 9"):
+        run(g, parts, tmp_path / "a", [0, 6], batch=6, protocol=Protocol(9, 2, 3, 64, seed=3))
+
+
+def test_cli_end_to_end_with_weights_files(tiny_g, inception_file, alexnet_file, tmp_path, capsys):
+    """evaluate.py with the weights files through its options (the release pools style images to 256 px
+    before VGG, so this run is kept to one reference-guided row of 2 images)."""
+    ckpt = tmp_path / "blendgan.pt"
+    torch.save({"g_ema": tiny_g.state_dict()}, ckpt)
+    out = tmp_path / "eval"
+    args = ["--ckpt", ckpt, "--real", STYLES, "--n_real", 3, "--modes", "reference", "--indicators", "0",
+            "--n_samples", 2, "--n_styles", 2, "--lpips_faces", 1, "--lpips_size", 64, "--batch", 4, "--workers", 0,
+            "--device", "cpu", "--outdir", out, "--inception", inception_file, "--lpips_alexnet", alexnet_file,
+            "--no_download", "--seed", 1]
+    assert evaluate.main([str(a) for a in args]) == 0
+    rows = read_csv(out / "table1.csv")
+    assert list(rows) == [("reference", 0)]
+    r = rows[("reference", 0)]
+    assert int(r["n_fid"]) == 2 and int(r["lpips_faces"]) == 1
+    assert float(r["fid"]) > 0 and float(r["lpips"]) > 0 and -1 <= float(r["style_consistency"]) <= 1
+    # the cached real statistics: pytorch-fid's npz layout, and the features of the first 3 images
+    with np.load(out / "real_stats.npz") as f:
+        mu, sigma, n = f["mu"], f["sigma"], int(f["n"])
+    assert mu.shape == (2048,) and sigma.shape == (2048, 2048) and n == 3
+    images = ImageSet(STYLES)
+    x = torch.stack([torch.from_numpy(images.read(k)).permute(2, 0, 1).float() / 255 for k in range(3)])
+    with torch.no_grad():
+        feats = load_inception(inception_file)(x).double().numpy()
+    np.testing.assert_allclose(mu, feats.mean(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(sigma, np.cov(feats, rowvar=False), rtol=1e-3, atol=1e-5)
+
+    stats_mtime = os.stat(out / "real_stats.npz").st_mtime_ns
+    capsys.readouterr()
+    assert evaluate.main([str(a) for a in args]) == 0  # everything kept: statistics cache and the row
+    printed = capsys.readouterr().out
+    assert "reference-guided i=0: kept" in printed and "| 0 |" in printed
+    assert os.stat(out / "real_stats.npz").st_mtime_ns == stats_mtime
+    assert read_csv(out / "table1.csv") == rows
