@@ -77,8 +77,8 @@ def build_root():
 def compile_extension(name, verbose=False):
     """Compile (or reuse an up-to-date build of) extension `name` and import it; raises on failure.
 
-    This is the whole build path: `load_extension` adds the per-process cache and the fallback, and
-    `op/check_cuda.py` calls it directly so that a broken build shows its compiler output.
+    This is the whole build path: `load_extension` adds the per-process cache and the fallback (or,
+    with strict=True as op/check_cuda.py uses it, lets the compiler's error through).
     """
     from torch.utils import cpp_extension
 
@@ -88,7 +88,7 @@ def compile_extension(name, verbose=False):
     build_dir = os.path.join(build_root(), f"{name}-{digest}")
     os.makedirs(build_dir, exist_ok=True)
     if is_rank_zero():
-        print(f"[op.build] building CUDA extension {name!r} in {build_dir} (first use in this process)",
+        print(f"[op.build] loading CUDA extension {name!r} from {build_dir} (compiled unless up to date)",
               flush=True)
     # The module name carries the hash too, so two builds of different sources never clash in
     # sys.modules.

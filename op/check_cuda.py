@@ -28,6 +28,7 @@ UPFIRDN2D_CASES = [
     dict(shape=(1, 2, 5, 6), kernel=(2, 3), up=1, down=(2, 1), pad=(0, 0, -1, 1)),
     dict(shape=(1, 2, 4, 5), kernel=(4, 5), up=3, down=2, pad=(2, 3, 1, 0)),
     dict(shape=(2, 3, 4, 4), kernel=(4, 4), up=2, down=2, pad=(1, 2)),
+    dict(shape=(1, 2, 3, 2), kernel=(2, 2), up=1, down=1, pad=(-3, 4)),  # crop wider than the input
 ]
 
 # fused_leaky_relu cases: x shape (rank 2 as after EqualLinear, 3, 4, 5), bias or None, slope, scale.

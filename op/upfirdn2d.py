@@ -85,7 +85,11 @@ def upfirdn2d_ref(x, kernel, up=1, down=1, pad=(0, 0)):
         # Zero insertion: every sample followed by up - 1 zeros on each axis.
         x = F.pad(x.view(n * c, 1, h, 1, w, 1), (0, up_x - 1, 0, 0, 0, up_y - 1))  # [NC, 1, H, up_y, W, up_x]
         x = x.view(n * c, 1, h * up_y, w * up_x)
-    x = F.pad(x, (pad_x0, pad_x1, pad_y0, pad_y1))  # negative pads crop
+    # Pad first, then crop (negative pads): a crop may exceed the signal it would see before padding.
+    pads = (pad_x0, pad_x1, pad_y0, pad_y1)
+    x = F.pad(x, [max(p, 0) for p in pads])
+    if min(pads) < 0:
+        x = F.pad(x, [min(p, 0) for p in pads])
     # True convolution = correlation with the flipped kernel; the stride keeps every down-th sample.
     weight = kernel.to(x.dtype).flip([0, 1]).view(1, 1, kernel_h, kernel_w)
     out = F.conv2d(x, weight, stride=(down_y, down_x))  # [NC, 1, out_h, out_w]
