@@ -50,7 +50,7 @@ import os
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -62,7 +62,7 @@ import distributed
 from checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict, require_key
 from dataset import MultiResolutionDataset, PairedLoader, infinite_loader
 from imageio_utils import read_image_rgb
-from model import Discriminator, Generator, ProjectionDiscriminator, guess_generator_config, n_latent_for
+from model import Discriminator, Generator, ProjectionDiscriminator, guess_generator_config
 from prepare_data import resize_and_center_crop
 from trainutil import (CheckpointManager, ScalarLogger, accumulate_except, check_finite, default_device,
                        gather_rng_states, options_dict, resolve_resume, restore_rng_states, seed_everything,
@@ -74,6 +74,7 @@ ARCH_OPTIONS = ("size", "style_dim", "n_mlp", "channel_multiplier")
 PATH_LENGTH_DECAY = 0.01  # running-mean rate of the path-length target (StyleGAN2)
 LATENT_AVG_SAMPLES = 4096  # z_f draws for the stored truncation centre (the release scripts' default)
 SAMPLE_WBM_INDEX = 6  # middle sample column: WBM indicator of generate_image_pairs.py's default
+TENSORBOARD_CELL = 256  # sample grids go to TensorBoard with cells of at most this size (the PNGs are full size)
 
 
 # ---- options --------------------------------------------------------------------------------------
@@ -423,12 +424,19 @@ def style_encoder_state(ckpt, path):
 def load_style_encoder(g, path, vgg_ckpt, log):
     """--style_encoder_ckpt into g.embedder (shared with g_ema).
 
-    Accepted: a dict whose 'style_encoder' (or 'embedder') entry is a StyleEncoder state dict, a BlendGAN
+    Accepted: a dict whose 'style_encoder' (or 'embedder') entry is a StyleEncoder state dict (what
+    train_style_encoder.py writes, in its checkpoints and its exported style_encoder.pt), a BlendGAN
     checkpoint whose 'g_ema' holds embedder.* (e.g. the release's blendgan.pt), or a bare StyleEncoder state
     dict. A state dict without the VGG-19 weights (only ``embedder_mlp.*``) is completed with ImageNet VGG-19
     (--vgg_ckpt, or torchvision's cache).
     """
-    sd = style_encoder_state(load_checkpoint(path), path)
+    ckpt = load_checkpoint(path)
+    sd = style_encoder_state(ckpt, path)
+    pool = ckpt.get("style_encoder_config", {}).get("pool_size") if isinstance(ckpt.get("style_encoder_config"),
+                                                                               dict) else None
+    own_pool = g.embedder.embedder.pool.output_size[0]
+    if pool is not None and pool != own_pool:
+        log(f"note: {path} was trained with --style_pool_size {pool}, this run encodes at {own_pool}")
     vgg_prefix = "embedder.feature_extractor."
     if not any(k.startswith(vgg_prefix) for k in sd):
         from style_encoder import imagenet_vgg19_state_dict
@@ -790,7 +798,7 @@ def checkpoint_state(s, rng_states):
     }
 
 
-def load_training_checkpoint(s, path):
+def load_training_checkpoint(s, path, log=print):
     """Restore a checkpoint_state() file into ``s`` (networks, optimizers, queue, counters). Returns its RNG states."""
     ckpt = load_checkpoint(path)
     if ckpt.get("format") != CHECKPOINT_FORMAT:
@@ -801,6 +809,11 @@ def load_training_checkpoint(s, path):
         if name in args and args[name] != getattr(s.opts, name):
             raise CheckpointError(f"checkpoint {path} was trained with --{name} {args[name]}, this run has "
                                   f"--{name} {getattr(s.opts, name)}")
+    world = distributed.get_world_size()
+    if args.get("batch") != s.opts.batch or ckpt.get("world_size") != world:
+        log(f"note: {path} was written with --batch {args.get('batch')} on {ckpt.get('world_size')} process(es), "
+            f"this run has --batch {s.opts.batch} on {world}: training continues, but not the exact data order "
+            f"and random streams of the original run")
     nets = s.nets
     load_state_dict_strict(nets.g_ema, require_key(ckpt, "g_ema", path), f"{path}['g_ema']")
     _load_with_missing(nets.g, require_key(ckpt, "g", path), ("embedder.",), f"{path}['g']")
@@ -874,7 +887,7 @@ def setup(opts, log=print):
     s = TrainState(opts, device, nets, g_optim, d_optim, queue)
     rng = None
     if resume_path is not None:
-        rng = load_training_checkpoint(s, resume_path)
+        rng = load_training_checkpoint(s, resume_path, log)
         log(f"resumed from {resume_path} at iteration {s.iteration}")
     if distributed.is_distributed():
         s.g_train, s.d_train = wrap_ddp(nets, device)
@@ -952,8 +965,10 @@ def train(opts, log=None):
             if main and (step % opts.sample_every == 0 or step == opts.iter):
                 grid = sample_grid(s.nets.g_ema, sample_z, sample_styles)
                 save_png(grid, os.path.join(opts.out_dir, "samples", f"{step:06d}.png"))
-                if logger.writer is not None:
-                    logger.writer.add_image("samples", grid, step)
+                if logger.writer is not None:  # cells of at most 256 px in the event file
+                    scale = min(1.0, TENSORBOARD_CELL / opts.size)
+                    small = F.interpolate(grid[None], scale_factor=scale, mode="area")[0] if scale < 1 else grid
+                    logger.writer.add_image("samples", small, step)
             if step % opts.save_every == 0 or step == opts.iter:
                 rng_states = gather_rng_states()  # a collective: every rank takes part
                 s.last_checkpoint = ckpts.save(step, checkpoint_state(s, rng_states) if main else None)
