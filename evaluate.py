@@ -10,7 +10,8 @@ the same settings skips them), and caches the real set's FID statistics (OUTDIR/
 Per face code, --n_styles outputs (latent-guided: random style codes; reference-guided: distinct references
 drawn from --style_refs); FID takes the first --n_samples outputs, LPIPS diversity and style consistency
 the outputs of the first --lpips_faces face codes. Metrics see the outputs as the inference scripts save
-them (8-bit). The same seed gives the same codes and references on any device and for any --batch.
+them (8-bit). --batch is rounded down to whole faces (a multiple of --n_styles, at least one face). The
+same seed gives the same codes and references on any device and for any --batch.
 """
 import argparse
 import os
@@ -28,20 +29,20 @@ from metrics import (MODES, ImageSet, Protocol, evaluation_settings, load_incept
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", default="pretrained_models/blendgan.pt", help="BlendGAN checkpoint (g_ema)")
-    p.add_argument("--size", type=int, default=None, help="output size (default: the checkpoint's)")
-    p.add_argument("--channel_multiplier", type=int, default=None, help="generator width (default: the checkpoint's)")
-    p.add_argument("--real", default=None, help="real artistic faces (AAHQ): an LMDB of prepare_data.py or a folder")
+    p.add_argument("--size", type=int, default=None, help="output size; None: the checkpoint's")
+    p.add_argument("--channel_multiplier", type=int, default=None, help="generator width; None: the checkpoint's")
+    p.add_argument("--real", default=None, help="real artistic faces (AAHQ): an LMDB of prepare_data.py or a folder of images")
     p.add_argument("--real_resolution", type=int, default=None,
-                   help="resolution to read from an LMDB --real / --style_refs (default: the generator's size)")
-    p.add_argument("--n_real", type=int, default=None, help="use the first N real images (default: all)")
+                   help="resolution to read from an LMDB --real / --style_refs; None: the generator's size")
+    p.add_argument("--n_real", type=int, default=None, help="use the first N real images; None: all")
     p.add_argument("--real_stats", default=None,
                    help="FID statistics cache of the real set (.npz, pytorch-fid's layout); read if it exists, "
-                        "else computed from --real and written (default: OUTDIR/real_stats.npz)")
+                        "else computed from --real and written; None: OUTDIR/real_stats.npz")
     p.add_argument("--style_refs", default=None,
-                   help="reference style images for reference-guided rows, LMDB or folder (default: --real)")
+                   help="reference style images for reference-guided rows, LMDB or folder; None: --real")
     p.add_argument("--modes", default="latent,reference", help="rows to compute: latent and/or reference")
     p.add_argument("--indicators", default=None,
-                   help="blending indicators i, e.g. 0,2,...,18 (default: every second one from 0 to n_latent)")
+                   help="blending indicators i, e.g. 0,2,...,18; None: every second one from 0 to n_latent")
     p.add_argument("--n_samples", type=int, default=50000, help="generated images for FID")
     p.add_argument("--lpips_faces", type=int, default=1000, help="face codes for LPIPS diversity and style consistency")
     p.add_argument("--n_styles", type=int, default=10, help="style codes (or references) per face code")
@@ -49,9 +50,9 @@ def parse_args(argv=None):
                    help="side outputs are resized to for LPIPS (StarGAN v2 works at 256); 0: as generated")
     p.add_argument("--truncation", type=float, default=1.0, help="truncation psi of the face codes (1: none)")
     p.add_argument("--inception", default=None,
-                   help="FID Inception weights pt_inception-2015-12-05-6726825d.pth (default: the torch hub cache)")
+                   help="FID Inception weights pt_inception-2015-12-05-6726825d.pth; None: the torch hub cache")
     p.add_argument("--lpips_alexnet", default=None,
-                   help="torchvision AlexNet weights alexnet-owt-7be5be79.pth for LPIPS (default: the torch hub cache)")
+                   help="torchvision AlexNet weights alexnet-owt-7be5be79.pth for LPIPS; None: the torch hub cache")
     p.add_argument("--no_download", action="store_true", help="never download missing weights files")
     p.add_argument("--outdir", default="results/evaluation", help="output folder")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image decoding processes")
@@ -93,10 +94,9 @@ def evaluate(opts):
     resolution = opts.real_resolution or g.size
     real_mu, real_sigma, real_id = real_statistics(opts.real, resolution, opts.n_real, opts.real_stats, extractor,
                                                    opts.batch, device, opts.workers)
-    refs, refs_id = None, None
-    if "reference" in opts.modes:
-        refs = ImageSet(opts.style_refs or opts.real, resolution)
-        refs_id = f"{os.path.abspath(refs.path)}@{resolution} ({len(refs)} images)"
+    refs_path = opts.style_refs or opts.real  # part of the settings even for latent-only runs: rows can be added
+    refs_id = f"{os.path.abspath(refs_path)}@{resolution}" if refs_path else None
+    refs = ImageSet(refs_path, resolution) if "reference" in opts.modes else None
 
     truncation_latent = None
     if opts.truncation < 1:
