@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
+from torch.utils.data import DataLoader
 
 import prepare_data
 import style_encoder_training as se
@@ -136,6 +137,18 @@ def test_gram_features_against_per_layer_einsum(assets):
     assert offset == got.shape[1]
 
 
+def test_amp_and_channels_last_gram_features(assets):
+    encoder = StyleEncoder(8, vgg_ckpt=assets["vgg"], pool_size=POOL)
+    x = torch.rand(2, 3, SIZE, SIZE) * 2 - 1
+    exact = se.gram_features(encoder, x)
+    assert exact.dtype == torch.float32
+    assert torch.allclose(se.gram_features(encoder, x, channels_last=True), exact, rtol=1e-4, atol=1e-7)
+    half = se.gram_features(encoder, x, amp_dtype=torch.bfloat16)
+    assert half.dtype == torch.float32  # the Gram products and what follows stay float32
+    assert torch.allclose(half, exact, rtol=0.1, atol=0.02 * exact.abs().max().item())
+    assert not torch.equal(half, exact)
+
+
 def test_full_size_predictor_on_meta_device():
     with torch.device("meta"):
         encoder = StyleEncoder(512, 4, load_pretrained_vgg=False)
@@ -198,6 +211,19 @@ def test_views_are_fixed_by_position(assets):
     assert not torch.equal(a, ds[(18, 5)])
     assert not torch.equal(a, se.AffineViewDataset([assets["lmdb"]], SIZE, seed=4)[(17, 5)])
     assert a.min() >= -1 and a.max() <= 1
+
+
+def test_loader_batches_do_not_depend_on_workers(assets):
+    ds = se.AffineViewDataset([assets["lmdb"]], SIZE, seed=1)
+
+    def batches(workers):
+        loader = DataLoader(ds, batch_sampler=se.StreamBatchSampler(len(ds), 3, seed=1, start=5),
+                            num_workers=workers)
+        it = iter(loader)
+        return [next(it) for _ in range(3)]
+
+    for a, b in zip(batches(0), batches(2)):
+        assert a.shape == (3, 2, 3, SIZE, SIZE) and torch.equal(a, b)
 
 
 def _take(sampler, steps):
