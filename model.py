@@ -46,6 +46,23 @@ class Noises(nn.Module):
         return getattr(self, f"noise_{j}")
 
 
+class _ClampForUse(torch.autograd.Function):
+    """clamp(x, 0, 1) forward, identity backward.
+
+    The release clamps ``add_weight`` in place and then uses the parameter itself, so its values are
+    clamped while its gradient is the plain one; a clamp in the graph would give zero gradient at the
+    bounds, and the WBM weights start at exactly 1, so they would never train.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clamp(0, 1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
 def wbm_face_weight(add_weight, add_weight_index=None, theta=None):
     """The weighted blending module's per-layer FACE weight A [1, n_latent, 1] (paper Eq. 4-5).
 
@@ -55,11 +72,12 @@ def wbm_face_weight(add_weight, add_weight_index=None, theta=None):
     So alpha_j = 1 - add_weight_j. With theta set, the boundary layer j = i gets the style weight
     theta * alpha_i, i.e. A_i = 1 - theta * (1 - add_weight_i); every other layer is the release's.
     The stored weight is used clamped to [0, 1] (the release clamps the parameter in place; a clamped
-    copy gives the same numbers without a side effect).
+    copy gives the same numbers without a side effect, and passes the gradient through as the release
+    does: see _ClampForUse). Training keeps the parameter itself in [0, 1] after each optimizer step.
     i = None and i = 0 blend every layer; i >= n_latent gives exactly the natural face; negative i
     follows Python slicing as in the release.
     """
-    a = add_weight.clamp(0, 1)
+    a = _ClampForUse.apply(add_weight)
     if add_weight_index is None:
         if theta is not None:
             raise ValueError("theta needs an indicator (add_weight_index)")

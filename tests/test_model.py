@@ -92,6 +92,15 @@ def test_wbm_matches_release_semantics():
     assert torch.equal(a0, an)
 
 
+def test_wbm_weights_get_the_release_gradient_at_the_bounds():
+    aw = torch.tensor([1.0, 0.0, 0.5, 1.4, -0.2]).view(1, 5, 1).requires_grad_(True)
+    a = wbm_face_weight(aw)
+    assert torch.equal(a.detach(), aw.detach().clamp(0, 1))
+    (a * torch.arange(1.0, 6.0).view(1, 5, 1)).sum().backward()
+    # the release uses the (in-place clamped) parameter itself: the gradient is the plain one everywhere
+    assert torch.equal(aw.grad.view(-1), torch.arange(1.0, 6.0))
+
+
 def test_wbm_theta_only_changes_boundary_layer():
     aw = torch.tensor([0.2, 0.5, 0.7, 0.1, 0.9, 0.4]).view(1, 6, 1)
     base = wbm_face_weight(aw, 2)
