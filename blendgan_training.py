@@ -45,6 +45,7 @@ frozen style encoder, which DDP neither broadcasts nor reduces), each rank reads
 losses are averaged over ranks for logging and for the non-finite guard, and rank 0 alone writes files.
 """
 import copy
+import itertools
 import math
 import os
 import tempfile
@@ -272,23 +273,41 @@ def path_length_penalty(fake_img, latents, mean_path_length, decay=PATH_LENGTH_D
     return (lengths - target).pow(2).mean(), target.detach(), lengths
 
 
+def d_adversarial_terms(d_face, d_style, d_style_latent, x_f, x_s, z_s, fakes):
+    """The discriminators' losses of Eq. 6-8, one at a time: yields (name, loss).
+
+    A generator, so that the training step can backward each term before the next one is computed (one
+    discriminator's activations in memory at a time). fakes: a Fakes.
+    """
+    yield "d_face", d_logistic_loss(d_face(x_f), d_face(fakes.face))  # Eq. 6
+    yield "d_style", d_logistic_loss(d_style(x_s), d_style(fakes.style))  # Eq. 7
+    yield "d_style_latent", d_logistic_loss(d_style_latent(x_s, z_s),
+                                            d_style_latent(fakes.negative, fakes.z_negative))  # Eq. 8
+
+
+def g_adversarial_terms(g, d_face, d_style, d_style_latent, z_f, inject_index, z_s, z_negative):
+    """The generator's three terms of Eq. 9 (G's adversarial loss is their sum), one branch at a time.
+
+    Yields (name, loss): each branch is generated and scored only when asked for, so that the training step
+    can backward it before the next (a third of the generator's activations in memory). The branches and
+    their noise draws are those of generate_fakes, in the same order.
+    """
+    face, _ = g(z_f, inject_index=inject_index)
+    yield "g_face", g_nonsaturating_loss(d_face(face))
+    style, _ = g(z_f, inject_index=inject_index, z_embed=z_s, add_weight_index=0)
+    yield "g_style", g_nonsaturating_loss(d_style(style))
+    negative, _ = g(z_f, inject_index=inject_index, z_embed=z_negative, add_weight_index=0)
+    yield "g_style_latent", g_nonsaturating_loss(d_style_latent(negative, z_negative))
+
+
 def adversarial_d_losses(d_face, d_style, d_style_latent, x_f, x_s, z_s, fakes):
-    """The discriminators' losses of Eq. 6-8 on one batch. fakes: a Fakes; returns {name: loss}."""
-    return {
-        "d_face": d_logistic_loss(d_face(x_f), d_face(fakes.face)),  # Eq. 6
-        "d_style": d_logistic_loss(d_style(x_s), d_style(fakes.style)),  # Eq. 7
-        "d_style_latent": d_logistic_loss(d_style_latent(x_s, z_s),
-                                          d_style_latent(fakes.negative, fakes.z_negative)),  # Eq. 8
-    }
+    """{name: loss} of Eq. 6-8 on one batch (all three at once)."""
+    return dict(d_adversarial_terms(d_face, d_style, d_style_latent, x_f, x_s, z_s, fakes))
 
 
-def adversarial_g_losses(d_face, d_style, d_style_latent, fakes):
-    """The generator's three terms of Eq. 9 (their sum is G's adversarial loss); returns {name: loss}."""
-    return {
-        "g_face": g_nonsaturating_loss(d_face(fakes.face)),
-        "g_style": g_nonsaturating_loss(d_style(fakes.style)),
-        "g_style_latent": g_nonsaturating_loss(d_style_latent(fakes.negative, fakes.z_negative)),
-    }
+def adversarial_g_losses(g, d_face, d_style, d_style_latent, z_f, inject_index, z_s, z_negative):
+    """{name: loss} of Eq. 9's three generator terms (all three at once)."""
+    return dict(g_adversarial_terms(g, d_face, d_style, d_style_latent, z_f, inject_index, z_s, z_negative))
 
 
 # ---- sampling the generator -----------------------------------------------------------------------
@@ -538,10 +557,23 @@ class Batch:
     z_s: torch.Tensor
 
 
-def _sample_fakes(s, g, batch, z_s):
-    z_f, inject = sample_face_codes(batch, s.opts.style_dim, s.n_latent, s.opts.mixing, s.device)
-    z_negative = s.queue.sample(batch, fallback=z_s)
-    return generate_fakes(g, z_f, inject, z_s, z_negative)
+def _backward_each(s, terms, scaler, context=lambda k: nullcontext()):
+    """Compute the (name, loss) ``terms`` one by one under autocast, backward each before the next.
+
+    The gradients add up in .grad, so the step sees the gradient of the sum. context(k): entered around
+    the k-th term's forward and backward (DDP's no_sync for all but the last term of one module).
+    Returns {name: detached loss}.
+    """
+    losses = {}
+    for k in itertools.count():
+        with context(k):
+            with s.autocast():
+                item = next(terms, None)
+            if item is None:
+                return losses
+            name, loss = item
+            scaler.scale(loss).backward()
+        losses[name] = loss.detach()
 
 
 def d_step(s, b):
@@ -549,37 +581,36 @@ def d_step(s, b):
     nets = s.nets
     set_requires_grad(nets.g_trainable(), False)
     set_requires_grad(nets.d_parameters(), True)
-    with s.autocast():
-        with torch.no_grad():
-            fakes = _sample_fakes(s, nets.g, b.x_f.shape[0], b.z_s)
-        losses = adversarial_d_losses(s.d_train["d_face"], s.d_train["d_style"], s.d_train["d_style_latent"],
-                                      b.x_f, b.x_s, b.z_s, fakes)
-    total = sum(losses.values())
+    batch = b.x_f.shape[0]
+    z_f, inject = sample_face_codes(batch, s.opts.style_dim, s.n_latent, s.opts.mixing, s.device)
+    z_negative = s.queue.sample(batch, fallback=b.z_s)
+    with torch.no_grad(), s.autocast():
+        fakes = generate_fakes(nets.g, z_f, inject, b.z_s, z_negative)
     s.d_optim.zero_grad(set_to_none=True)
-    s.d_scaler.scale(total).backward()
-    stats = s.guard({**losses, "d_total": total})
+    terms = d_adversarial_terms(s.d_train["d_face"], s.d_train["d_style"], s.d_train["d_style_latent"],
+                                b.x_f, b.x_s, b.z_s, fakes)
+    losses = _backward_each(s, terms, s.d_scaler)  # three separate modules: each syncs on its own
+    stats = s.guard({**losses, "d_total": sum(losses.values())})
     s.d_scaler.step(s.d_optim)
     s.d_scaler.update()
     return stats
 
 
 def d_reg_step(s, b):
-    """Lazy R1 on real images for all three discriminators (float32, no autocast)."""
-    nets = s.nets
-    set_requires_grad(nets.d_parameters(), True)
-    x_f = b.x_f.detach().clone().requires_grad_(True)
-    x_s = b.x_s.detach().clone().requires_grad_(True)
-    x_s_pair = b.x_s.detach().clone().requires_grad_(True)
-    preds = {"d_face": s.d_train["d_face"](x_f), "d_style": s.d_train["d_style"](x_s),
-             "d_style_latent": s.d_train["d_style_latent"](x_s_pair, b.z_s)}
-    penalties = {"r1_face": r1_penalty(preds["d_face"], x_f), "r1_style": r1_penalty(preds["d_style"], x_s),
-                 "r1_style_latent": r1_penalty(preds["d_style_latent"], x_s_pair)}
-    # 0 * D(x): the output layers' biases do not enter grad_x D, so without this term they would get no
-    # gradient at all and DDP would wait for them forever.
-    anchor = sum(pred.sum() for pred in preds.values()) * 0
-    loss = s.opts.r1 / 2 * s.opts.d_reg_every * sum(penalties.values()) + anchor
+    """Lazy R1 on real images for all three discriminators (float32, no autocast), one at a time."""
+    set_requires_grad(s.nets.d_parameters(), True)
     s.d_optim.zero_grad(set_to_none=True)
-    loss.backward()
+    penalties = {}
+    for name, d, x, extra in (("r1_face", s.d_train["d_face"], b.x_f, ()),
+                              ("r1_style", s.d_train["d_style"], b.x_s, ()),
+                              ("r1_style_latent", s.d_train["d_style_latent"], b.x_s, (b.z_s,))):
+        x = x.detach().clone().requires_grad_(True)
+        pred = d(x, *extra)
+        penalty = r1_penalty(pred, x)
+        # + 0 * D(x): the output layers' biases do not enter grad_x D, so without this term they would
+        # get no gradient at all and DDP would wait for them forever.
+        (s.opts.r1 / 2 * s.opts.d_reg_every * penalty + 0 * pred.sum()).backward()
+        penalties[name] = penalty.detach()
     stats = s.guard(penalties)
     s.d_optim.step()
     return stats
@@ -590,14 +621,20 @@ def g_step(s, b):
     nets = s.nets
     set_requires_grad(nets.d_parameters(), False)
     set_requires_grad(nets.g_trainable(), True)
-    with s.autocast():
-        fakes = _sample_fakes(s, s.g_train, b.x_f.shape[0], b.z_s)
-        # The discriminators are fixed here: their plain modules (no DDP gradient sync needed).
-        losses = adversarial_g_losses(nets.d_face, nets.d_style, nets.d_style_latent, fakes)
-    total = sum(losses.values())
+    batch = b.x_f.shape[0]
+    z_f, inject = sample_face_codes(batch, s.opts.style_dim, s.n_latent, s.opts.mixing, s.device)
+    z_negative = s.queue.sample(batch, fallback=b.z_s)
     s.g_optim.zero_grad(set_to_none=True)
-    s.g_scaler.scale(total).backward()
-    stats = s.guard({**losses, "g_total": total})
+    # The discriminators are fixed here: their plain modules (no DDP gradient sync needed).
+    terms = g_adversarial_terms(s.g_train, nets.d_face, nets.d_style, nets.d_style_latent, z_f, inject, b.z_s,
+                                z_negative)
+    ddp = s.g_train is not nets.g
+
+    def context(k):  # under DDP the gradients are reduced once, with the last branch (it uses every weight)
+        return s.g_train.no_sync() if ddp and k < 2 else nullcontext()
+
+    losses = _backward_each(s, terms, s.g_scaler, context)
+    stats = s.guard({**losses, "g_total": sum(losses.values())})
     s.g_scaler.step(s.g_optim)
     s.g_scaler.update()
     clamp_wbm(nets.g)
@@ -611,7 +648,7 @@ def g_reg_step(s):
     batch = max(1, s.opts.batch // s.opts.path_batch_shrink)
     z_f, inject = sample_face_codes(batch, s.opts.style_dim, s.n_latent, s.opts.mixing, s.device)
     fake, latents = s.g_train(z_f, inject_index=inject, return_latents=True)
-    penalty, s_mean, lengths = path_length_penalty(fake, latents, s.mean_path_length,
+    penalty, target, lengths = path_length_penalty(fake, latents, s.mean_path_length,
                                                    reduce=distributed.reduce_mean)
     # Exact zeros for every trainable parameter: the style branch (embedding, add_weight) and the ToRGB
     # biases do not reach the penalty, and DDP needs a gradient for each parameter it reduces.
@@ -622,8 +659,8 @@ def g_reg_step(s):
     stats = s.guard({"path_loss": penalty, "path_length": lengths.mean()})
     s.g_optim.step()
     clamp_wbm(nets.g)
-    s.mean_path_length = s_mean
-    stats["mean_path_length"] = float(s_mean)
+    s.mean_path_length = target
+    stats["mean_path_length"] = float(target)
     return stats
 
 
