@@ -97,8 +97,11 @@ def reduce_mean(tensor):
     tensor = tensor.detach().clone()
     if not is_distributed():
         return tensor
+    home = tensor.device
+    if dist.get_backend() == "nccl" and home.type != "cuda":  # nccl reduces GPU tensors only
+        tensor = tensor.cuda()
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor / dist.get_world_size()
+    return (tensor / dist.get_world_size()).to(home)
 
 
 def reduce_dict(stats):

@@ -444,6 +444,7 @@ def _train(options, device):
                 window = {"loss": 0.0, "acc": 0.0, "n": 0}
                 tick, tick_step = time.perf_counter(), step
             if step % options.save_every == 0 or step == options.iter:
+                save_start = time.perf_counter()
                 state = {
                     "kind": CHECKPOINT_KIND, "version": CHECKPOINT_VERSION, "step": step,
                     "samples_seen": samples_seen, "world_size": world, "global_batch": global_batch,
@@ -453,6 +454,7 @@ def _train(options, device):
                 }
                 last_checkpoint = manager.save(step, state)
                 distributed.barrier()
+                tick += time.perf_counter() - save_start  # images/s counts training time only
     finally:
         if bar is not None:
             bar.close()
