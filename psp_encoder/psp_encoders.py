@@ -138,3 +138,14 @@ class PSPEncoder(nn.Module):
         x = self.face_pool(x)  # [N, 3, 256, 256]
         codes = self.encoder(x)  # [N, n_styles, 512]
         return codes + self.latent_avg  # [N, n_styles, 512]
+
+
+def psp_state_dict_for_release(encoder):
+    """The released psp_encoder.pt layout of a PSPEncoder: {'encoder.<key>': tensor, ..., 'latent_avg': tensor}.
+
+    Tensors are detached CPU copies. A dict with exactly these entries (plus any keys that neither start
+    with 'encoder' nor are 'state_dict'/'latent_avg') is what read_psp_checkpoint and the release load.
+    """
+    state = {k: v.detach().cpu().clone() for k, v in encoder.state_dict().items()}  # 'encoder.*' keys
+    state[LATENT_AVG] = encoder.latent_avg.detach().cpu().clone()
+    return state
