@@ -1,0 +1,642 @@
+"""Training of the pSp encoder for a BlendGAN generator (paper A.3; pSp: Richardson et al., CVPR 2021).
+
+The generator is a BlendGAN checkpoint's ``g_ema``, frozen and used at indicator i = n_latent, i.e. without
+a style branch: it produces natural faces only (the release's ``add_weight_index >= n_latent`` gives the very
+same images). Only the encoder learns, to reconstruct its input faces:
+
+    w = E(x) + latent_avg                       # [N, n_styles, 512], PSPEncoder: pool to 256, IR-SE-50 + heads
+    y_hat = pool_S(G([w], input_is_latent=True))  # [N, 3, S, S], the generator output at the data size S
+    loss = l2_weight * ||y_hat - x||^2  + lpips_weight * LPIPS(y_hat, x)
+         + id_weight * (1 - cos(ArcFace(y_hat), ArcFace(x)))  + w_norm_weight * ||w - latent_avg||_2
+
+as pSp (its L2, LPIPS, identity and W-norm terms, each switched on by its weight and logged by name).
+``latent_avg`` is the generator's mean latent (mean of the face mapping over --latent_avg_samples codes),
+stored with the weights as the release's ``psp_encoder.pt`` requires.
+
+What differs from pSp's own trainer, and why:
+- Adam (pSp's default is Ranger, RAdam + Lookahead, which torch does not ship); same learning rate 1e-4.
+- The generator runs with its stored noise maps (randomize_noise=False), as every inference script of the
+  release does; --randomize_noise trains with fresh noise as pSp.
+- LPIPS needs torchvision's ImageNet AlexNet (the ``lpips`` package ships only its linear layers) and the
+  identity loss needs the ArcFace IR-SE-50 file (model_ir_se50.pth); nothing is downloaded: without the
+  file the term is off, with one printed note, and config.json says so (``active_losses``).
+
+Checkpoints (``DIR/checkpoints/NNNNNN.pt``, atomic, the last --keep kept) are loadable by PSPEncoder as they
+are: the release layout (top-level ``encoder.*`` weights and ``latent_avg``) plus the training state under
+keys the release ignores. ``DIR/psp_encoder.pt`` is the release layout alone, for style_transfer_folder.py
+and gen_video.py.
+
+Exact resume: the data stream restarts at the position stored in the checkpoint, flips are drawn from a
+generator seeded by (seed, rank, step), and the global random states of every rank are restored.
+Multi-process (torchrun): DDP over the encoder; BatchNorm uses each rank's batch statistics (as DDP without
+SyncBatchNorm, which has no CPU implementation), its running statistics are rank 0's (DDP broadcasts them
+at every forward; they are broadcast once more before every checkpoint so that all ranks agree).
+"""
+import dataclasses
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from torch.utils.data import ConcatDataset
+
+import distributed
+import trainutil
+from checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict, require_key, save_checkpoint
+from dataset import MultiResolutionDataset, infinite_loader
+from imageio_utils import read_image_rgb, save_image_atomic
+from inference import load_blendgan
+from psp_encoder.encoders import IR_SE_50_STAGES, STEM_CHANNELS, BottleneckIRSE
+from psp_encoder.psp_encoders import ENCODER_INPUT_SIZE, LATENT_AVG, PSPEncoder, psp_state_dict_for_release
+from utils import img2ten, ten2img
+
+CHECKPOINT_KIND = "blendgan_psp_training"
+CHECKPOINT_VERSION = 1
+EXPORT_NAME = "psp_encoder.pt"
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+LOSS_NAMES = ("l2", "lpips", "id", "w_norm")
+# Options that fix what the weights mean: a resumed run must use the checkpoint's values.
+FIXED_ON_RESUME = ("size", "encoder_input_size")
+
+# Identity loss (pSp): the face region of a 256 px FFHQ-aligned image, rows 35:223 and columns 32:220,
+# average-pooled to the 112 px input of ArcFace. Other image sizes use the same box scaled.
+ID_REFERENCE_SIZE = 256
+ID_CROP_BOX = (35, 223, 32, 220)  # top, bottom, left, right at ID_REFERENCE_SIZE
+ID_INPUT_SIZE = 112
+ID_EMBEDDING_DIM = 512
+ID_DROPOUT = 0.6  # the face-recognition training value; inactive in eval mode
+
+
+@dataclass
+class PSPTrainOptions:
+    """Everything a run needs; train_psp.py fills it from the command line (pSp's FFHQ-encoding defaults)."""
+    lmdb: list  # LMDB(s) of aligned natural faces (prepare_data.py)
+    blendgan_ckpt: str  # BlendGAN checkpoint whose g_ema is the frozen generator
+    out_dir: str
+    size: int = None  # LMDB resolution read = resolution of the losses; default min(generator size, 256)
+    batch: int = 8  # per process
+    iter: int = 500_000
+    lr: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.999
+    l2_weight: float = 1.0
+    lpips_weight: float = 0.8
+    id_weight: float = 0.1
+    w_norm_weight: float = 0.0
+    lpips_alexnet: str = None  # torchvision AlexNet file (alexnet-owt-7be5be79.pth); default: torch hub cache
+    id_weights: str = None  # ArcFace IR-SE-50 file (pSp's model_ir_se50.pth)
+    encoder_backbone: str = None  # IR-SE-50 file to start the encoder's input layer and body from
+    latent_avg_samples: int = 100_000  # face codes averaged for latent_avg (pSp: 1e5)
+    encoder_input_size: int = ENCODER_INPUT_SIZE[0]  # the release always pools to 256; smaller only for tests
+    randomize_noise: bool = False  # fresh noise maps per forward (pSp) instead of the stored ones (inference)
+    flip: float = 0.5  # probability of a horizontal flip of each training face
+    sample_every: int = 1000
+    n_sample: int = 4  # faces in the sample grid (the first images of the data)
+    sample_style_img: str = None  # reference style image of the grid's stylized column; default a random z_s
+    sample_index: int = 6  # indicator i of the stylized column (the release's default)
+    save_every: int = 5000
+    keep: int = 3
+    log_every: int = 100
+    resume: str = None  # a checkpoint path, or 'latest'
+    seed: int = 0
+    device: str = None  # default: cuda if available, else cpu
+    amp: str = "off"  # off | bf16 | fp16: autocast for the encoder and generator; losses stay float32
+    num_workers: int = 4
+    export: bool = True  # write out_dir/psp_encoder.pt at the end
+    progress: bool = True  # tqdm bar on rank 0
+    extra: dict = field(default_factory=dict)  # free-form notes stored in config.json
+
+
+def validate(options):
+    """Clear messages for impossible options; returns a list of problems (empty when fine)."""
+    problems = []
+    positive = ("batch", "iter", "latent_avg_samples", "sample_every", "save_every", "keep", "log_every")
+    for name in positive:
+        if getattr(options, name) < 1:
+            problems.append(f"--{name} must be at least 1, got {getattr(options, name)}")
+    for name in ("size", "encoder_input_size"):
+        value = getattr(options, name)
+        if value is not None and (value < 16 or value & (value - 1)):
+            problems.append(f"--{name} must be a power of two >= 16, got {value}")
+    if options.n_sample < 0:
+        problems.append(f"--n_sample must be >= 0, got {options.n_sample}")
+    if not options.lr > 0:
+        problems.append(f"--lr must be positive, got {options.lr}")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(options, name) < 1:
+            problems.append(f"--{name} must be in [0, 1), got {getattr(options, name)}")
+    for name in LOSS_NAMES:
+        weight = getattr(options, f"{name}_weight")
+        if not (weight >= 0 and math.isfinite(weight)):
+            problems.append(f"--{name}_weight must be a finite number >= 0, got {weight}")
+    if sum(getattr(options, f"{name}_weight") for name in LOSS_NAMES) <= 0:
+        problems.append("every loss weight is 0: nothing to train")
+    if not 0 <= options.flip <= 1:
+        problems.append(f"--flip is a probability, got {options.flip}")
+    if options.amp not in AMP_DTYPES:
+        problems.append(f"--amp must be one of {', '.join(AMP_DTYPES)}, got {options.amp}")
+    if options.amp == "fp16" and not str(options.device or trainutil.default_device()).startswith("cuda"):
+        problems.append("--amp fp16 needs CUDA (its gradient scaler); use --amp bf16 on the CPU")
+    if options.num_workers < 0:
+        problems.append("--num_workers must be >= 0")
+    for path in options.lmdb:
+        if not os.path.isdir(path):
+            problems.append(f"LMDB {path} is not a folder (make one with prepare_data.py)")
+    if not options.lmdb:
+        problems.append("at least one LMDB of faces is needed")
+    files = ("blendgan_ckpt", "lpips_alexnet", "id_weights", "encoder_backbone", "sample_style_img")
+    for name in files:
+        path = getattr(options, name)
+        if path is not None and not os.path.isfile(path):
+            problems.append(f"--{name} {path}: file not found")
+    if options.resume not in (None, "", "latest") and not os.path.isfile(options.resume):
+        problems.append(f"--resume {options.resume}: file not found")
+    return problems
+
+
+# ---- losses -------------------------------------------------------------------------------------
+
+class ArcFaceIRSE50(nn.Module):
+    """ArcFace face-recognition network (IR-SE-50) of pSp's identity loss: [N, 3, 112, 112] -> [N, 512], unit norm.
+
+    The stem and the 24 IR-SE units are the encoder's (psp_encoder.encoders), so the key names are those of
+    model_ir_se50.pth: ``input_layer.*``, ``body.*`` and ``output_layer.{0,3,4}.*`` (BatchNorm2d, then
+    Dropout and flatten, Linear(512*7*7 -> 512), BatchNorm1d).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.input_layer = nn.Sequential(
+            nn.Conv2d(3, STEM_CHANNELS, kernel_size=3, stride=1, padding=1, bias=False),
+            nn.BatchNorm2d(STEM_CHANNELS),
+            nn.PReLU(STEM_CHANNELS),
+        )
+        units = []
+        in_channels = STEM_CHANNELS
+        for out_channels, num_units in IR_SE_50_STAGES:
+            for i in range(num_units):
+                units.append(BottleneckIRSE(in_channels, out_channels, stride=2 if i == 0 else 1))
+                in_channels = out_channels
+        self.body = nn.Sequential(*units)
+        spatial = ID_INPUT_SIZE // 2 ** len(IR_SE_50_STAGES)  # 7
+        self.output_layer = nn.Sequential(
+            nn.BatchNorm2d(in_channels),
+            nn.Dropout(ID_DROPOUT),
+            nn.Flatten(),
+            nn.Linear(in_channels * spatial * spatial, ID_EMBEDDING_DIM),
+            nn.BatchNorm1d(ID_EMBEDDING_DIM),
+        )
+
+    def forward(self, x):  # x [N, 3, 112, 112]
+        x = self.body(self.input_layer(x))  # [N, 512, 7, 7]
+        return F.normalize(self.output_layer(x), dim=1)  # [N, 512]
+
+
+def load_arcface(path):
+    """ArcFaceIRSE50 with the weights of ``path`` (strict), in eval mode and frozen."""
+    ckpt = load_checkpoint(path, hint="pSp's model_ir_se50.pth (ArcFace IR-SE-50)")
+    with torch.device("meta"):
+        net = ArcFaceIRSE50()
+    load_state_dict_strict(net, ckpt, f"--id_weights {path}", assign=True)
+    return net.eval().requires_grad_(False)
+
+
+def id_crop(x):
+    """The face region of aligned faces x [N, 3, S, S] (pSp's box scaled to S), pooled to [N, 3, 112, 112]."""
+    s = x.shape[-1]
+    top, bottom, left, right = (round(v * s / ID_REFERENCE_SIZE) for v in ID_CROP_BOX)
+    return F.adaptive_avg_pool2d(x[:, :, top:bottom, left:right], (ID_INPUT_SIZE, ID_INPUT_SIZE))
+
+
+def identity_loss(arcface, y_hat, x):
+    """pSp's identity loss: mean over the batch of 1 - cos(ArcFace(y_hat), ArcFace(x)); x gives no gradient.
+
+    Returns (loss, mean cosine similarity).
+    """
+    with torch.no_grad():
+        target = arcface(id_crop(x))  # [N, 512]
+    pred = arcface(id_crop(y_hat))  # [N, 512]
+    similarity = (pred * target).sum(dim=1)  # [N]
+    return (1 - similarity).mean(), similarity.detach().mean()
+
+
+def w_norm(codes, latent_avg):
+    """pSp's W-norm regulariser: mean over the batch of ||w - latent_avg||_2 over all n_styles x 512 entries."""
+    return (codes - latent_avg).flatten(1).norm(dim=1).mean()
+
+
+@dataclass
+class Losses:
+    """The weights of the loss terms and the networks two of them need (None: that term is off)."""
+    weights: dict  # {name: weight} for the names in LOSS_NAMES
+    lpips: nn.Module = None  # metrics.LPIPSFeatures: (x0, x1) -> [N]
+    arcface: nn.Module = None
+
+    def active(self):
+        """Names of the terms that enter the total (weight > 0 and, for LPIPS/ID, a network)."""
+        available = {"l2": True, "lpips": self.lpips is not None, "id": self.arcface is not None, "w_norm": True}
+        return [n for n in LOSS_NAMES if self.weights[n] > 0 and available[n]]
+
+
+def reconstruction_losses(losses, x, y_hat, codes, latent_avg):
+    """All loss terms for one batch; returns (total, {name: detached scalar}) with every computed term logged.
+
+    x, y_hat: [N, 3, S, S] in [-1, 1]; codes: [N, n_styles, 512]; latent_avg broadcasts to codes.
+    L2 and the W-norm are always computed (cheap, and the main things to watch); LPIPS and the identity
+    loss only when they enter the total.
+    """
+    active = losses.active()
+    terms = {"l2": F.mse_loss(y_hat, x), "w_norm": w_norm(codes, latent_avg)}
+    stats = {}
+    if "lpips" in active:
+        terms["lpips"] = losses.lpips(y_hat, x).mean()
+    if "id" in active:
+        terms["id"], stats["id_similarity"] = identity_loss(losses.arcface, y_hat, x)
+    total = sum(losses.weights[name] * terms[name] for name in active)
+    stats.update({name: value.detach() for name, value in terms.items()})
+    stats["total"] = total.detach()
+    return total, stats
+
+
+def build_losses(options, device, log):
+    """Losses with the networks that are available; prints one note per term that is switched off."""
+    weights = {name: float(getattr(options, f"{name}_weight")) for name in LOSS_NAMES}
+    lpips_model = arcface = None
+    if weights["lpips"] > 0:
+        # The project's one LPIPS loader (metrics.py): the package's linear layers + torchvision's AlexNet.
+        from metrics import ALEXNET_URL, hub_cache_path, load_lpips
+
+        path = options.lpips_alexnet or hub_cache_path(ALEXNET_URL)
+        if os.path.isfile(path):
+            lpips_model = load_lpips(path, allow_download=False).to(device).eval().requires_grad_(False)
+        else:
+            log(f"note: LPIPS loss is OFF: torchvision's AlexNet weights ({os.path.basename(ALEXNET_URL)}) are "
+                f"neither given with --lpips_alexnet nor at {path}; nothing is downloaded. Pass the file to use it.")
+    if weights["id"] > 0:
+        if options.id_weights is None:
+            log("note: identity loss is OFF: no --id_weights given (pSp's ArcFace model_ir_se50.pth).")
+        else:
+            arcface = load_arcface(options.id_weights).to(device)
+    return Losses(weights, lpips_model, arcface)
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+def face_dataset(paths, size):
+    """The faces of one or several LMDBs at ``size``, each [3, size, size] in [-1, 1] (the inference conversion)."""
+    def to_tensor(img):
+        return img2ten(np.asarray(img))[0]
+
+    parts = []
+    for path in paths:
+        try:
+            parts.append(MultiResolutionDataset(path, to_tensor, size))
+        except ValueError as e:
+            raise ValueError(f"{e} (--size {size}: the LMDB must hold faces at this resolution)") from None
+    return ConcatDataset(parts)
+
+
+def random_flip(x, p, seed, rank, step):
+    """Flip each face of x [N, 3, H, W] horizontally with probability p; the draws depend on (seed, rank, step) only."""
+    if p <= 0:
+        return x
+    generator = torch.Generator().manual_seed(trainutil.rank_seed(seed, rank, step))
+    flip = (torch.rand(x.shape[0], generator=generator) < p).to(x.device)  # [N]
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+# ---- models -------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def generator_latent_avg(g, n, seed, chunk=10_000):
+    """Mean of the face mapping ``style`` over n codes z ~ N(0, I) drawn on the CPU from ``seed``: [style_dim].
+
+    Computed in chunks; the codes are the same for every device and chunk size.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    device = g.input.input.device
+    total = torch.zeros(g.style_dim, dtype=torch.float64, device=device)
+    for start in range(0, n, chunk):
+        z = torch.randn(min(chunk, n - start), g.style_dim, generator=generator).to(device)
+        total += g.style(z).double().sum(dim=0)
+    return (total / n).float()
+
+
+def load_encoder_backbone(encoder, path):
+    """Copy an IR-SE-50 backbone into a GradualStyleEncoder; returns the number of tensors copied.
+
+    ``path``: pSp's model_ir_se50.pth (ArcFace) or any file with ``input_layer.*`` and ``body.*`` entries, also
+    a pSp checkpoint (``encoder.*`` keys, optionally inside ``state_dict``), whose heads are then copied too
+    when their shapes fit. The stem and body must be complete; everything else in the file is ignored.
+    """
+    ckpt = load_checkpoint(path)
+    weights = ckpt.get("state_dict", ckpt)
+    prefix = "encoder."
+    if any(isinstance(k, str) and k.startswith(prefix) for k in weights):
+        weights = {k[len(prefix):]: v for k, v in weights.items() if isinstance(k, str) and k.startswith(prefix)}
+    own = encoder.state_dict()
+    backbone = [k for k in own if k.startswith(("input_layer.", "body."))]
+    missing = [k for k in backbone if k not in weights]
+    misshaped = [k for k in backbone if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
+    if missing or misshaped:
+        first = (missing or misshaped)[:3]
+        raise CheckpointError(f"--encoder_backbone {path}: not an IR-SE-50 backbone ({len(missing)} missing and "
+                              f"{len(misshaped)} mis-shaped stem/body tensors, e.g. {', '.join(first)})")
+    take = {k: weights[k] for k in own if k in weights and tuple(weights[k].shape) == tuple(own[k].shape)}
+    encoder.load_state_dict(take, strict=False)
+    return len(take)
+
+
+def build_encoder(options, output_size, ckpt=None, log=print):
+    """PSPEncoder (CPU) for a generator of ``output_size`` px, in train mode.
+
+    From ``ckpt`` (a training checkpoint: weights and latent_avg, no random initialisation), else from
+    scratch (random, from the current torch seed) with the stem and body of --encoder_backbone when given.
+    The encoder pools its input to options.encoder_input_size (256, as at inference, unless changed).
+    """
+    if ckpt is not None:
+        with torch.device("meta"):
+            psp = PSPEncoder(None, output_size=output_size)
+        psp = psp.to_empty(device="cpu")
+        weights = {k: v for k, v in ckpt.items() if isinstance(k, str) and k.startswith("encoder.")}
+        load_state_dict_strict(psp, weights, "training checkpoint ('encoder.' weights)")
+        psp.latent_avg = ckpt[LATENT_AVG].clone().expand_as(psp.latent_avg).contiguous()
+    else:
+        psp = PSPEncoder(None, output_size=output_size)
+        if options.encoder_backbone:
+            n = load_encoder_backbone(psp.encoder, options.encoder_backbone)
+            log(f"encoder: {n} of {len(psp.encoder.state_dict())} tensors from {options.encoder_backbone}, "
+                "the rest from scratch")
+    if options.encoder_input_size != ENCODER_INPUT_SIZE[0]:
+        # Only for quick experiments and tests: PSPEncoder always pools to 256 at inference.
+        size = options.encoder_input_size
+        psp.face_pool = nn.AdaptiveAvgPool2d((size, size))
+    return psp.train()
+
+
+def sync_buffers(module):
+    """Give every rank rank 0's buffers (BatchNorm running statistics); no-op on one process."""
+    if distributed.is_distributed():
+        for buf in module.buffers():
+            torch.distributed.broadcast(buf, src=0)
+
+
+# ---- checkpoints --------------------------------------------------------------------------------
+
+def load_training_checkpoint(path, options):
+    """Read a checkpoint of this trainer, checking that it fits ``options``."""
+    ckpt = load_checkpoint(path)
+    if ckpt.get("kind") != CHECKPOINT_KIND:
+        raise CheckpointError(f"checkpoint {path}: not a pSp training checkpoint (kind {ckpt.get('kind')!r}, "
+                              f"expected {CHECKPOINT_KIND!r}); to start the encoder from weights use "
+                              "--encoder_backbone")
+    saved = require_key(ckpt, "options", path)
+    differ = [f"--{k} {saved.get(k)} (this run: {getattr(options, k)})" for k in FIXED_ON_RESUME
+              if getattr(options, k) is not None and saved.get(k) != getattr(options, k)]
+    if differ:
+        raise CheckpointError(f"checkpoint {path}: trained with {', '.join(differ)}; pass the checkpoint's values")
+    return ckpt
+
+
+def checkpoint_state(psp, optimizer, scaler, step, options, generator_info, rng):
+    """The release layout of the encoder (top-level 'encoder.*', 'latent_avg') plus the training state.
+
+    The training entries use names that neither start with 'encoder' nor are 'state_dict', so PSPEncoder
+    and the release read the file as a plain psp_encoder.pt.
+    """
+    state = psp_state_dict_for_release(psp)
+    state.update({
+        "kind": CHECKPOINT_KIND, "version": CHECKPOINT_VERSION, "step": step,
+        "world_size": distributed.get_world_size(), "optimizer": optimizer.state_dict(),
+        "grad_scaler": scaler.state_dict(), "options": trainutil.options_dict(options),
+        "generator": generator_info, "rng": rng,
+    })
+    return state
+
+
+# ---- samples ------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def sample_grid(psp, g, x, z_embed, index):
+    """Rows of input | reconstruction | stylized at indicator ``index`` with the style code z_embed [1, 512].
+
+    The encoder runs in eval mode (running statistics, as at inference); the generator uses its stored noise.
+    x: [N, 3, S, S]. Returns [3, N*S, 3*S] in [0, 1].
+    """
+    was_training = psp.training
+    psp.eval()
+    try:
+        codes = psp(x)  # [N, n_styles, 512]
+    finally:
+        psp.train(was_training)
+    size = x.shape[-1]
+    recon, _ = g([codes], input_is_latent=True, randomize_noise=False)
+    styled, _ = g([codes], input_is_latent=True, randomize_noise=False, z_embed=z_embed.expand(x.shape[0], -1),
+                  add_weight_index=index)
+    recon = F.adaptive_avg_pool2d(recon.float(), size)
+    styled = F.adaptive_avg_pool2d(styled.float(), size)
+    rows = torch.stack([x.float(), recon, styled], dim=1)  # [N, 3, 3, S, S]
+    n, cols, c, h, w = rows.shape
+    grid = rows.permute(2, 0, 3, 1, 4).reshape(c, n * h, cols * w)  # [3, N*S, 3*S]
+    return (grid.clamp(-1, 1) + 1) / 2
+
+
+def save_grid(grid01, path):
+    """[3, H, W] in [0, 1] -> PNG, written atomically."""
+    img = ten2img(grid01 * 2 - 1)[0]
+    save_image_atomic(Image.fromarray(img), path)
+
+
+def sample_style_code(g, options, device):
+    """z_s of --sample_style_img, or a fixed random style code (latent-guided) without one: [1, style_dim]."""
+    if options.sample_style_img:
+        return g.get_z_embed(img2ten(np.asarray(read_image_rgb(options.sample_style_img)), device))
+    generator = torch.Generator().manual_seed(trainutil.rank_seed(options.seed, 0, 1))
+    return torch.randn(1, g.style_dim, generator=generator).to(device)
+
+
+# ---- training -----------------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    step: int
+    checkpoint: str  # the last checkpoint written (None if none)
+    export: str  # out_dir/psp_encoder.pt, or None
+    encoder: PSPEncoder
+    generator: nn.Module  # the frozen generator (g_ema of --ckpt)
+    history: list = field(default_factory=list)  # [{"step", name: value}] of every iteration run here (rank mean)
+    active_losses: list = field(default_factory=list)
+
+
+def train(options, log=None):
+    """Run (or continue) a training; returns a TrainResult. Raises NonFiniteLossError on a NaN/inf loss."""
+    problems = validate(options)
+    if problems:
+        raise ValueError("; ".join(problems))
+    device = distributed.init_distributed(options.device or trainutil.default_device())
+    try:
+        return _train(options, device, log)
+    finally:
+        distributed.cleanup()
+
+
+def _train(options, device, log):
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    main = distributed.is_main()
+    log = log or (print if main else (lambda *a, **k: None))
+    amp_dtype = AMP_DTYPES[options.amp]
+    manager = trainutil.CheckpointManager(options.out_dir, options.keep)
+    resume = trainutil.resolve_resume(options.resume, options.out_dir)
+    if options.resume == "latest" and resume is None:
+        log(f"--resume latest: no checkpoint in {options.out_dir}/checkpoints yet, starting from scratch")
+    ckpt = load_training_checkpoint(resume, options) if resume else None
+    if ckpt is not None and options.size is None:
+        options = dataclasses.replace(options, size=ckpt["options"].get("size"))
+
+    g, _ = load_blendgan(options.blendgan_ckpt, device=device)
+    g.requires_grad_(False)  # frozen; gradients flow through it to the codes only
+    size = options.size or min(g.size, ENCODER_INPUT_SIZE[0])
+    if size > g.size:
+        raise ValueError(f"--size {size} is larger than the generator's output ({g.size} px)")
+    options = dataclasses.replace(options, size=size)  # checkpoints and config.json record the size used
+    if options.encoder_input_size != ENCODER_INPUT_SIZE[0]:
+        log(f"note: the encoder pools its input to {options.encoder_input_size} px; PSPEncoder (inference) always "
+            f"pools to {ENCODER_INPUT_SIZE[0]}, so this encoder is for tests and quick experiments only")
+    generator_info = {"path": os.path.abspath(options.blendgan_ckpt), "size": g.size, "n_latent": g.n_latent}
+
+    trainutil.seed_everything(options.seed, 0)  # identical initial weights on every rank
+    psp = build_encoder(options, g.size, ckpt, log)
+    if ckpt is None:
+        psp.latent_avg = generator_latent_avg(g, options.latent_avg_samples, options.seed).expand_as(
+            psp.latent_avg).contiguous()  # [n_styles, 512]
+    psp.to(device)
+    latent_avg = psp.latent_avg
+    losses = build_losses(options, device, log)
+    active = losses.active()
+    if not active:
+        raise ValueError("no loss term is active (the weighted ones lack their networks, see the notes above)")
+    # The fused kernel (CPU and CUDA): one pass over the ~120-270M parameters instead of several.
+    optimizer = torch.optim.Adam(psp.parameters(), lr=options.lr, betas=(options.beta1, options.beta2), fused=True)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16 and device.type == "cuda")
+    step = 0
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["grad_scaler"])
+        step = int(ckpt["step"])
+        if int(ckpt.get("world_size", world)) != world:
+            log(f"note: the checkpoint was written by {ckpt.get('world_size')} processes, this run has {world}: "
+                "the data order is not continued exactly")
+    rng = ckpt.get("rng") if ckpt is not None else None
+    del ckpt
+    model = psp
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(psp, device_ids=[device.index] if device.type == "cuda" else None)
+
+    dataset = face_dataset(options.lmdb, size)
+    batches = infinite_loader(dataset, options.batch, options.num_workers, options.seed, rank, world,
+                              pin_memory=device.type == "cuda", start=step * options.batch)
+    # Random streams per rank, continued exactly on resume; set after the loader exists (creating its
+    # iterator draws from the global generator).
+    if rng is not None:
+        trainutil.restore_rng_states(rng, options.seed + step)
+    else:
+        trainutil.seed_everything(options.seed, rank)
+
+    if main:
+        os.makedirs(options.out_dir, exist_ok=True)
+        log(f"pSp training: {len(dataset)} faces at {size} px, generator {g.size} px ({g.n_latent} W+ entries), "
+            f"global batch {options.batch * world} = {world} process(es) x {options.batch}, {options.iter} "
+            f"iterations, device {device}, amp {options.amp}, losses {' + '.join(active)}"
+            + (f", resuming at step {step} from {resume}" if resume else ""))
+    trainutil.write_config(options.out_dir, options, world_size=world, generator=generator_info,
+                           active_losses=active, torch_version=torch.__version__)
+
+    sample_x = z_embed = None
+    if main and options.n_sample > 0:
+        sample_x = torch.stack([dataset[i % len(dataset)] for i in range(options.n_sample)]).to(device)
+        z_embed = sample_style_code(g, options, device)
+
+    last_checkpoint = resume
+    history = []
+    window, window_n = {}, 0
+    bar = None
+    if options.progress and main and step < options.iter:
+        from tqdm import tqdm
+
+        bar = tqdm(total=options.iter, initial=step, dynamic_ncols=True, desc="pSp")
+    logger = trainutil.ScalarLogger(os.path.join(options.out_dir, "logs"))
+    autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext())
+    tick, tick_step = time.perf_counter(), step
+    try:
+        while step < options.iter:
+            x = next(batches).to(device, non_blocking=True)  # [B, 3, S, S]
+            x = random_flip(x, options.flip, options.seed, rank, step)
+            with autocast:
+                codes = model(x)  # [B, n_styles, 512]
+                y_hat, _ = g([codes], input_is_latent=True, randomize_noise=options.randomize_noise)
+            # Losses in float32 at the data resolution (pSp pools the 1024 px output to 256 the same way).
+            y_hat = F.adaptive_avg_pool2d(y_hat.float(), size)  # [B, 3, S, S]
+            total, stats = reconstruction_losses(losses, x, y_hat, codes.float(), latent_avg)
+            stats = distributed.reduce_dict(stats)  # mean over ranks: every rank sees the same numbers
+            trainutil.check_finite(stats, step + 1, last_checkpoint)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(total).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            history.append({"step": step, **stats})
+            for k, v in stats.items():
+                window[k] = window.get(k, 0.0) + v
+            window_n += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats['total']:.4f}", l2=f"{stats['l2']:.4f}")
+            if step % options.log_every == 0 or step == options.iter:
+                elapsed = time.perf_counter() - tick
+                scalars = {f"loss/{k}" if k in LOSS_NAMES + ("total",) else f"metrics/{k}": v / window_n
+                           for k, v in window.items()}
+                scalars["lr"] = optimizer.param_groups[0]["lr"]
+                scalars["speed/images_per_s"] = (step - tick_step) * options.batch * world / max(elapsed, 1e-9)
+                logger.log(step, scalars)
+                window, window_n = {}, 0
+                tick, tick_step = time.perf_counter(), step
+            aside = time.perf_counter()
+            if sample_x is not None and (step % options.sample_every == 0 or step == options.iter):
+                grid = sample_grid(psp, g, sample_x, z_embed, options.sample_index)
+                save_grid(grid, os.path.join(options.out_dir, "samples", f"{step:06d}.png"))
+                if logger.writer is not None:
+                    logger.writer.add_image("samples/input|reconstruction|stylized", grid, step)
+            if step % options.save_every == 0 or step == options.iter:
+                sync_buffers(psp)
+                rng_states = trainutil.gather_rng_states()  # a collective: every rank takes part
+                state = (checkpoint_state(psp, optimizer, scaler, step, options, generator_info, rng_states)
+                         if main else None)
+                last_checkpoint = manager.save(step, state)
+                distributed.barrier()
+            tick += time.perf_counter() - aside  # images/s counts training time only
+    finally:
+        if bar is not None:
+            bar.close()
+        logger.close()
+
+    sync_buffers(psp)
+    export = None
+    if options.export and main:
+        export = os.path.join(options.out_dir, EXPORT_NAME)
+        state = psp_state_dict_for_release(psp)
+        state["opts"] = {"step": step, "generator": generator_info, **trainutil.options_dict(options)}
+        save_checkpoint(state, export)
+    return TrainResult(step, last_checkpoint, export, psp, g, history, active)
+
+
+def options_from_checkpoint(path):
+    """The PSPTrainOptions a checkpoint was written with (for tools and tests)."""
+    saved = load_checkpoint(path).get("options", {})
+    names = {f.name for f in dataclasses.fields(PSPTrainOptions)}
+    return PSPTrainOptions(**{k: v for k, v in saved.items() if k in names})

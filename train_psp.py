@@ -1,0 +1,105 @@
+"""Train the pSp encoder (face photo -> W+) for a BlendGAN generator (paper A.3), so real photos can be stylized.
+
+    python train_psp.py FFHQ_LMDB --ckpt runs/blendgan/checkpoints/NNNNNN.pt --out_dir runs/psp \\
+        --lpips_alexnet alexnet-owt-7be5be79.pth --id_weights model_ir_se50.pth --encoder_backbone model_ir_se50.pth
+    torchrun --nproc_per_node=4 train_psp.py FFHQ_LMDB --ckpt blendgan.pt --out_dir DIR    # 4 GPUs, DDP
+    python train_psp.py FFHQ_LMDB --ckpt blendgan.pt --out_dir DIR --resume latest       # continue exactly
+
+The generator (the checkpoint's g_ema) is frozen at indicator i = n_latent (natural faces); only the encoder
+learns, with pSp's losses (L2, LPIPS, identity, W-norm). Writes DIR/checkpoints/NNNNNN.pt (loadable by
+PSPEncoder as they are, plus the training state), DIR/logs/ (TensorBoard + scalars.jsonl), DIR/samples/
+(input | reconstruction | stylized), DIR/config.json and, at the end, DIR/psp_encoder.pt in the release's
+layout, for style_transfer_folder.py / gen_video.py --psp_encoder_ckpt. See psp_training.py.
+"""
+import argparse
+import sys
+
+from checkpoint import CheckpointError
+from psp_training import AMP_DTYPES, PSPTrainOptions, train, validate
+from trainutil import NonFiniteLossError, default_device
+
+
+def parse_args(argv=None):
+    d = PSPTrainOptions(lmdb=[], blendgan_ckpt="", out_dir="")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("lmdb", nargs="+", metavar="LMDB", help="LMDB(s) of FFHQ-aligned faces made by prepare_data.py")
+    p.add_argument("--ckpt", required=True, help="BlendGAN checkpoint (train.py or the release's blendgan.pt): "
+                                                 "its g_ema is the frozen generator")
+    p.add_argument("--out_dir", required=True, help="run folder: checkpoints/, logs/, samples/, config.json")
+    p.add_argument("--size", type=int, default=d.size,
+                   help="LMDB resolution read; the losses compare at it (default: min(generator size, 256), as pSp)")
+    p.add_argument("--batch", type=int, default=d.batch, help="faces per process (GPU)")
+    p.add_argument("--iter", type=int, default=d.iter, help="total iterations")
+    p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (pSp's value)")
+    p.add_argument("--beta1", type=float, default=d.beta1, help="Adam beta1")
+    p.add_argument("--beta2", type=float, default=d.beta2, help="Adam beta2")
+    p.add_argument("--l2_weight", type=float, default=d.l2_weight, help="weight of the pixel-wise L2 loss")
+    p.add_argument("--lpips_weight", type=float, default=d.lpips_weight,
+                   help="weight of LPIPS (AlexNet, v0.1); needs --lpips_alexnet or the file in the torch hub cache")
+    p.add_argument("--id_weight", type=float, default=d.id_weight,
+                   help="weight of the ArcFace identity loss; needs --id_weights")
+    p.add_argument("--w_norm_weight", type=float, default=d.w_norm_weight,
+                   help="weight of the W-norm regulariser ||w - latent_avg||")
+    p.add_argument("--lpips_alexnet", default=None,
+                   help="torchvision AlexNet weights (alexnet-owt-7be5be79.pth); without it and without the file in "
+                        "the torch hub cache, LPIPS is off (nothing is downloaded)")
+    p.add_argument("--id_weights", default=None,
+                   help="ArcFace IR-SE-50 weights (pSp's model_ir_se50.pth); without it the identity loss is off")
+    p.add_argument("--encoder_backbone", default=None,
+                   help="IR-SE-50 weights to start the encoder's stem and body from (model_ir_se50.pth, or a pSp "
+                        "checkpoint); default: from scratch")
+    p.add_argument("--latent_avg_samples", type=int, default=d.latent_avg_samples,
+                   help="face codes averaged for latent_avg (the generator's mean latent)")
+    p.add_argument("--encoder_input_size", type=int, default=d.encoder_input_size,
+                   help="size the encoder pools its input to; inference always uses 256, change only for tests")
+    p.add_argument("--randomize_noise", action="store_true",
+                   help="fresh noise maps per forward (pSp) instead of the stored ones that inference uses")
+    p.add_argument("--flip", type=float, default=d.flip, help="probability of a horizontal flip of a face")
+    p.add_argument("--sample_every", type=int, default=d.sample_every, help="iterations between sample grids")
+    p.add_argument("--n_sample", type=int, default=d.n_sample, help="faces in a sample grid (0: no grids)")
+    p.add_argument("--sample_style_img", default=None,
+                   help="reference style image of the grid's stylized column (default: a fixed random style code)")
+    p.add_argument("--sample_index", type=int, default=d.sample_index, help="indicator i of the stylized column")
+    p.add_argument("--save_every", type=int, default=d.save_every, help="iterations between checkpoints")
+    p.add_argument("--keep", type=int, default=d.keep, help="checkpoints kept (the newest)")
+    p.add_argument("--log_every", type=int, default=d.log_every, help="iterations between logged scalars")
+    p.add_argument("--resume", default=None, help="checkpoint to continue from, or 'latest' (newest in --out_dir)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the weights, latent_avg, data order and flips")
+    p.add_argument("--device", default=default_device(), help="cuda or cpu (under torchrun: cuda:LOCAL_RANK)")
+    p.add_argument("--amp", choices=sorted(AMP_DTYPES), default=d.amp,
+                   help="autocast dtype for the encoder and the generator (fp16 with a gradient scaler on CUDA); "
+                        "the losses stay float32")
+    p.add_argument("--num_workers", type=int, default=d.num_workers, help="DataLoader processes per rank")
+    p.add_argument("--no_progress", action="store_true", help="no tqdm bar")
+    args = p.parse_args(argv)
+    options = PSPTrainOptions(
+        lmdb=args.lmdb, blendgan_ckpt=args.ckpt, out_dir=args.out_dir, size=args.size, batch=args.batch,
+        iter=args.iter, lr=args.lr, beta1=args.beta1, beta2=args.beta2, l2_weight=args.l2_weight,
+        lpips_weight=args.lpips_weight, id_weight=args.id_weight, w_norm_weight=args.w_norm_weight,
+        lpips_alexnet=args.lpips_alexnet, id_weights=args.id_weights, encoder_backbone=args.encoder_backbone,
+        latent_avg_samples=args.latent_avg_samples, encoder_input_size=args.encoder_input_size,
+        randomize_noise=args.randomize_noise, flip=args.flip, sample_every=args.sample_every,
+        n_sample=args.n_sample, sample_style_img=args.sample_style_img, sample_index=args.sample_index,
+        save_every=args.save_every, keep=args.keep, log_every=args.log_every, resume=args.resume, seed=args.seed,
+        device=args.device, amp=args.amp, num_workers=args.num_workers, progress=not args.no_progress)
+    problems = validate(options)
+    if problems:
+        p.error("; ".join(problems))
+    return options
+
+
+def main(argv=None):
+    options = parse_args(argv)
+    try:
+        result = train(options)
+    except (NonFiniteLossError, CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if result.export:
+        print(f"done at step {result.step}: {result.checkpoint}; encoder for inference in {result.export}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
