@@ -1,0 +1,535 @@
+"""train_psp.py / psp_training.py: the pSp encoder trained for a frozen BlendGAN generator (paper A.3).
+
+Loss terms against independent computations (the lpips package's own forward, explicit formulas), the
+backbone and ArcFace weight layouts, a short run that learns with the generator untouched and a
+checkpoint that PSPEncoder loads, exact resume, the non-finite guard, the command line, and two torchrun
+processes on CPU (gloo).
+
+The generator is a 32 px BlendGAN generator (style_dim 512, as pSp's heads require) built here. Two
+things keep it cheap: its synthesis layers are 32 channels wide (model.stylegan2_channels is replaced for
+this module: StyleGAN2 has 512 channels up to 32 px, ~50 GFLOP per forward, and the trainer does not
+depend on the widths), and its embedded style encoder (610304 x 512 first layer) is built on the meta
+device and filled cheaply instead of being randomly initialised. The encoder is the real IR-SE-50 pSp
+encoder, pooling its input to 32 px instead of 256 (--encoder_input_size) so that a step takes seconds.
+"""
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from contextlib import contextmanager
+
+import lpips
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import model
+import prepare_data
+import psp_training as pt
+import train_psp
+from checkpoint import CheckpointError, load_checkpoint
+from inference import load_psp
+from psp_encoder.encoders import GradualStyleEncoder
+from psp_encoder.psp_encoders import PSPEncoder, psp_state_dict_for_release, read_psp_checkpoint
+from trainutil import read_jsonl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FACES = os.path.join(ROOT, "test_imgs", "face_imgs")
+STYLE_IMG = os.path.join(ROOT, "test_imgs", "style_imgs", "100003.jpg")
+SIZE = 32  # generator, data and encoder input size (8 W+ entries, the fewest pSp's heads allow)
+WIDTH = 32  # channels of every synthesis layer of the test generator
+N_FACES = 8
+
+
+def narrow_channels(channel_multiplier):
+    return {2 ** r: WIDTH for r in range(2, 11)}
+
+
+@contextmanager
+def fast_cpu():
+    """oneDNN re-packs the weights of every convolution on each call; for these tiny maps the plain kernels
+    are about twice as fast. Numbers do not depend on it within one run."""
+    previous = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = previous
+
+
+def tiny_generator():
+    """Generator(32, 512, 2) with a cheaply filled style encoder and trained-like WBM and noise weights."""
+    real = model.StyleEncoder
+
+    def on_meta(*args, **kwargs):
+        with torch.device("meta"):
+            return real(*args, **kwargs)
+
+    torch.manual_seed(0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(model, "StyleEncoder", on_meta)
+        g = model.Generator(SIZE, 512, 2, channel_multiplier=1, load_pretrained_vgg=False, style_pool_size=32)
+    g.embedder.to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in g.embedder.parameters():
+            if p.numel() > 10_000_000:
+                p.zero_()  # the 610304 x 512 layer: z_s then comes from the biases (fine for sample grids)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+        g.add_weight.copy_(torch.linspace(0.9, 0.1, g.n_latent).view(1, -1, 1))
+        for layer in [g.conv1, *g.convs]:
+            layer.noise.weight.fill_(0.05)
+    return g
+
+
+def random_alexnet_features(path):
+    """A torchvision-format AlexNet file (features only) with random weights, as the LPIPS backbone."""
+    from torchvision.models import alexnet
+
+    torch.manual_seed(2)
+    features = alexnet(weights=None).features
+    torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, path)
+
+
+def random_arcface(path):
+    """A model_ir_se50.pth-layout file with random weights and realistic BatchNorm statistics."""
+    torch.manual_seed(3)
+    net = pt.ArcFaceIRSE50()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+                m.running_var.fill_(2.0)
+                m.running_mean.uniform_(-0.1, 0.1)
+    torch.save(net.state_dict(), path)
+    return net.eval()
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """Faces LMDB at 32 px, the BlendGAN checkpoint (1.4 GB, in /dev/shm when there), LPIPS and ArcFace files."""
+    root = tmp_path_factory.mktemp("psp_assets")
+    lmdb = str(root / "faces.lmdb")
+    prepare_data.prepare(prepare_data.PrepareOptions(out=lmdb, paths=[FACES], size=(SIZE,), n_worker=0))
+    alexnet_file = str(root / "alexnet_features.pth")
+    random_alexnet_features(alexnet_file)
+    arcface_file = str(root / "model_ir_se50.pth")
+    random_arcface(arcface_file)
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    big = tempfile.mkdtemp(prefix="psp_test_", dir=shm or str(root))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(model, "stylegan2_channels", narrow_channels)
+        try:
+            g = tiny_generator()
+            ckpt = os.path.join(big, "blendgan.pt")
+            torch.save({"g_ema": g.state_dict()}, ckpt)
+            del g
+            yield {"lmdb": lmdb, "ckpt": ckpt, "alexnet": alexnet_file, "arcface": arcface_file, "root": root}
+        finally:
+            shutil.rmtree(big, ignore_errors=True)
+
+
+def options(assets, out_dir, **kw):
+    base = dict(lmdb=[assets["lmdb"]], blendgan_ckpt=assets["ckpt"], out_dir=str(out_dir), size=SIZE, batch=2,
+                iter=2, lr=3e-4, lpips_weight=0.8, lpips_alexnet=assets["alexnet"], id_weight=0.0,
+                w_norm_weight=0.005, latent_avg_samples=1000, encoder_input_size=SIZE, sample_every=4, n_sample=3,
+                sample_style_img=STYLE_IMG, save_every=4, keep=3, log_every=1, device="cpu", num_workers=0,
+                progress=False)
+    base.update(kw)
+    return pt.PSPTrainOptions(**base)
+
+
+def cli_args(opts):
+    args = opts.lmdb + ["--ckpt", opts.blendgan_ckpt, "--out_dir", opts.out_dir, "--size", str(opts.size),
+                        "--batch", str(opts.batch), "--iter", str(opts.iter), "--lr", repr(opts.lr),
+                        "--lpips_weight", repr(opts.lpips_weight), "--id_weight", repr(opts.id_weight),
+                        "--w_norm_weight", repr(opts.w_norm_weight), "--latent_avg_samples",
+                        str(opts.latent_avg_samples), "--encoder_input_size", str(opts.encoder_input_size),
+                        "--sample_every", str(opts.sample_every), "--n_sample", str(opts.n_sample),
+                        "--save_every", str(opts.save_every), "--keep", str(opts.keep), "--log_every",
+                        str(opts.log_every), "--device", "cpu", "--num_workers", "0", "--amp", opts.amp,
+                        "--no_progress"]
+    for flag in ("lpips_alexnet", "id_weights", "resume", "sample_style_img"):
+        if getattr(opts, flag):
+            args += [f"--{flag}", getattr(opts, flag)]
+    return args
+
+
+@pytest.fixture(scope="module")
+def trained(assets, tmp_path_factory):
+    """One 8-step run (L2 + LPIPS + W-norm), checkpoints at steps 6 and 8; the reference for several tests."""
+    out = tmp_path_factory.mktemp("psp_run")
+    opts = options(assets, out, iter=8, save_every=6)
+    with fast_cpu():
+        result = pt.train(opts)
+    return opts, result
+
+
+def faces(assets):
+    """The training faces, [8, 3, 32, 32] in [-1, 1], read as the trainer reads them."""
+    dataset = pt.face_dataset([assets["lmdb"]], SIZE)
+    return torch.stack([dataset[i] for i in range(len(dataset))])
+
+
+# ---- loss terms ---------------------------------------------------------------------------------
+
+def test_w_norm_is_the_mean_frobenius_distance_to_latent_avg():
+    g = torch.Generator().manual_seed(0)
+    codes, avg = torch.randn(3, 8, 512, generator=g), torch.randn(512, generator=g)
+    expected = sum(float(((codes[i] - avg) ** 2).sum()) ** 0.5 for i in range(3)) / 3
+    assert pt.w_norm(codes, avg).item() == pytest.approx(expected, rel=1e-6)
+    assert pt.w_norm(codes, avg.expand(8, 512)).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_id_crop_is_psps_box_scaled_to_the_image():
+    x = torch.arange(256.0).view(1, 1, 1, 256).expand(1, 3, 256, 256)  # pixel value = column index
+    crop = pt.id_crop(x)
+    assert crop.shape == (1, 3, 112, 112)
+    # Columns 32:220 (188 px) averaged into 112 bins: first bin starts at column 32, last ends at 219.
+    assert crop[0, 0, 0, 0].item() == pytest.approx(32.5) and crop[0, 0, 0, -1].item() == pytest.approx(218.5)
+    rows = torch.arange(256.0).view(1, 1, 256, 1).expand(1, 3, 256, 256)
+    assert pt.id_crop(rows)[0, 0, 0, 0].item() == pytest.approx(35.5)  # rows 35:223
+    small = pt.id_crop(torch.arange(64.0).view(1, 1, 1, 64).expand(1, 3, 64, 64))
+    assert small[0, 0, 0, 0].item() == 8 and small[0, 0, 0, -1].item() == 54  # box / 4: columns 8:55
+
+
+def test_arcface_has_the_model_ir_se50_layout_and_identity_loss_is_one_minus_cosine(assets):
+    with torch.device("meta"):
+        sd = pt.ArcFaceIRSE50().state_dict()
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    assert shapes["input_layer.0.weight"] == (64, 3, 3, 3) and shapes["input_layer.2.weight"] == (64,)
+    assert "body.0.shortcut_layer.0.weight" not in shapes  # 64 -> 64: a strided max-pool, no weights
+    assert shapes["body.3.shortcut_layer.0.weight"] == (128, 64, 1, 1)
+    assert shapes["body.23.res_layer.5.fc2.weight"] == (512, 32, 1, 1)
+    assert shapes["output_layer.0.running_var"] == (512,)
+    assert shapes["output_layer.3.weight"] == (512, 512 * 7 * 7) and shapes["output_layer.3.bias"] == (512,)
+    assert shapes["output_layer.4.weight"] == (512,) and "output_layer.4.running_mean" in shapes
+    with torch.device("meta"):
+        encoder = GradualStyleEncoder(50, "ir_se", 8).state_dict()
+    stem_body = {k: tuple(v.shape) for k, v in encoder.items() if k.startswith(("input_layer.", "body."))}
+    assert stem_body == {k: v for k, v in shapes.items() if k.startswith(("input_layer.", "body."))}
+
+    net = pt.load_arcface(assets["arcface"])
+    assert not net.training and not any(p.requires_grad for p in net.parameters())
+    with torch.no_grad():
+        emb = net(torch.rand(1, 3, 112, 112) * 2 - 1)
+    assert emb.shape == (1, 512) and emb.norm().item() == pytest.approx(1, abs=1e-5)
+
+    # The loss itself with a cheap stand-in embedding (the network is an argument).
+    torch.manual_seed(5)
+    stand_in = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 5, stride=4), torch.nn.Flatten(),
+                                   torch.nn.Linear(4 * 27 * 27, 16))
+    embed = lambda t: F.normalize(stand_in(t), dim=1)  # noqa: E731
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    y_hat = (x + 0.5 * torch.randn(2, 3, 64, 64)).requires_grad_(True)
+    loss, similarity = pt.identity_loss(embed, y_hat, x)
+    with torch.no_grad():  # rows 9:56 and columns 8:55 of 64 px (pSp's 35:223, 32:220 of 256, rounded)
+        crop = lambda t: F.interpolate(t[:, :, 9:56, 8:55], size=(112, 112), mode="area")  # noqa: E731
+        cos = F.cosine_similarity(stand_in(crop(y_hat)), stand_in(crop(x)), dim=1)  # [2]
+    assert similarity.item() == pytest.approx(cos.mean().item(), abs=1e-6)
+    assert loss.item() == pytest.approx(1 - cos.mean().item(), abs=1e-6)
+    assert 1e-3 < loss.item() < 1.5
+    loss.backward()
+    assert y_hat.grad.abs().sum() > 0
+    with pytest.raises(CheckpointError, match="layout does not fit"):
+        bad = assets["root"] / "not_arcface.pth"
+        torch.save({k: v for k, v in torch.load(assets["arcface"], weights_only=True).items()
+                    if not k.startswith("output_layer.")}, bad)
+        pt.load_arcface(str(bad))
+
+
+def lpips_reference(alexnet_file):
+    """The lpips package's own LPIPS (v0.1, AlexNet) with the backbone copied in parameter by parameter."""
+    with warnings.catch_warnings():  # lpips passes torchvision's deprecated pretrained=False
+        warnings.simplefilter("ignore")
+        ref = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False)  # linear layers: the package's file
+    features = torch.load(alexnet_file, weights_only=True)
+    with torch.no_grad():
+        for name, p in ref.net.named_parameters():  # 'slice2.3.weight' <- 'features.3.weight'
+            _, index, kind = name.split(".")
+            p.copy_(features[f"features.{index}.{kind}"])
+    return ref.eval()
+
+
+def test_loss_terms_against_the_lpips_package_and_explicit_formulas(assets, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))  # no AlexNet in the hub cache
+    losses = pt.build_losses(options(assets, tmp_path), "cpu", print)
+    assert losses.active() == ["l2", "lpips", "w_norm"]
+    g = torch.Generator().manual_seed(6)
+    x = torch.rand(3, 3, SIZE, SIZE, generator=g) * 2 - 1
+    y_hat = torch.rand(3, 3, SIZE, SIZE, generator=g) * 2 - 1
+    codes, avg = torch.randn(3, 8, 512, generator=g), torch.randn(8, 512, generator=g)
+    total, stats = pt.reconstruction_losses(losses, x, y_hat, codes, avg)
+    with torch.no_grad():
+        ref_lpips = lpips_reference(assets["alexnet"])(y_hat, x).mean().item()
+    l2 = ((y_hat - x) ** 2).mean().item()
+    assert stats["l2"].item() == pytest.approx(l2, rel=1e-6)
+    assert stats["lpips"].item() == pytest.approx(ref_lpips, rel=1e-5) and ref_lpips > 0.01
+    assert stats["w_norm"].item() == pytest.approx(pt.w_norm(codes, avg).item())
+    assert total.item() == pytest.approx(l2 + 0.8 * ref_lpips + 0.005 * stats["w_norm"].item(), rel=1e-5)
+    assert stats["total"].item() == total.item()
+
+    # Without the files, LPIPS and the identity loss are off, each with a note; L2 and W-norm are still logged.
+    off = pt.build_losses(options(assets, tmp_path, lpips_alexnet=None, id_weight=0.1), "cpu", print)
+    out = capsys.readouterr().out
+    assert "LPIPS loss is OFF" in out and "--lpips_alexnet" in out
+    assert "identity loss is OFF" in out and "--id_weights" in out
+    assert off.active() == ["l2", "w_norm"]
+    total, stats = pt.reconstruction_losses(off, x, y_hat, codes, avg)
+    assert set(stats) == {"l2", "w_norm", "total"}
+    assert total.item() == pytest.approx(l2 + 0.005 * stats["w_norm"].item(), rel=1e-6)
+
+
+def test_encoder_backbone_copies_stem_and_body_only(assets, tmp_path):
+    with torch.device("meta"):
+        encoder = GradualStyleEncoder(50, "ir_se", 8)
+    encoder = encoder.to_empty(device="cpu")
+    with torch.no_grad():
+        for t in encoder.state_dict().values():
+            t.zero_()
+    arcface = torch.load(assets["arcface"], weights_only=True)
+    n = pt.load_encoder_backbone(encoder, assets["arcface"])
+    own = encoder.state_dict()
+    stem_body = [k for k in own if k.startswith(("input_layer.", "body."))]
+    assert n == len(stem_body) > 300
+    assert all(torch.equal(own[k], arcface[k]) for k in stem_body)
+    assert all(not own[k].any() for k in own if k.startswith(("styles.", "latlayer")))
+
+    # A pSp checkpoint (encoder.* keys inside 'state_dict') also brings the heads it has.
+    psp_file = tmp_path / "psp.pt"
+    head = {k: torch.full_like(v, 0.5) for k, v in own.items() if k.startswith("styles.7.linear.")}
+    torch.save({"state_dict": {f"encoder.{k}": v for k, v in {**arcface, **head}.items()},
+                "latent_avg": torch.zeros(512)}, psp_file)
+    assert pt.load_encoder_backbone(encoder, str(psp_file)) == len(stem_body) + 2
+    assert (encoder.state_dict()["styles.7.linear.weight"] == 0.5).all()
+    assert not encoder.state_dict()["styles.6.linear.weight"].any()
+
+    broken = tmp_path / "broken.pt"
+    torch.save({k: v for k, v in arcface.items() if not k.startswith("body.5.")}, broken)
+    with pytest.raises(CheckpointError, match="not an IR-SE-50 backbone.*missing"):
+        pt.load_encoder_backbone(encoder, str(broken))
+
+
+# ---- training -----------------------------------------------------------------------------------
+
+def test_short_run_learns_with_the_generator_frozen(assets, trained):
+    opts, result = trained
+    l2 = [h["l2"] for h in result.history]
+    assert [h["step"] for h in result.history] == list(range(1, 9)) and result.step == 8
+    assert np.mean(l2[-3:]) < 0.5 * np.mean(l2[:2]), l2
+
+    # The generator is the checkpoint's g_ema, bit for bit, and nothing of it trains.
+    g_ema = load_checkpoint(assets["ckpt"])["g_ema"]
+    state = result.generator.state_dict()
+    assert state.keys() == g_ema.keys()
+    assert all(torch.equal(state[k], g_ema[k]) for k in g_ema)
+    assert not any(p.requires_grad for p in result.generator.parameters())
+
+    # latent_avg: the mean of the face mapping over 1000 codes drawn from the seed, for every W+ entry.
+    z = torch.randn(1000, 512, generator=torch.Generator().manual_seed(opts.seed))
+    with torch.no_grad():
+        expected = result.generator.style(z).double().mean(0).float()
+    assert result.encoder.latent_avg.shape == (8, 512)
+    assert torch.allclose(result.encoder.latent_avg, expected.expand(8, 512), atol=1e-6)
+
+    records = read_jsonl(os.path.join(opts.out_dir, "logs", "scalars.jsonl"))
+    assert [r["step"] for r in records] == list(range(1, 9))
+    for r, h in zip(records, result.history):
+        assert r["loss/l2"] == pytest.approx(h["l2"]) and r["loss/lpips"] == pytest.approx(h["lpips"])
+        assert r["loss/total"] == pytest.approx(r["loss/l2"] + 0.8 * r["loss/lpips"] + 0.005 * r["loss/w_norm"],
+                                                rel=1e-5)
+        assert {"lr", "speed/images_per_s"} <= set(r) and "loss/id" not in r
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(os.path.join(opts.out_dir, "logs")))
+    config = json.loads(open(os.path.join(opts.out_dir, "config.json")).read())
+    assert config["active_losses"] == ["l2", "lpips", "w_norm"] and config["size"] == SIZE
+
+
+def test_checkpoints_load_into_psp_encoder_and_the_inference_path(assets, trained):
+    opts, result = trained
+    ckpt_dir = os.path.join(opts.out_dir, "checkpoints")
+    assert sorted(os.listdir(ckpt_dir)) == ["000006.pt", "000008.pt"]
+    ckpt = load_checkpoint(os.path.join(ckpt_dir, "000008.pt"))
+    assert ckpt["kind"] == pt.CHECKPOINT_KIND and ckpt["step"] == 8 and len(ckpt["rng"]) == 1
+    assert ckpt["optimizer"]["state"] and ckpt["options"]["lr"] == opts.lr
+    assert not any(k.startswith("encoder") for k in ckpt if not k.startswith("encoder."))
+    assert "state_dict" not in ckpt
+
+    trained_state = result.encoder.state_dict()
+    export = load_checkpoint(result.export)
+    assert set(export) == set(trained_state) | {"latent_avg", "opts"}
+    assert export["opts"]["step"] == 8 and export["opts"]["generator"]["size"] == SIZE
+    for path in (os.path.join(ckpt_dir, "000008.pt"), result.export):
+        weights, latent_avg = read_psp_checkpoint(path, 8)  # the release's reading rule
+        assert weights.keys() == {k[len("encoder."):] for k in trained_state}
+        assert all(torch.equal(weights[k[len("encoder."):]], v) for k, v in trained_state.items())
+        assert torch.equal(latent_avg, result.encoder.latent_avg)
+    assert set(psp_state_dict_for_release(result.encoder)) == set(trained_state) | {"latent_avg"}
+
+    # Loaded as style_transfer_folder.py / gen_video.py load it, it encodes as the trained encoder does.
+    psp = load_psp(result.export, SIZE)
+    assert isinstance(psp, PSPEncoder) and not psp.training
+    x = faces(assets)
+    g = result.generator
+    result.encoder.eval()
+
+    def reconstruction_error(codes):
+        y_hat, _ = g([codes], input_is_latent=True, randomize_noise=False)
+        return F.mse_loss(y_hat, x).item()
+
+    with torch.no_grad(), fast_cpu():
+        codes = result.encoder(x)  # [8, 8, 512]; it pools to 32 px, the identity here
+        assert torch.allclose(psp.encoder(x) + psp.latent_avg, codes, atol=1e-5)
+        average = reconstruction_error(psp.latent_avg.expand(len(x), 8, 512))
+        with_running_stats = reconstruction_error(codes)
+        psp.train()  # BatchNorm on the batch's statistics, as in training
+        with_batch_stats = reconstruction_error(psp.encoder(x) + psp.latent_avg)
+    # All 8 faces are reconstructed far better than by the average face (8 steps only: BatchNorm's running
+    # statistics, momentum 0.1, are still mostly their initial values, hence the weaker eval-mode bound).
+    assert with_batch_stats < 0.5 * average
+    assert with_running_stats < average
+
+
+def test_sample_grids_show_input_reconstruction_and_stylized(assets, trained):
+    opts, result = trained
+    x = faces(assets)[:3]
+    for step in (4, 8):
+        path = os.path.join(opts.out_dir, "samples", f"{step:06d}.png")
+        grid = np.asarray(Image.open(path).convert("RGB")).astype(int)  # [3 * 32, 3 * 32, 3]
+        assert grid.shape == (3 * SIZE, 3 * SIZE, 3)
+        inputs = ((x.permute(0, 2, 3, 1).numpy() * 0.5 + 0.5) * 255).reshape(3 * SIZE, SIZE, 3)
+        assert np.abs(grid[:, :SIZE] - inputs).max() <= 1.0
+        recon, styled = grid[:, SIZE:2 * SIZE], grid[:, 2 * SIZE:]
+        assert np.abs(recon - styled).mean() > 2  # the style branch acts at i = 6
+        assert recon.std() > 5
+
+
+def _encoder_weights(path):
+    ckpt = load_checkpoint(path)
+    return {k: v for k, v in ckpt.items() if k.startswith("encoder.") or k == "latent_avg"}, ckpt
+
+
+def test_resume_continues_exactly(assets, trained, tmp_path, capsys):
+    opts, result = trained
+    half = os.path.join(opts.out_dir, "checkpoints", "000006.pt")
+    resumed = options(assets, tmp_path / "resumed", iter=8, save_every=6, resume=half, export=False)
+    with fast_cpu():
+        again = pt.train(resumed)
+    assert "resuming at step 6" in capsys.readouterr().out
+    assert [h["step"] for h in again.history] == [7, 8]
+    assert again.history == result.history[6:]
+    a, ckpt_a = _encoder_weights(os.path.join(opts.out_dir, "checkpoints", "000008.pt"))
+    b, ckpt_b = _encoder_weights(tmp_path / "resumed" / "checkpoints" / "000008.pt")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    start, _ = _encoder_weights(half)
+    assert not torch.equal(start["encoder.styles.0.linear.weight"], b["encoder.styles.0.linear.weight"])
+    assert not torch.equal(start["encoder.body.0.res_layer.0.running_mean"],
+                           b["encoder.body.0.res_layer.0.running_mean"])  # BatchNorm statistics continue too
+    for sa, sb in zip(ckpt_a["optimizer"]["state"].values(), ckpt_b["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_non_finite_loss_stops_before_any_update(assets, trained, tmp_path, monkeypatch, capsys):
+    opts, _ = trained
+    real = pt.reconstruction_losses
+
+    def poisoned(*args):
+        total, stats = real(*args)
+        return total * float("nan"), {**stats, "total": stats["total"] * float("nan")}
+
+    monkeypatch.setattr(pt, "reconstruction_losses", poisoned)
+    last_good = os.path.join(opts.out_dir, "checkpoints", "000006.pt")
+    before = os.stat(last_good).st_mtime_ns
+    run = options(assets, tmp_path / "run", iter=8, save_every=1, resume=last_good)
+    with fast_cpu():
+        assert train_psp.main(cli_args(run)) == 1
+    err = capsys.readouterr().err
+    assert "step 7: loss 'total' is nan" in err and f"--resume {last_good}" in err
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+    assert not os.path.exists(tmp_path / "run" / "psp_encoder.pt")
+    assert os.stat(last_good).st_mtime_ns == before
+
+
+def test_command_line_run_with_identity_loss_bf16_and_the_notes(assets, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))  # no AlexNet in the hub cache
+    run = options(assets, tmp_path / "run", iter=1, batch=1, id_weight=0.1, id_weights=assets["arcface"],
+                  lpips_alexnet=None, amp="bf16", sample_style_img=None, n_sample=1, sample_every=1, save_every=1)
+    with fast_cpu():
+        assert train_psp.main(cli_args(run)) == 0
+    out = capsys.readouterr().out
+    assert "LPIPS loss is OFF" in out and "losses l2 + id + w_norm" in out
+    (record,) = read_jsonl(tmp_path / "run" / "logs" / "scalars.jsonl")
+    assert "loss/lpips" not in record and 0 <= record["metrics/id_similarity"] <= 1
+    assert record["loss/total"] == pytest.approx(record["loss/l2"] + 0.1 * record["loss/id"]
+                                                 + 0.005 * record["loss/w_norm"], rel=1e-5)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["active_losses"] == ["l2", "id", "w_norm"] and config["amp"] == "bf16"
+    psp = PSPEncoder(str(tmp_path / "run" / "psp_encoder.pt"), output_size=SIZE)
+    assert all(torch.isfinite(v).all() for v in psp.state_dict().values())
+
+
+def test_cli_validates_options(assets, trained, tmp_path, capsys):
+    opts, result = trained
+    good = cli_args(options(assets, tmp_path / "run"))
+    cases = [(["--batch", "0"], "--batch must be at least 1"),
+             (["--encoder_input_size", "48"], "--encoder_input_size must be a power of two"),
+             (["--l2_weight", "0", "--lpips_weight", "0", "--w_norm_weight", "0"], "every loss weight is 0"),
+             (["--flip", "2"], "--flip is a probability"),
+             (["--id_weights", str(tmp_path / "missing.pth")], "missing.pth: file not found")]
+    for extra, message in cases:
+        with pytest.raises(SystemExit):
+            train_psp.parse_args(good + extra)
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_psp.parse_args([str(tmp_path / "nowhere")] + good[1:])
+    assert "make one with prepare_data.py" in capsys.readouterr().err
+
+    ckpt = os.path.join(opts.out_dir, "checkpoints", "000006.pt")
+    with pytest.raises(CheckpointError, match="--encoder_input_size 32 .this run: 64."):
+        pt.load_training_checkpoint(ckpt, options(assets, tmp_path, encoder_input_size=64))
+    with pytest.raises(CheckpointError, match="not a pSp training checkpoint"):
+        pt.load_training_checkpoint(result.export, options(assets, tmp_path))
+
+
+DRIVER = """
+import json, os, sys
+import torch
+sys.path.insert(0, {root!r})
+import model
+model.stylegan2_channels = lambda channel_multiplier: {{2 ** r: {width} for r in range(2, 11)}}
+from psp_training import PSPTrainOptions, train
+opts = PSPTrainOptions(**json.loads(sys.argv[1]))
+torch.backends.mkldnn.enabled = False  # see fast_cpu
+result = train(opts)
+state = {{"encoder": result.encoder.state_dict(), "latent_avg": result.encoder.latent_avg, "history": result.history}}
+torch.save(state, os.path.join(sys.argv[2], "rank" + os.environ["RANK"] + ".pt"))
+"""
+
+
+def test_torchrun_two_cpu_processes_stay_identical(assets, tmp_path):
+    opts = options(assets, tmp_path / "ddp", batch=1, iter=1, sample_every=1, n_sample=1, export=False)
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER.format(root=ROOT, width=WIDTH))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver),
+           json.dumps(dataclasses.asdict(opts)), str(tmp_path)]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=500)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert ranks[0]["encoder"].keys() == ranks[1]["encoder"].keys()
+    assert all(torch.equal(ranks[0]["encoder"][k], ranks[1]["encoder"][k]) for k in ranks[0]["encoder"])
+    assert torch.equal(ranks[0]["latent_avg"], ranks[1]["latent_avg"])
+    assert ranks[0]["history"] == ranks[1]["history"] and len(ranks[0]["history"]) == 1
+    ckpt = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "000001.pt")
+    assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+    assert all(torch.equal(ckpt[k], v) for k, v in ranks[0]["encoder"].items())
+    assert "global batch 2 = 2 process(es) x 1" in run.stdout
+    assert os.path.isfile(tmp_path / "ddp" / "samples" / "000001.png")
+    assert not os.path.exists(tmp_path / "ddp" / "psp_encoder.pt")
+
