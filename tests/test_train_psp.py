@@ -44,7 +44,6 @@ FACES = os.path.join(ROOT, "test_imgs", "face_imgs")
 STYLE_IMG = os.path.join(ROOT, "test_imgs", "style_imgs", "100003.jpg")
 SIZE = 32  # generator, data and encoder input size (8 W+ entries, the fewest pSp's heads allow)
 WIDTH = 32  # channels of every synthesis layer of the test generator
-N_FACES = 8
 
 
 def narrow_channels(channel_multiplier):
