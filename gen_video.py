@@ -13,8 +13,7 @@ import sys
 import torch
 from tqdm import tqdm
 
-from checkpoint import CheckpointError
-from inference import (DTYPES, Report, add_common_args, check_indicator, encode_faces, encode_styles, list_inputs,
+from inference import (run_job, DTYPES, Report, add_common_args, check_indicator, encode_faces, encode_styles, list_inputs,
                        load_aligner, load_blendgan, load_psp, read_input, resize, stem, validate_common)
 from video import HOLD_FRAMES, compose_frame, interpolation_alphas, sliding_window, write_mp4
 
@@ -118,14 +117,7 @@ def gen_videos(opts):
 
 
 def main(argv=None):
-    opts = parse_args(argv)
-    torch.manual_seed(opts.seed)
-    try:
-        report = gen_videos(opts)
-    except (CheckpointError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}")
-    print(report.summary("videos"))
-    return report.exit_code()
+    return run_job(gen_videos, parse_args(argv), "videos")
 
 
 if __name__ == "__main__":

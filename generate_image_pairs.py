@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, load_checkpoint
-from inference import (Report, add_common_args, check_indicator, encode_styles, load_blendgan, read_input,
+from checkpoint import load_checkpoint
+from inference import (run_job, Report, add_common_args, check_indicator, encode_styles, load_blendgan, read_input,
                        validate_common, write_jpeg, DTYPES)
 from utils import ten2img
 
@@ -85,14 +85,7 @@ def generate_pairs(opts):
 
 
 def main(argv=None):
-    opts = parse_args(argv)
-    torch.manual_seed(opts.seed)
-    try:
-        report = generate_pairs(opts)
-    except CheckpointError as e:
-        raise SystemExit(f"error: {e}")
-    print(report.summary("pairs"))
-    return report.exit_code()
+    return run_job(generate_pairs, parse_args(argv), "pairs")
 
 
 if __name__ == "__main__":

@@ -112,6 +112,17 @@ class Report:
         return 0 if self.written + self.existing > 0 else 1
 
 
+def run_job(job, opts, what):
+    """The scripts' main: seed, run job(opts) -> Report, one-line errors, summary, exit code."""
+    torch.manual_seed(opts.seed)
+    try:
+        report = job(opts)
+    except (CheckpointError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
+    print(report.summary(what))
+    return report.exit_code()
+
+
 def list_inputs(path):
     """A file, or the files of a folder (``*.*``, sorted, hidden files left out, as the release globs)."""
     if os.path.isfile(path):

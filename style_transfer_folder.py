@@ -15,8 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from checkpoint import CheckpointError
-from inference import (DTYPES, Report, add_common_args, check_indicator, encode_faces, encode_styles, list_inputs,
+from inference import (run_job, DTYPES, Report, add_common_args, check_indicator, encode_faces, encode_styles, list_inputs,
                        load_aligner, load_blendgan, load_psp, read_input, resize, stem, validate_common, write_jpeg)
 from utils import ten2img
 
@@ -90,14 +89,7 @@ def style_transfer(opts):
 
 
 def main(argv=None):
-    opts = parse_args(argv)
-    torch.manual_seed(opts.seed)
-    try:
-        report = style_transfer(opts)
-    except (CheckpointError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}")
-    print(report.summary("stylized faces"))
-    return report.exit_code()
+    return run_job(style_transfer, parse_args(argv), "stylized faces")
 
 
 if __name__ == "__main__":
