@@ -48,10 +48,11 @@ import copy
 import itertools
 import math
 import os
-import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+
+from fileio import atomic_path
 
 import numpy as np
 import torch
@@ -781,17 +782,8 @@ def sample_grid(g_ema, z_f, style_images, wbm_index=SAMPLE_WBM_INDEX):
 def save_png(tensor01, path):
     """[3, H, W] in [0, 1] -> PNG, written atomically."""
     arr = (tensor01.mul(255).round().clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy())
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".png", dir=folder)
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".png") as tmp:
         Image.fromarray(arr).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 @torch.no_grad()

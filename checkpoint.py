@@ -6,10 +6,11 @@ Errors are one line that names the file and the problem (``CheckpointError``).
 """
 import os
 import pickle
-import tempfile
 import zipfile
 
 import torch
+
+from fileio import atomic_path
 
 
 class CheckpointError(RuntimeError):
@@ -92,17 +93,8 @@ def load_state_dict_strict(module, state_dict, what, hint=None, assign=False):
 
 def save_checkpoint(obj, path):
     """torch.save to a temporary file in the same folder, then os.replace: never a half-written file."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pt", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    with atomic_path(path, suffix=".pt") as tmp:
+        with open(tmp, "xb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

@@ -8,10 +8,11 @@ TIFF) in any mode (1, L, P, LA, PA, RGBA, I, I;16, F, CMYK, YCbCr, ...) comes ba
 
 import io
 import os
-import uuid
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from fileio import atomic_path
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp', '.tif', '.tiff')
 
@@ -100,18 +101,9 @@ def encode_image(img, image_format='png', quality=100):
 
 def save_image_atomic(img, path, image_format=None, **params):
     """Save a PIL image so that `path` is either absent, the old file, or the complete new file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     image_format = image_format or Image.registered_extensions().get(os.path.splitext(path)[1].lower())
-    # Opened with 'xb' (not mkstemp) so the file gets the usual umask permissions, not 0600.
-    tmp_path = os.path.join(folder, f'.{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp')
-    try:
+    with atomic_path(path) as tmp_path:
         with open(tmp_path, 'xb') as f:
             img.save(f, format=image_format, **params)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise

@@ -6,7 +6,6 @@ options, then call the functions here and in model.py / psp_encoder/.
 """
 import os
 import sys
-import tempfile
 
 import cv2
 import numpy as np
@@ -14,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict, require_key
+from fileio import atomic_path
 from imageio_utils import UnreadableImageError, read_image_rgb
 from model import Generator, guess_generator_config, infer_generator_config, n_latent_for
 from utils import img2ten
@@ -213,18 +213,9 @@ def check_indicator(parser, index, size):
 
 def atomic_write_bytes(path, data):
     """Write bytes to path through a temporary file and os.replace: no half-written output."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    with atomic_path(path) as tmp:
+        with open(tmp, "xb") as f:
             f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def write_jpeg(path, rgb):

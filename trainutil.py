@@ -21,13 +21,13 @@ import math
 import os
 import random
 import re
-import tempfile
 import warnings
 
 import numpy as np
 import torch
 
 from checkpoint import save_checkpoint
+from fileio import atomic_path
 from distributed import all_gather_object, get_rank, get_world_size, is_main, unwrap
 
 CHECKPOINT_NAME = re.compile(r"^(\d{6,})\.pt$")
@@ -188,19 +188,10 @@ def options_dict(options):
 
 def write_json(path, obj):
     """Write ``obj`` as indented JSON atomically (temp file + os.replace), creating the folder."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
+    with atomic_path(path, suffix=".json") as tmp:
+        with open(tmp, "x") as f:
             json.dump(_jsonable(obj), f, indent=2, sort_keys=True)
             f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def write_config(run_dir, options, **extra):

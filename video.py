@@ -4,12 +4,10 @@ Per pair of consecutive styles (prev, next): 31 frames with alpha in [0] + sigmo
 [1] * 10; the style code is lerp(z_prev, z_next, alpha) and the reference window slides from prev to
 next. The last frame is held 10 more frames: (n_styles - 1) * 31 + 10 frames per face.
 """
-import os
-import tempfile
-
 import numpy as np
 import torch
 
+from fileio import atomic_path
 from utils import img2ten
 
 HOLD_FRAMES = 10
@@ -47,33 +45,25 @@ def write_mp4(path, frames, fps=30, crf=18):
     """
     import imageio_ffmpeg
 
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp.mp4", dir=folder)
-    os.close(fd)
-    writer, count = None, 0
-    try:
-        for frame in frames:
-            if writer is None:
-                h, w = frame.shape[:2]
-                writer = imageio_ffmpeg.write_frames(
-                    tmp, (w, h), fps=fps, codec="libx264", pix_fmt_in="rgb24", pix_fmt_out="yuv420p",
-                    quality=None, macro_block_size=2, ffmpeg_log_level="error",
-                    output_params=["-crf", str(crf), "-movflags", "+faststart"])
-                writer.send(None)  # start ffmpeg
-            writer.send(np.ascontiguousarray(frame))
-            count += 1
-        if writer is None:
-            raise ValueError(f"{path}: no frames to write")
-        writer.close()
+    count = 0
+    with atomic_path(path, suffix=".tmp.mp4") as tmp:
         writer = None
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if writer is not None:
-            writer.close()
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        try:
+            for frame in frames:
+                if writer is None:
+                    h, w = frame.shape[:2]
+                    writer = imageio_ffmpeg.write_frames(
+                        tmp, (w, h), fps=fps, codec="libx264", pix_fmt_in="rgb24", pix_fmt_out="yuv420p",
+                        quality=None, macro_block_size=2, ffmpeg_log_level="error",
+                        output_params=["-crf", str(crf), "-movflags", "+faststart"])
+                    writer.send(None)  # start ffmpeg
+                writer.send(np.ascontiguousarray(frame))
+                count += 1
+            if writer is None:
+                raise ValueError(f"{path}: no frames to write")
+        finally:
+            if writer is not None:
+                writer.close()
     return count
 
 

@@ -1,0 +1,24 @@
+"""Atomic file output, the one mechanism behind every file the project writes (images, videos, JSON,
+checkpoints): write to a temporary file in the same folder, then os.replace it onto the target."""
+import contextlib
+import os
+import uuid
+
+
+@contextlib.contextmanager
+def atomic_path(path, suffix=".tmp"):
+    """Yield a temporary path beside ``path``; when the block succeeds it replaces ``path``, otherwise it
+    is removed. ``path`` is always absent, the old file, or the complete new one. The temporary name
+    ends with ``suffix`` (tools such as ffmpeg pick the format from it) and is created by the caller,
+    so it gets the usual umask permissions.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}{suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
