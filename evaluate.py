@@ -86,7 +86,7 @@ def evaluate(opts):
     device, dtype = opts.device, DTYPES[opts.dtype]
     extractor = load_inception(opts.inception, not opts.no_download).to(device)
     lpips_model = load_lpips(opts.lpips_alexnet, not opts.no_download).to(device)
-    g, ckpt = load_blendgan(opts.ckpt, opts.size, opts.channel_multiplier, device, dtype)
+    g, ckpt = load_blendgan(opts.ckpt, opts.size, opts.channel_multiplier, device, dtype, opts.compile)
     indicators = opts.indicators if opts.indicators is not None else list(range(0, g.n_latent + 1, 2))
     bad = [i for i in indicators if not 0 <= i <= g.n_latent]
     if bad:

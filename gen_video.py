@@ -80,9 +80,9 @@ def style_walks(face_paths, style_paths, n_styles, seed):
 
 def gen_videos(opts):
     device, dtype = opts.device, DTYPES[opts.dtype]
-    g, _ = load_blendgan(opts.ckpt, opts.size, opts.channel_multiplier, device, dtype)
+    g, _ = load_blendgan(opts.ckpt, opts.size, opts.channel_multiplier, device, dtype, opts.compile)
     size = g.size
-    psp = load_psp(opts.psp_encoder_ckpt, size, device, dtype)
+    psp = load_psp(opts.psp_encoder_ckpt, size, device, dtype, opts.compile)
     report = Report()
     aligner = load_aligner(opts.align, opts.predictor)
     style_paths = []

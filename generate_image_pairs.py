@@ -42,7 +42,7 @@ def parse_args(argv=None):
 @torch.no_grad()
 def generate_pairs(opts):
     device, dtype = opts.device, DTYPES[opts.dtype]
-    g, ckpt = load_blendgan(opts.ckpt, opts.size, opts.channel_multiplier, device, dtype)
+    g, ckpt = load_blendgan(opts.ckpt, opts.size, opts.channel_multiplier, device, dtype, opts.compile)
     rng = torch.Generator().manual_seed(opts.seed)  # CPU draws: the same numbers on every device
     truncation = float(ckpt.get("truncation", opts.truncation))
     trunc_latent = None

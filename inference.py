@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict, require_key
 from fileio import atomic_path
 from imageio_utils import UnreadableImageError, read_image_rgb
+from layers import channels_last_
 from model import Generator, guess_generator_config, infer_generator_config, n_latent_for
 from utils import img2ten
 
@@ -34,6 +35,9 @@ def add_common_args(parser, batch_default=4):
                         help="compute precision of the networks (bfloat16/float16 are faster, slightly different)")
     parser.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same output")
     parser.add_argument("--batch", type=int, default=batch_default, help="images generated per forward pass")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the generator and pSp encoder: the first call compiles (tens of "
+                             "seconds), later ones run about 1.5-2x faster (bench.py, README)")
     parser.add_argument("--theta", type=float, default=None,
                         help="paper Eq. 5: style weight factor of the boundary layer i (default: the release's "
                              "behaviour, theta = 1)")
@@ -55,12 +59,20 @@ def missing_hint(flag, default_name):
             f"the release publishes it at {RELEASE_PAGE}")
 
 
-def load_blendgan(path, size=None, channel_multiplier=None, device="cpu", dtype=torch.float32):
+def for_inference(module, device, dtype, compile=False):
+    """The module on `device` in `dtype`, channels_last, in eval mode; torch.compile'd when asked
+    (attributes and methods other than forward stay reachable through the compiled wrapper)."""
+    module = channels_last_(module.to(device=device, dtype=dtype)).eval()
+    return torch.compile(module) if compile else module
+
+
+def load_blendgan(path, size=None, channel_multiplier=None, device="cpu", dtype=torch.float32, compile=False):
     """Generator from a BlendGAN checkpoint's ``g_ema`` (release layout), ready for inference.
 
     size / channel_multiplier: None reads them from the file. style_dim and n_mlp always come from the
     file (512 and 8 for the release). The weights are memory-mapped and assigned, not copied, so the
-    1.47 GB release generator is held once. Returns (generator in eval mode, the checkpoint dict).
+    1.47 GB release generator is held once. Returns (generator in eval mode, see for_inference, the
+    checkpoint dict).
     """
     ckpt = load_checkpoint(path, hint=missing_hint("--ckpt", "blendgan.pt"))
     sd = require_key(ckpt, "g_ema", path)
@@ -75,16 +87,15 @@ def load_blendgan(path, size=None, channel_multiplier=None, device="cpu", dtype=
     with torch.device("meta"):
         g = Generator(size, style_dim, n_mlp, channel_multiplier=channel_multiplier, load_pretrained_vgg=False)
     load_state_dict_strict(g, sd, f"{path}['g_ema']", hint=guess_generator_config, assign=True)
-    g = g.to(device=device, dtype=dtype).eval()
-    return g, ckpt
+    return for_inference(g, device, dtype, compile), ckpt
 
 
-def load_psp(path, size, device="cpu", dtype=torch.float32):
+def load_psp(path, size, device="cpu", dtype=torch.float32, compile=False):
     from psp_encoder.psp_encoders import PSPEncoder
 
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path}: file not found; {missing_hint('--psp_encoder_ckpt', 'psp_encoder.pt')}")
-    return PSPEncoder(path, output_size=size).to(device=device, dtype=dtype).eval()
+    return for_inference(PSPEncoder(path, output_size=size), device, dtype, compile)
 
 
 class Report:

@@ -55,9 +55,9 @@ def read_all(paths, report, size, aligner=None):
 @torch.no_grad()
 def style_transfer(opts):
     device, dtype = opts.device, DTYPES[opts.dtype]
-    g, _ = load_blendgan(opts.ckpt, opts.size, opts.channel_multiplier, device, dtype)
+    g, _ = load_blendgan(opts.ckpt, opts.size, opts.channel_multiplier, device, dtype, opts.compile)
     size = g.size
-    psp = load_psp(opts.psp_encoder_ckpt, size, device, dtype)
+    psp = load_psp(opts.psp_encoder_ckpt, size, device, dtype, opts.compile)
     report = Report()
     aligner = load_aligner(opts.align, opts.predictor)
     face_stems, faces, face_thumbs = read_all(list_inputs(opts.input_img_path), report, size, aligner)

@@ -32,6 +32,10 @@ def fused_leaky_relu_ref(x, bias, negative_slope=0.2, scale=2 ** 0.5):
     _check_args(x, bias)
     if bias is not None:
         x = x + bias.to(x.dtype).view(1, -1, *([1] * (x.ndim - 2)))  # [1, C, 1, ...]
+        if not x.requires_grad:
+            # Inference: x is our own temporary, so activate and scale it in place (no two more
+            # full-size allocations; at 1024 px each is 128 MB of fresh pages).
+            return F.leaky_relu_(x, negative_slope).mul_(scale)
     return F.leaky_relu(x, negative_slope) * scale
 
 

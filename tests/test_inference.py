@@ -86,9 +86,11 @@ def test_generate_pairs_latent_guided_matches_in_process_generation(ckpts, tmp_p
             expected = jpeg_roundtrip(np.concatenate([nat, sty], axis=1))
             assert np.abs(got - expected).mean() < 0.5
             assert np.abs(nat.astype(float) - sty).mean() > 3.0  # the style branch really acts
-    # same seed -> same files; another seed -> other faces
+    # same seed and batch -> same files (another batch size rounds differently: one sample modulates the
+    # weights, a batch the activations); another seed -> other faces
     again = tmp_path / "again"
-    run_main(generate_image_pairs, ["--ckpt", ckpt, "--pics", 3, "--outdir", again, "--seed", 7, "--device", "cpu"])
+    run_main(generate_image_pairs, ["--ckpt", ckpt, "--pics", 3, "--outdir", again, "--seed", 7, "--batch", 2,
+                                    "--device", "cpu"])
     assert all((out / f).read_bytes() == (again / f).read_bytes() for f in files)
     other = tmp_path / "other"
     run_main(generate_image_pairs, ["--ckpt", ckpt, "--pics", 1, "--outdir", other, "--seed", 8, "--device", "cpu"])
@@ -266,3 +268,23 @@ def test_gen_video_frames_fps_and_layout(ckpts, tmp_path):
         assert np.abs(frames[t][:, SIZE:2 * SIZE].astype(float) - face).mean() > 25
     assert np.abs(frames[-1].astype(float) - frames[-2]).mean() < 1  # the final hold
     assert np.abs(frames[30].astype(float) - frames[0]).mean() > 1  # the result moves between styles
+
+
+def test_compiled_networks_match_eager(ckpts):
+    """--compile (torch.compile of the channels_last generator and pSp encoder) changes no output beyond
+    1e-4 of its range."""
+    ckpt, psp_ckpt = ckpts
+    g, _ = load_blendgan(ckpt)
+    g_c, _ = load_blendgan(ckpt, compile=True)
+    psp, psp_c = load_psp(psp_ckpt, SIZE), load_psp(psp_ckpt, SIZE, compile=True)
+    torch.manual_seed(1)
+    z, z_embed = torch.randn(2, 512), torch.randn(2, 512)
+    face = torch.rand(2, 3, 256, 256) * 2 - 1
+    with torch.no_grad():
+        for kw in (dict(), dict(z_embed=z_embed, add_weight_index=6)):
+            eager, compiled = g([z], randomize_noise=False, **kw)[0], g_c([z], randomize_noise=False, **kw)[0]
+            assert (compiled - eager).abs().max() <= 1e-4 * eager.abs().max()
+        codes, codes_c = psp(face), psp_c(face)  # [2, n_latent, 512]
+        assert codes.shape == (2, g.n_latent, 512)
+        assert (codes_c - codes).abs().max() <= 1e-4 * codes.abs().max()
+    assert torch.equal(g_c.get_z_embed(face), g.get_z_embed(face))  # methods reach the wrapped module

@@ -1,4 +1,5 @@
 """model.py / style_encoder.py / checkpoint.py against the release's schema and independent computations."""
+import itertools
 import json
 import math
 import os
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict, save_checkpoint
+from layers import channels_last_
 from model import Discriminator, Generator, ProjectionDiscriminator, guess_generator_config, wbm_face_weight
 from style_encoder import VGG19_TAPS, Projector, StyleEncoder, gram_dim
 
@@ -180,13 +182,14 @@ def reference_modulated_conv(x, conv, style):
 def test_modulated_conv_matches_per_sample_reference():
     g = small_generator().double()
     torch.manual_seed(3)
-    for conv in (g.convs[0].conv, g.convs[1].conv, g.to_rgbs[0].conv):
-        x = torch.randn(2, conv.in_channel, 8, 8, dtype=torch.float64)
-        style = torch.randn(2, 16, dtype=torch.float64)
+    # batch 2 modulates activations, batch 1 the weight (fused=False); fused=True is the grouped path
+    for conv, batch in itertools.product((g.convs[0].conv, g.convs[1].conv, g.to_rgbs[0].conv), (1, 2)):
+        x = torch.randn(batch, conv.in_channel, 8, 8, dtype=torch.float64)
+        style = torch.randn(batch, 16, dtype=torch.float64)
         ref = reference_modulated_conv(x, conv, style)
         for fused in (False, True):
             conv.fused = fused
-            assert torch.allclose(conv(x, style), ref, atol=1e-10), (conv, fused)
+            assert torch.allclose(conv(x, style), ref, atol=1e-10), (conv, batch, fused)
         conv.fused = False
 
 
@@ -200,6 +203,26 @@ def test_fused_and_activation_modulation_agree_on_whole_generator():
             m.fused = True
     b, _ = g([z], z_embed=z_embed, add_weight_index=2, randomize_noise=False)
     assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+
+
+def test_single_sample_and_channels_last_paths_match_batched_contiguous_generator():
+    g = small_generator(size=32)
+    z, z_embed = torch.randn(3, 16), torch.randn(3, 16)
+    with torch.no_grad():
+        batched, _ = g([z], z_embed=z_embed, add_weight_index=2, randomize_noise=False)  # [3, 3, 32, 32]
+        single = torch.cat([g([z[i:i + 1]], z_embed=z_embed[i:i + 1], add_weight_index=2, randomize_noise=False)[0]
+                            for i in range(3)])
+        channels_last_(g)
+        layouts = []
+        g.convs[-1].register_forward_hook(
+            lambda m, args, out: layouts.append(out.is_contiguous(memory_format=torch.channels_last)))
+        cl_batched, _ = g([z], z_embed=z_embed, add_weight_index=2, randomize_noise=False)
+        cl_single, _ = g([z[:1]], z_embed=z_embed[:1], add_weight_index=2, randomize_noise=False)
+    tol = 1e-4 * batched.abs().max()
+    assert (single - batched).abs().max() <= tol
+    assert (cl_batched - batched).abs().max() <= tol
+    assert (cl_single - batched[:1]).abs().max() <= tol
+    assert layouts == [True, True]  # the layout really reaches the last convolution
 
 
 def test_style_encoder_matches_independent_vgg_gram():

@@ -244,10 +244,12 @@ def test_fused_leaky_relu_values(case):
     x, bias, _ = fused_lrelu_inputs(case, "cpu", torch.float64, seed=5)
     expected = fused_lrelu_numpy(x.numpy(), None if bias is None else bias.numpy(), case["negative_slope"],
                                  case["scale"])
+    x_before = x.clone()
     for impl in ("ref", "auto"):
         out = fused_leaky_relu(x, bias, case["negative_slope"], case["scale"], impl=impl)
         assert out.shape == x.shape
         np.testing.assert_allclose(out.numpy(), expected, rtol=1e-12, atol=0)
+    assert torch.equal(x, x_before)  # the no-grad path works in place on its own temporary only
     # float32 activations with a float64 bias (the bias follows x's dtype)
     out32 = fused_leaky_relu(x.float(), bias, case["negative_slope"], case["scale"])
     assert out32.dtype == torch.float32
