@@ -1,9 +1,15 @@
-"""Benchmarks: median wall time of the main forward/backward passes, after warm-up; prints a table.
+"""Benchmarks: median wall time of inference passes and training phases, after warm-up; prints a table.
 
-    python bench.py --sizes 256,1024 --batch 1 --device cpu --dtype float32
+    python bench.py --sizes 256,1024 --batch 1 --device cpu --dtype float32 [--compile] [--train]
 
-Rows: generator forward (natural face, i = n_latent, and stylized, i = 6, from a given style code),
-one style embedding (VGG-19 Gram + MLP), one pSp encoding, one discriminator forward + backward.
+Inference rows (per size): generator forward (natural face, i = n_latent, and stylized, i = 6, from a
+given style code), one style embedding (VGG-19 Gram + MLP), one pSp encoding, one full style-transfer
+pair without caching (pSp + style embedding + stylized forward), one discriminator forward + backward.
+The networks are prepared as the inference scripts prepare them (inference.for_inference: channels_last,
+eval, optionally torch.compile). GFLOP/image of the generator comes from torch's FLOP counter.
+Training rows (--train): the four phases of one BlendGAN iteration (train.py's own functions) at
+--train_size with --train_batch, the amortised iteration (R1 every 16, path length every 4), and one
+style-encoder SimCLR step (VGG in --dtype autocast when that is not float32, Gram products in float32).
 Weights are random (timings do not depend on them). Speed is measured here, never asserted in tests.
 """
 import argparse
@@ -13,8 +19,9 @@ import sys
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from inference import DTYPES, default_device
+from inference import DTYPES, default_device, for_inference
 from model import Discriminator, Generator
 
 
@@ -34,56 +41,127 @@ def timed(fn, device, warmup, repeat):
     return statistics.median(times)
 
 
-def build(cls, *args, device, dtype, **kw):
-    """The module with its constructor's own initialisation (realistic scales, real FIR kernels)."""
-    return cls(*args, **kw).to(device=device, dtype=dtype).eval()
+def generator_gflop(g, z):
+    """FLOPs of one natural forward per image, counted by torch (convolutions and matmuls)."""
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        g([z], randomize_noise=False)
+    return counter.get_total_flops() / z.shape[0] / 1e9
 
 
-def bench_size(size, opts):
-    device, dtype = opts.device, DTYPES[opts.dtype]
+def bench_inference(size, opts):
+    """[(what, seconds per call, images per call)] for one output size."""
+    device, dtype, n = opts.device, DTYPES[opts.dtype], opts.batch
+    run = lambda fn: timed(fn, device, opts.warmup, opts.repeat)  # noqa: E731
     rows = []
-    g = build(Generator, size, 512, 8, channel_multiplier=2, load_pretrained_vgg=False, device=device, dtype=dtype)
-    z = torch.randn(opts.batch, 512, device=device, dtype=dtype)
-    z_s = torch.randn(opts.batch, 512, device=device, dtype=dtype)
-    img = torch.rand(opts.batch, 3, size, size, device=device, dtype=dtype) * 2 - 1
+    g = Generator(size, 512, 8, channel_multiplier=2, load_pretrained_vgg=False)
+    g = for_inference(g, device, dtype, opts.compile)
+    z = torch.randn(n, 512, device=device, dtype=dtype)
+    z_s = torch.randn(n, 512, device=device, dtype=dtype)
+    img = torch.rand(n, 3, size, size, device=device, dtype=dtype) * 2 - 1
+    print(f"# {size} px: generator {generator_gflop(g, z):.1f} GFLOP/image", flush=True)
     with torch.no_grad():
-        rows.append(("G forward, natural", timed(lambda: g([z], randomize_noise=False), device, opts.warmup, opts.repeat)))
-        rows.append(("G forward, stylized i=6", timed(
-            lambda: g([z], z_embed=z_s, add_weight_index=6, randomize_noise=False), device, opts.warmup, opts.repeat)))
-        rows.append(("style embedding", timed(lambda: g.get_z_embed(img), device, opts.warmup, opts.repeat)))
+        rows.append(("G forward, natural", run(lambda: g([z], randomize_noise=False)), n))
+        rows.append(("G forward, stylized i=6", run(
+            lambda: g([z], z_embed=z_s, add_weight_index=6, randomize_noise=False)), n))
+        rows.append(("style embedding", run(lambda: g.get_z_embed(img)), n))
         if opts.psp:
             from psp_encoder.psp_encoders import PSPEncoder
 
-            psp = PSPEncoder(None, output_size=size).to(device=device, dtype=dtype).eval()
-            rows.append(("pSp encoding", timed(lambda: psp(img), device, opts.warmup, opts.repeat)))
+            psp = for_inference(PSPEncoder(None, output_size=size), device, dtype, opts.compile)
+            rows.append(("pSp encoding", run(lambda: psp(img)), n))
+
+            def pair():
+                codes = psp(img)  # [N, n_latent, 512]
+                return g([codes], input_is_latent=True, z_embed=g.get_z_embed(img), add_weight_index=6,
+                         randomize_noise=False)
+
+            rows.append(("style-transfer pair (pSp + embedding + G)", run(pair), n))
             del psp
     del g
-    d = build(Discriminator, size, channel_multiplier=2, device=device, dtype=dtype)
+    d = for_inference(Discriminator(size, channel_multiplier=2), device, dtype)
 
     def d_step():
         x = img.detach().requires_grad_(True)
         d(x).sum().backward()
 
-    rows.append(("D forward+backward", timed(d_step, device, opts.warmup, opts.repeat)))
+    rows.append(("D forward+backward", run(d_step), n))
+    return rows
+
+
+def bench_training(opts):
+    """The phases of one BlendGAN iteration and one style-encoder step (float32 weights; --dtype other
+    than float32 turns on the trainers' autocast)."""
+    from blendgan_training import (Batch, StyleQueue, TrainOptions, TrainState, build_networks, d_reg_step, d_step,
+                                   encode_styles, g_reg_step, g_step, make_optimizers)
+    from style_encoder_training import SimCLRHead, contrastive_loss
+    from style_encoder import Projector, StyleEncoder
+
+    device, size, n = opts.device, opts.train_size, opts.train_batch
+    run = lambda fn: timed(fn, device, opts.warmup, opts.repeat)  # noqa: E731
+    amp = opts.dtype != "float32"
+    topts = TrainOptions(ffhq_lmdb="-", size=size, batch=n, amp=amp, device=device)
+    nets = build_networks(topts, torch.device(device))
+    g_optim, d_optim = make_optimizers(nets, topts)
+    s = TrainState(topts, torch.device(device), nets, g_optim, d_optim, StyleQueue(topts.queue_size, 512, device))
+    x_f = torch.rand(n, 3, size, size, device=device) * 2 - 1
+    x_s = torch.rand(n, 3, size, size, device=device) * 2 - 1
+    b = Batch(x_f, x_s, encode_styles(s, x_s))
+    phases = {"d_step": lambda: d_step(s, b), "d_reg_step (R1)": lambda: d_reg_step(s, b),
+              "g_step": lambda: g_step(s, b), "g_reg_step (path length)": lambda: g_reg_step(s),
+              "style codes E_style(x_s)": lambda: encode_styles(s, x_s)}
+    secs = {name: run(fn) for name, fn in phases.items()}
+    rows = [(f"train {size} px: {name}", sec, n) for name, sec in secs.items()]
+    iteration = (secs["d_step"] + secs["g_step"] + secs["style codes E_style(x_s)"]
+                 + secs["d_reg_step (R1)"] / topts.d_reg_every + secs["g_reg_step (path length)"] / topts.g_reg_every)
+    rows.append((f"train {size} px: one iteration, lazy regularisers amortised", iteration, n))
+    del s, nets, g_optim, d_optim
+
+    encoder = StyleEncoder(512, 4, load_pretrained_vgg=False).to(device)
+    encoder.embedder.to(memory_format=torch.channels_last)
+    head = SimCLRHead(encoder.embedder_mlp, Projector(512, 2).to(device))
+    optim = torch.optim.Adam(head.parameters(), lr=1e-4)
+    views = torch.rand(n, 2, 3, 256, 256, device=device) * 2 - 1  # [B, 2 views, 3, 256, 256]
+    amp_dtype = DTYPES[opts.dtype] if amp else None
+
+    def style_step():
+        loss, _ = contrastive_loss(head, encoder, views, 0.2, amp_dtype, channels_last=True)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        optim.step()
+
+    rows.append(("train E_style: SimCLR step (2 views, 256 px)", run(style_step), n))
     return rows
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", default="256,1024", help="comma-separated output sizes")
+    p.add_argument("--sizes", default="256,1024", help="comma-separated output sizes ('' for none)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--device", default=default_device())
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--compile", action="store_true", help="torch.compile the generator and pSp (as --compile)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeat", type=int, default=5)
-    p.add_argument("--no_psp", dest="psp", action="store_false", help="skip the pSp row")
+    p.add_argument("--no_psp", dest="psp", action="store_false", help="skip the pSp rows")
+    p.add_argument("--train", action="store_true", help="also time the training phases")
+    p.add_argument("--train_size", type=int, default=64)
+    p.add_argument("--train_batch", type=int, default=8)
     opts = p.parse_args(argv)
-    print(f"# device={opts.device} dtype={opts.dtype} batch={opts.batch} threads={torch.get_num_threads()} "
-          f"torch={torch.__version__}")
-    print(f"| size | what | median s | images/s |\n| --- | --- | --- | --- |")
-    for size in [int(s) for s in opts.sizes.split(",")]:
-        for what, sec in bench_size(size, opts):
-            print(f"| {size} | {what} | {sec:.3f} | {opts.batch / sec:.2f} |", flush=True)
+    print(f"# device={opts.device} dtype={opts.dtype} batch={opts.batch} compile={opts.compile} "
+          f"threads={torch.get_num_threads()} torch={torch.__version__}")
+    print("| size | what | median s | images/s |\n| --- | --- | --- | --- |")
+
+    def show(size, rows):
+        for what, sec, n in rows:
+            print(f"| {size} | {what} | {sec:.3f} | {n / sec:.2f} |", flush=True)
+
+    for size in [int(s) for s in opts.sizes.split(",") if s]:
+        show(size, bench_inference(size, opts))
+    if opts.train:
+        show(opts.train_size, bench_training(opts))
+    if opts.device.startswith("cuda"):
+        print(f"# peak CUDA memory {torch.cuda.max_memory_allocated() / 1024 ** 3:.2f} GB")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
     print(f"# peak RSS {rss:.2f} GB")
     return 0

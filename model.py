@@ -274,7 +274,7 @@ class Discriminator(nn.Module):
     def forward(self, image):
         out = minibatch_stddev(self.convs(image), self.stddev_group, self.stddev_feat)
         out = self.final_conv(out)
-        return self.final_linear(out.view(out.shape[0], -1))
+        return self.final_linear(out.reshape(out.shape[0], -1))  # [N, 512*4*4], (C, H, W) order in any layout
 
 
 class ProjectionDiscriminator(nn.Module):
