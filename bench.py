@@ -21,7 +21,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from inference import DTYPES, default_device, for_inference
+from inference import DTYPES, default_device, for_inference, keep_freed_memory
 from model import Discriminator, Generator
 
 
@@ -45,8 +45,27 @@ def generator_gflop(g, z):
     """FLOPs of one natural forward per image, counted by torch (convolutions and matmuls)."""
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
-        g([z], randomize_noise=False)
+        getattr(g, "_orig_mod", g)([z], randomize_noise=False)  # eager: the counter's hooks stay out of compile
     return counter.get_total_flops() / z.shape[0] / 1e9
+
+
+def low_precision_psnr(size, dtype, device, seed=0):
+    """PSNR (dB, images clamped to [-1, 1]) of the `dtype` generator's stylized i=6 images against
+    float32, on 4 face/style codes. Weights: the constructor's random initialisation with trained-like
+    WBM weights (face weight falling from 0.9 to 0.1 over the layers; at init it is 1, no style at all)."""
+    torch.manual_seed(seed)
+    g = Generator(size, 512, 8, channel_multiplier=2, load_pretrained_vgg=False)
+    with torch.no_grad():
+        g.add_weight.copy_(torch.linspace(0.9, 0.1, g.n_latent).view(1, -1, 1))
+    z, z_s = torch.randn(4, 512, device=device), torch.randn(4, 512, device=device)
+    images = []
+    for dt in (torch.float32, dtype):
+        net = for_inference(g, device, dt)  # moves g itself: float32 first, then the low precision
+        with torch.no_grad():
+            images.append(net([z.to(dt)], z_embed=z_s.to(dt), add_weight_index=6, randomize_noise=False)[0]
+                          .float().clamp(-1, 1))
+    mse = (images[0] - images[1]).pow(2).mean()
+    return float(10 * torch.log10(2 ** 2 / mse))
 
 
 def bench_inference(size, opts):
@@ -60,6 +79,8 @@ def bench_inference(size, opts):
     z_s = torch.randn(n, 512, device=device, dtype=dtype)
     img = torch.rand(n, 3, size, size, device=device, dtype=dtype) * 2 - 1
     print(f"# {size} px: generator {generator_gflop(g, z):.1f} GFLOP/image", flush=True)
+    if dtype != torch.float32:
+        print(f"# {size} px: {opts.dtype} vs float32 image, PSNR {low_precision_psnr(size, dtype, device):.1f} dB", flush=True)
     with torch.no_grad():
         rows.append(("G forward, natural", run(lambda: g([z], randomize_noise=False)), n))
         rows.append(("G forward, stylized i=6", run(
@@ -148,6 +169,7 @@ def main(argv=None):
     p.add_argument("--train_size", type=int, default=64)
     p.add_argument("--train_batch", type=int, default=8)
     opts = p.parse_args(argv)
+    keep_freed_memory()  # as the inference scripts do
     print(f"# device={opts.device} dtype={opts.dtype} batch={opts.batch} compile={opts.compile} "
           f"threads={torch.get_num_threads()} torch={torch.__version__}")
     print("| size | what | median s | images/s |\n| --- | --- | --- | --- |")

@@ -4,6 +4,7 @@ atomic outputs and the end-of-run report.
 The scripts (generate_image_pairs.py, style_transfer_folder.py, gen_video.py) stay thin: they parse
 options, then call the functions here and in model.py / psp_encoder/.
 """
+import ctypes
 import os
 import sys
 
@@ -123,8 +124,29 @@ class Report:
         return 0 if self.written + self.existing > 0 else 1
 
 
+# glibc mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_memory():
+    """Make glibc malloc serve large tensors from its heap and keep freed memory there for reuse.
+
+    By default every block above 32 MB is mapped fresh from the kernel and unmapped when freed, so each
+    128 MB activation of a 1024 px forward pays ~32k page faults again: the CPU generator runs 1.6x
+    slower and a full style-transfer pair 1.9x (docs/perf_notes.md). Blocks up to 2 GB now come from the
+    heap, which is never trimmed; peak memory is unchanged, memory is not handed back between images.
+    Returns whether it applied (False off glibc, e.g. macOS or musl).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 2 ** 31 - 1) and libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
+    except (OSError, AttributeError):
+        return False
+
+
 def run_job(job, opts, what):
     """The scripts' main: seed, run job(opts) -> Report, one-line errors, summary, exit code."""
+    keep_freed_memory()
     torch.manual_seed(opts.seed)
     try:
         report = job(opts)

@@ -159,7 +159,8 @@ class StyleEncoder(nn.Module):
         return self.embedder.parameters()
 
     def forward(self, image):
-        return self.embedder_mlp(self.embedder(image))
+        gram = self.embedder(image)  # [N, gram_dim], float32 whatever the network's dtype
+        return self.embedder_mlp(gram.to(self.embedder_mlp[0].weight.dtype))  # [N, style_dim]
 
 
 class Projector(nn.Module):
