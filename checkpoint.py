@@ -17,12 +17,16 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, unreadable, or does not fit the model it is loaded into."""
 
 
-def load_checkpoint(path, map_location="cpu", hint=None, expect_dict=True):
+def load_checkpoint(path, map_location="cpu", hint=None, expect_dict=True, mmap=True):
     """Load a dict checkpoint safely.
 
     path: file written by ``torch.save`` (zip or legacy format).
     hint: extra text for the missing-file message (e.g. where the release publishes the file).
     expect_dict: refuse anything but a dict (False: any weights-only object, e.g. a tensor of codes).
+    mmap: memory-map the file (zip format): tensors are read when first touched and can be used as
+        parameters in place (assign=True). False reads each tensor into its own memory: right when the
+        tensors will be converted anyway (a touched mapped page would be held twice while the
+        mapping lives).
     Returns the loaded object. Raises CheckpointError with one line naming the file otherwise.
     """
     path = os.fspath(path)
@@ -32,7 +36,7 @@ def load_checkpoint(path, map_location="cpu", hint=None, expect_dict=True):
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"checkpoint {path}: file is empty")
     # mmap only works for the zip format; legacy (pre-1.6) files are read normally.
-    mmap = zipfile.is_zipfile(path)
+    mmap = mmap and zipfile.is_zipfile(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:

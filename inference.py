@@ -144,6 +144,15 @@ def keep_freed_memory():
         return False
 
 
+def release_freed_memory():
+    """Hand the heap's free memory back to the OS (glibc malloc_trim), e.g. after dropping a network
+    that is no longer needed; keep_freed_memory() stops glibc from doing it on its own."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def run_job(job, opts, what):
     """The scripts' main: seed, run job(opts) -> Report, one-line errors, summary, exit code."""
     keep_freed_memory()

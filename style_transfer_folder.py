@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from inference import (run_job, DTYPES, Report, add_common_args, check_indicator, encode_faces, encode_styles, list_inputs,
-                       load_aligner, load_blendgan, load_psp, read_input, resize, stem, validate_common, write_jpeg)
+                       load_aligner, load_blendgan, load_psp, read_input, release_freed_memory, resize, stem, validate_common, write_jpeg)
 from utils import ten2img
 
 
@@ -55,9 +55,11 @@ def read_all(paths, report, size, aligner=None):
 @torch.no_grad()
 def style_transfer(opts):
     device, dtype = opts.device, DTYPES[opts.dtype]
-    g, _ = load_blendgan(opts.ckpt, opts.size, opts.channel_multiplier, device, dtype, opts.compile)
+    # One network at a time, each dropped when its part is done, so that E_style's 1.25 GB layer, the
+    # 1 GB pSp encoder and the 1024 px activations are never in memory together (peak RSS: README).
+    # The generator is memory-mapped: loading it reads only what is used.
+    g = load_blendgan(opts.ckpt, opts.size, opts.channel_multiplier, device, dtype)[0]
     size = g.size
-    psp = load_psp(opts.psp_encoder_ckpt, size, device, dtype, opts.compile)
     report = Report()
     aligner = load_aligner(opts.align, opts.predictor)
     face_stems, faces, face_thumbs = read_all(list_inputs(opts.input_img_path), report, size, aligner)
@@ -65,9 +67,15 @@ def style_transfer(opts):
     if not faces or not styles:
         print(f"nothing to do: {len(faces)} usable face(s), {len(styles)} usable style(s)", file=sys.stderr)
         return report
-    codes = encode_faces(psp, faces, opts.batch, device, dtype)  # [F, n_latent, 512]
     z_embeds = encode_styles(g, styles, opts.batch, device, dtype)  # [S, style_dim]
-    del faces, styles
+    del g
+    release_freed_memory()
+    psp = load_psp(opts.psp_encoder_ckpt, size, device, dtype, opts.compile)
+    codes = encode_faces(psp, faces, opts.batch, device, dtype)  # [F, n_latent, 512]
+    del psp, faces, styles
+    release_freed_memory()
+    # A fresh mapping of the file: E_style's pages read above are not part of it.
+    g = load_blendgan(opts.ckpt, size, opts.channel_multiplier, device, dtype, opts.compile)[0]
 
     os.makedirs(opts.outdir, exist_ok=True)
     pairs = [(f, s) for f in range(len(face_stems)) for s in range(len(style_stems))]

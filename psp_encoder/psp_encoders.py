@@ -42,7 +42,9 @@ def read_psp_checkpoint(path, n_styles):
     weights or latent_avg, a latent_avg that does not broadcast to [n_styles, 512], and a file made
     for another output size (it says which).
     """
-    ckpt = load_checkpoint(path, map_location="cpu")
+    # Not memory-mapped: every tensor gets its own memory and becomes the parameter itself (assign),
+    # so converting one (dtype, channels_last) frees its original; the 1 GB file is never held twice.
+    ckpt = load_checkpoint(path, map_location="cpu", mmap=False)
     weights = ckpt[WEIGHTS_WRAPPER] if WEIGHTS_WRAPPER in ckpt else ckpt
     where = f"checkpoint {path}" + (f" ['{WEIGHTS_WRAPPER}']" if weights is not ckpt else "")
     if not isinstance(weights, dict):
@@ -94,8 +96,7 @@ class PSPEncoder(nn.Module):
     ckpt_path: a released (or compatible) psp_encoder.pt, or None for a randomly initialised encoder
         with latent_avg = 0 (tests, training).
     output_size: the generator's output size; n_styles = 2*log2(output_size) - 2 must match the file.
-    device: optional convenience, same as calling ``.to(device)`` after construction (weights read from
-        a file are copied straight to it).
+    device: optional convenience, same as calling ``.to(device)`` after construction.
 
     The constructor puts the module in eval mode once (BatchNorm uses running statistics, as at
     inference in the release); call ``.train()`` to train it. forward never changes mode or device.
@@ -116,20 +117,15 @@ class PSPEncoder(nn.Module):
         if state_dict is None:
             self.encoder = GradualStyleEncoder(50, "ir_se", n_styles)
         else:
-            # The strict load below overwrites every tensor: skip the random initialisation (seconds
-            # for ~270M parameters) by building on the meta device and allocating uninitialised memory.
-            # With a device given, the weights are copied straight from the file to it.
+            # The file's tensors become the parameters (assign): no random initialisation (seconds for
+            # ~270M parameters) and no second copy of the weights.
             with torch.device("meta"):
-                encoder = GradualStyleEncoder(50, "ir_se", n_styles)
-            target = torch.device(device) if device is not None else torch.get_default_device()
-            self.encoder = encoder.to_empty(device=target)
-        own_device = next(self.encoder.parameters()).device
+                self.encoder = GradualStyleEncoder(50, "ir_se", n_styles)
+            load_state_dict_strict(self.encoder, state_dict,
+                                   f"checkpoint {ckpt_path} ('{ENCODER_PREFIX}.' weights)", assign=True)
         if latent_avg is None:
             latent_avg = torch.zeros(n_styles, STYLE_DIM)
-        self.register_buffer(LATENT_AVG, latent_avg.to(own_device), persistent=False)
-        if state_dict is not None:
-            load_state_dict_strict(self.encoder, state_dict,
-                                   f"checkpoint {ckpt_path} ('{ENCODER_PREFIX}.' weights)")
+        self.register_buffer(LATENT_AVG, latent_avg, persistent=False)
         self.eval()
         if device is not None:
             self.to(device)
