@@ -457,19 +457,21 @@ def test_checkpoint_layout_and_generate_image_pairs(real_width_run, tmp_path):
 
 # ---- a short run, samples, non-finite guard, --amp -----------------------------------------------
 
-def test_short_run_losses_move_and_samples_are_written(narrow, data, tmp_path):
-    n_iter = 16
+def test_a_few_hundred_iterations_losses_move_and_samples_are_written(narrow, data, tmp_path):
+    """200 iterations at 32 px on the test faces vs the test styles (default lazy-regularisation
+    intervals): D_face and D_style move away from their start, every logged value stays finite."""
+    n_iter = 200
     opts = small_options(data, tmp_path / "run", size=32, iter=n_iter, sample_every=n_iter // 2, save_every=n_iter,
-                         d_reg_every=4, g_reg_every=2, queue_size=32)
+                         queue_size=32)
     s = bt.train(opts, log=lambda *a: None)
     log = read_jsonl(os.path.join(opts.out_dir, "logs", "scalars.jsonl"))
     assert [r["step"] for r in log] == list(range(1, n_iter + 1))
     for record in log:
         assert all(math.isfinite(v) for v in record.values()), record
     for key in ("d_face", "d_style"):
-        start = log[0][key]
-        late = np.mean([r[key] for r in log[-6:]])
-        assert abs(late - start) > 0.1, (key, start, late)
+        start = np.mean([r[key] for r in log[:3]])
+        late = np.mean([r[key] for r in log[-50:]])
+        assert abs(late - start) > 0.2, (key, start, late)
     for alpha in (v for k, v in log[-1].items() if k.startswith("wbm/alpha_")):
         assert 0 <= alpha <= 1
     assert len(s.queue) == min(32, n_iter * opts.batch)
