@@ -13,23 +13,21 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import load_checkpoint
-from inference import (run_job, Report, add_common_args, check_indicator, encode_styles, load_blendgan, read_input,
-                       validate_common, write_jpeg, DTYPES)
+from inference import (DTYPES, Report, add_common_args, add_generator_args, check_indicator, encode_styles,
+                       load_blendgan, read_input, run_job, validate_common, write_jpeg)
 from utils import ten2img
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--size", type=int, default=None, help="output size (default: the checkpoint's; the release's is 1024)")
+    add_generator_args(p)
     p.add_argument("--pics", type=int, default=20, help="number of pairs to generate")
-    p.add_argument("--ckpt", default="pretrained_models/blendgan.pt", help="BlendGAN checkpoint (g_ema)")
     p.add_argument("--style_img", default=None, help="reference style image (reference-guided); none: a random style code")
     p.add_argument("--outdir", default="results/generated_pairs", help="output folder")
     p.add_argument("--truncation", type=float, default=0.75, help="truncation psi of the face codes (overridden by ckpt['truncation'])")
     p.add_argument("--truncation_mean", type=int, default=4096, help="samples for the truncation centre when ckpt has no latent_avg")
     p.add_argument("--sample_zs", default=None, help="torch file with face codes (indexable, items [1, 512]) instead of random ones")
     p.add_argument("--add_weight_index", type=int, default=6, help="WBM indicator i: 0 full style ... n_latent natural face")
-    p.add_argument("--channel_multiplier", type=int, default=None, help="generator width (default: the checkpoint's; release 2)")
     add_common_args(p)
     opts = p.parse_args(argv)
     validate_common(p, opts)

@@ -29,6 +29,29 @@ def default_device():
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def add_generator_args(parser):
+    """--size, --ckpt, --channel_multiplier: the BlendGAN generator every inference script loads."""
+    parser.add_argument("--size", type=int, default=None,
+                        help="output size (default: the checkpoint's; the release's is 1024)")
+    parser.add_argument("--ckpt", default="pretrained_models/blendgan.pt", help="BlendGAN checkpoint (g_ema)")
+    parser.add_argument("--channel_multiplier", type=int, default=None,
+                        help="generator width (default: the checkpoint's; release 2)")
+
+
+def add_photo_args(parser, style_help, outputs):
+    """--psp_encoder_ckpt, --style_img_path, --input_img_path, --align, --predictor, --skip_existing: the
+    options of the two scripts that stylize real face photos."""
+    parser.add_argument("--psp_encoder_ckpt", default="pretrained_models/psp_encoder.pt", help="pSp encoder checkpoint")
+    parser.add_argument("--style_img_path", default="test_imgs/style_imgs/", help=style_help)
+    parser.add_argument("--input_img_path", default="test_imgs/face_imgs/", help="face image or folder of them")
+    parser.add_argument("--align", action="store_true",
+                        help="align each face photo FFHQ-style with dlib first (raw photos)")
+    parser.add_argument("--predictor", default=None,
+                        help="dlib 68-landmark model (default: face-recognition-models' file)")
+    parser.add_argument("--skip_existing", action="store_true",
+                        help=f"keep {outputs} that already exist (resume a run)")
+
+
 def add_common_args(parser, batch_default=4):
     """--device, --dtype, --seed, --batch, --theta: the options every inference script has."""
     parser.add_argument("--device", default=default_device(), help="torch device (default: cuda if present, else cpu)")

@@ -52,7 +52,7 @@ from checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict,
 from dataset import MultiResolutionDataset, infinite_loader
 from imageio_utils import read_image_rgb, save_image_atomic
 from inference import load_blendgan
-from psp_encoder.encoders import IR_SE_50_STAGES, STEM_CHANNELS, BottleneckIRSE
+from psp_encoder.encoders import IR_SE_50_STAGES, ir_se50_trunk
 from psp_encoder.psp_encoders import ENCODER_INPUT_SIZE, LATENT_AVG, PSPEncoder, psp_state_dict_for_release
 from utils import img2ten, ten2img
 
@@ -150,11 +150,13 @@ def validate(options):
             problems.append(f"LMDB {path} is not a folder (make one with prepare_data.py)")
     if not options.lmdb:
         problems.append("at least one LMDB of faces is needed")
-    files = ("blendgan_ckpt", "lpips_alexnet", "id_weights", "encoder_backbone", "sample_style_img")
-    for name in files:
+    # option field -> its flag (blendgan_ckpt is train_psp.py's --ckpt)
+    files = {"blendgan_ckpt": "ckpt", "lpips_alexnet": "lpips_alexnet", "id_weights": "id_weights",
+             "encoder_backbone": "encoder_backbone", "sample_style_img": "sample_style_img"}
+    for name, flag in files.items():
         path = getattr(options, name)
         if path is not None and not os.path.isfile(path):
-            problems.append(f"--{name} {path}: file not found")
+            problems.append(f"--{flag} {path}: file not found")
     if options.resume not in (None, "", "latest") and not os.path.isfile(options.resume):
         problems.append(f"--resume {options.resume}: file not found")
     return problems
@@ -172,18 +174,7 @@ class ArcFaceIRSE50(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.input_layer = nn.Sequential(
-            nn.Conv2d(3, STEM_CHANNELS, kernel_size=3, stride=1, padding=1, bias=False),
-            nn.BatchNorm2d(STEM_CHANNELS),
-            nn.PReLU(STEM_CHANNELS),
-        )
-        units = []
-        in_channels = STEM_CHANNELS
-        for out_channels, num_units in IR_SE_50_STAGES:
-            for i in range(num_units):
-                units.append(BottleneckIRSE(in_channels, out_channels, stride=2 if i == 0 else 1))
-                in_channels = out_channels
-        self.body = nn.Sequential(*units)
+        self.input_layer, self.body, in_channels = ir_se50_trunk()
         spatial = ID_INPUT_SIZE // 2 ** len(IR_SE_50_STAGES)  # 7
         self.output_layer = nn.Sequential(
             nn.BatchNorm2d(in_channels),

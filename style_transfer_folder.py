@@ -15,24 +15,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from inference import (run_job, DTYPES, Report, add_common_args, check_indicator, encode_faces, encode_styles, list_inputs,
-                       load_aligner, load_blendgan, load_psp, read_input, release_freed_memory, resize, stem, validate_common, write_jpeg)
+from inference import (DTYPES, Report, add_common_args, add_generator_args, add_photo_args, check_indicator,
+                       encode_faces, encode_styles, list_inputs, load_aligner, load_blendgan, load_psp,
+                       read_input, release_freed_memory, resize, run_job, stem, validate_common, write_jpeg)
 from utils import ten2img
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--size", type=int, default=None, help="output size (default: the checkpoint's; the release's is 1024)")
-    p.add_argument("--ckpt", default="pretrained_models/blendgan.pt", help="BlendGAN checkpoint (g_ema)")
-    p.add_argument("--psp_encoder_ckpt", default="pretrained_models/psp_encoder.pt", help="pSp encoder checkpoint")
-    p.add_argument("--style_img_path", default="test_imgs/style_imgs/", help="style image or folder of them")
-    p.add_argument("--input_img_path", default="test_imgs/face_imgs/", help="face image or folder of them")
+    add_generator_args(p)
+    add_photo_args(p, style_help="style image or folder of them", outputs="outputs")
     p.add_argument("--add_weight_index", type=int, default=6, help="WBM indicator i: 0 full style ... n_latent natural face")
-    p.add_argument("--channel_multiplier", type=int, default=None, help="generator width (default: the checkpoint's; release 2)")
     p.add_argument("--outdir", default="results/style_transfer/", help="output folder")
-    p.add_argument("--align", action="store_true", help="align each face photo FFHQ-style with dlib first (raw photos)")
-    p.add_argument("--predictor", default=None, help="dlib 68-landmark model (default: face-recognition-models' file)")
-    p.add_argument("--skip_existing", action="store_true", help="keep outputs that already exist (resume a run)")
     add_common_args(p)
     opts = p.parse_args(argv)
     validate_common(p, opts)

@@ -11,10 +11,8 @@ DIR/config.json. The losses and phases are in blendgan_training.py.
 import argparse
 import sys
 
-import distributed
+import trainutil
 from blendgan_training import TrainOptions, resolve_defaults, train, validate_options
-from checkpoint import CheckpointError
-from trainutil import NonFiniteLossError
 
 
 def build_parser():
@@ -92,15 +90,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    opts = parse_args(argv)
-    try:
-        train(opts)
-    except (NonFiniteLossError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        distributed.cleanup()
-    return 0
+    return trainutil.run_trainer(train, parse_args(argv), lambda result: None)
 
 
 if __name__ == "__main__":

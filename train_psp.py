@@ -14,9 +14,8 @@ layout, for style_transfer_folder.py / gen_video.py --psp_encoder_ckpt. See psp_
 import argparse
 import sys
 
-from checkpoint import CheckpointError
+import trainutil
 from psp_training import AMP_DTYPES, PSPTrainOptions, train, validate
-from trainutil import NonFiniteLossError, default_device
 
 
 def parse_args(argv=None):
@@ -24,7 +23,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("lmdb", nargs="+", metavar="LMDB", help="LMDB(s) of FFHQ-aligned faces made by prepare_data.py")
-    p.add_argument("--ckpt", required=True, help="BlendGAN checkpoint (train.py or the release's blendgan.pt): "
+    p.add_argument("--ckpt", dest="blendgan_ckpt", metavar="CKPT", required=True, help="BlendGAN checkpoint (train.py or the release's blendgan.pt): "
                                                  "its g_ema is the frozen generator")
     p.add_argument("--out_dir", required=True, help="run folder: checkpoints/, logs/, samples/, config.json")
     p.add_argument("--size", type=int, default=d.size,
@@ -61,44 +60,17 @@ def parse_args(argv=None):
     p.add_argument("--sample_style_img", default=None,
                    help="reference style image of the grid's stylized column (default: a fixed random style code)")
     p.add_argument("--sample_index", type=int, default=d.sample_index, help="indicator i of the stylized column")
-    p.add_argument("--save_every", type=int, default=d.save_every, help="iterations between checkpoints")
-    p.add_argument("--keep", type=int, default=d.keep, help="checkpoints kept (the newest)")
-    p.add_argument("--log_every", type=int, default=d.log_every, help="iterations between logged scalars")
-    p.add_argument("--resume", default=None, help="checkpoint to continue from, or 'latest' (newest in --out_dir)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the weights, latent_avg, data order and flips")
-    p.add_argument("--device", default=default_device(), help="cuda or cpu (under torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--amp", choices=sorted(AMP_DTYPES), default=d.amp,
                    help="autocast dtype for the encoder and the generator (fp16 with a gradient scaler on CUDA); "
                         "the losses stay float32")
-    p.add_argument("--num_workers", type=int, default=d.num_workers, help="DataLoader processes per rank")
-    p.add_argument("--no_progress", action="store_true", help="no tqdm bar")
-    args = p.parse_args(argv)
-    options = PSPTrainOptions(
-        lmdb=args.lmdb, blendgan_ckpt=args.ckpt, out_dir=args.out_dir, size=args.size, batch=args.batch,
-        iter=args.iter, lr=args.lr, beta1=args.beta1, beta2=args.beta2, l2_weight=args.l2_weight,
-        lpips_weight=args.lpips_weight, id_weight=args.id_weight, w_norm_weight=args.w_norm_weight,
-        lpips_alexnet=args.lpips_alexnet, id_weights=args.id_weights, encoder_backbone=args.encoder_backbone,
-        latent_avg_samples=args.latent_avg_samples, encoder_input_size=args.encoder_input_size,
-        randomize_noise=args.randomize_noise, flip=args.flip, sample_every=args.sample_every,
-        n_sample=args.n_sample, sample_style_img=args.sample_style_img, sample_index=args.sample_index,
-        save_every=args.save_every, keep=args.keep, log_every=args.log_every, resume=args.resume, seed=args.seed,
-        device=args.device, amp=args.amp, num_workers=args.num_workers, progress=not args.no_progress)
-    problems = validate(options)
-    if problems:
-        p.error("; ".join(problems))
-    return options
+    trainutil.add_run_args(p, d)
+    return trainutil.validated(p, PSPTrainOptions(**vars(p.parse_args(argv))), validate)
 
 
 def main(argv=None):
-    options = parse_args(argv)
-    try:
-        result = train(options)
-    except (NonFiniteLossError, CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if result.export:
-        print(f"done at step {result.step}: {result.checkpoint}; encoder for inference in {result.export}")
-    return 0
+    return trainutil.run_trainer(train, parse_args(argv), lambda r: r.export and f"done at step {r.step}: {r.checkpoint}; "
+                                                                        f"encoder for inference in {r.export}")
 
 
 if __name__ == "__main__":

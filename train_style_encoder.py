@@ -13,9 +13,8 @@ style_encoder_training.py for the method (paper Sec. 3.1, A.1).
 import argparse
 import sys
 
-from checkpoint import CheckpointError
+import trainutil
 from style_encoder_training import AMP_DTYPES, TrainOptions, train, validate
-from trainutil import NonFiniteLossError, default_device
 
 
 def _pair(text):
@@ -55,43 +54,18 @@ def parse_args(argv=None):
     p.add_argument("--rotate", type=float, default=d.rotate, help="max rotation of a view, degrees")
     p.add_argument("--shear", type=float, default=d.shear, help="max shear of a view, degrees")
     p.add_argument("--flip", type=float, default=d.flip, help="probability of a horizontal flip")
-    p.add_argument("--save_every", type=int, default=d.save_every, help="iterations between checkpoints")
-    p.add_argument("--keep", type=int, default=d.keep, help="checkpoints kept (the newest)")
-    p.add_argument("--log_every", type=int, default=d.log_every, help="iterations between logged scalars")
-    p.add_argument("--resume", default=None, help="checkpoint to continue from, or 'latest' (newest in --out_dir)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the weights, the data order and the views")
-    p.add_argument("--device", default=default_device(), help="cuda or cpu (under torchrun: cuda:LOCAL_RANK)")
     p.add_argument("--amp", choices=sorted(AMP_DTYPES), default=d.amp,
                    help="autocast dtype for the frozen VGG-19; Gram products and the MLPs stay float32")
     p.add_argument("--channels_last", choices=("auto", "on", "off"), default=d.channels_last,
                    help="channels-last memory format for VGG-19 (auto: on for CUDA)")
-    p.add_argument("--num_workers", type=int, default=d.num_workers, help="DataLoader processes per rank")
-    p.add_argument("--no_progress", action="store_true", help="no tqdm bar")
-    args = p.parse_args(argv)
-    options = TrainOptions(
-        lmdb=args.lmdb, out_dir=args.out_dir, size=args.size, batch=args.batch, iter=args.iter, lr=args.lr,
-        beta1=args.beta1, beta2=args.beta2, temperature=args.temperature, style_dim=args.style_dim,
-        proj_layers=args.proj_layers, style_pool_size=args.style_pool_size, vgg_ckpt=args.vgg_ckpt,
-        crop_scale=args.crop_scale, crop_ratio=args.crop_ratio, rotate=args.rotate, shear=args.shear,
-        flip=args.flip, save_every=args.save_every, keep=args.keep, log_every=args.log_every, resume=args.resume,
-        seed=args.seed, device=args.device, amp=args.amp, channels_last=args.channels_last,
-        num_workers=args.num_workers, progress=not args.no_progress)
-    problems = validate(options)
-    if problems:
-        p.error("; ".join(problems))
-    return options
+    trainutil.add_run_args(p, d)
+    return trainutil.validated(p, TrainOptions(**vars(p.parse_args(argv))), validate)
 
 
 def main(argv=None):
-    options = parse_args(argv)
-    try:
-        result = train(options)
-    except (NonFiniteLossError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if result.export:
-        print(f"done at step {result.step}: {result.checkpoint}, weights in {result.export}")
-    return 0
+    return trainutil.run_trainer(train, parse_args(argv),
+                                 lambda r: r.export and f"done at step {r.step}: {r.checkpoint}, weights in {r.export}")
 
 
 if __name__ == "__main__":

@@ -21,14 +21,15 @@ import math
 import os
 import random
 import re
+import sys
 import warnings
 
 import numpy as np
 import torch
 
-from checkpoint import save_checkpoint
+from checkpoint import CheckpointError, save_checkpoint
 from fileio import atomic_path
-from distributed import all_gather_object, get_rank, get_world_size, is_main, unwrap
+from distributed import all_gather_object, cleanup, get_rank, get_world_size, is_main, unwrap
 
 CHECKPOINT_NAME = re.compile(r"^(\d{6,})\.pt$")
 
@@ -319,3 +320,46 @@ def accumulate_except(ema_model, model, decay=0.999, skip=()):
         raise ValueError("accumulate_except: the two models have different parameters")
     for name, p in params.items():
         ema_params[name].lerp_(p.detach().to(ema_params[name].dtype), 1.0 - decay)
+
+
+# ---- the trainer scripts' command line -----------------------------------------------------------
+
+def add_run_args(parser, defaults):
+    """--save_every, --keep, --log_every, --resume, --device, --num_workers, --no_progress: the run options
+    of the style-encoder and pSp trainers (defaults: their options dataclass)."""
+    d = defaults
+    parser.add_argument("--save_every", type=int, default=d.save_every, help="iterations between checkpoints")
+    parser.add_argument("--keep", type=int, default=d.keep, help="checkpoints kept (the newest)")
+    parser.add_argument("--log_every", type=int, default=d.log_every, help="iterations between logged scalars")
+    parser.add_argument("--resume", default=None,
+                        help="checkpoint to continue from, or 'latest' (newest in --out_dir)")
+    parser.add_argument("--device", default=default_device(), help="cuda or cpu (under torchrun: cuda:LOCAL_RANK)")
+    parser.add_argument("--num_workers", type=int, default=d.num_workers, help="DataLoader processes per rank")
+    parser.add_argument("--no_progress", dest="progress", action="store_false", help="no tqdm bar")
+
+
+def validated(parser, options, validate):
+    """options, after validate(options) -> list of problems found nothing; else parser.error with them all."""
+    problems = validate(options)
+    if problems:
+        parser.error("; ".join(problems))
+    return options
+
+
+def run_trainer(train, options, done):
+    """A trainer script's main: train(options), then print done(result) when it returns text.
+
+    A non-finite loss, an unusable checkpoint or an option only the run itself can reject is one line on
+    stderr and exit code 1 (the last good checkpoint stays). The process group is left in any case.
+    """
+    try:
+        result = train(options)
+    except (NonFiniteLossError, CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        cleanup()
+    message = done(result)
+    if message:
+        print(message)
+    return 0

@@ -110,6 +110,26 @@ class GradualStyleBlock(nn.Module):
         return self.linear(x.reshape(-1, self.out_channels))  # [N, out]
 
 
+def ir_se50_trunk():
+    """The IR-SE-50 stem and its 24 units, shared by pSp's encoder and ArcFace (identity loss).
+
+    Returns (input_layer, body, output channels); the modules are named ``input_layer`` and ``body`` by
+    both owners, which fixes the ``input_layer.*`` / ``body.N.*`` keys of their checkpoints.
+    """
+    input_layer = nn.Sequential(
+        nn.Conv2d(3, STEM_CHANNELS, kernel_size=3, stride=1, padding=1, bias=False),
+        nn.BatchNorm2d(STEM_CHANNELS),
+        nn.PReLU(STEM_CHANNELS),
+    )
+    units = []
+    in_channels = STEM_CHANNELS
+    for out_channels, num_units in IR_SE_50_STAGES:
+        for i in range(num_units):
+            units.append(BottleneckIRSE(in_channels, out_channels, stride=2 if i == 0 else 1))
+            in_channels = out_channels
+    return input_layer, nn.Sequential(*units), in_channels
+
+
 def upsample_add(x, y):
     """Bilinear (align_corners=True) resize of x to y's spatial size, plus y."""
     return F.interpolate(x, size=y.shape[-2:], mode="bilinear", align_corners=True) + y
@@ -132,18 +152,7 @@ class GradualStyleEncoder(nn.Module):
             raise ValueError(f"GradualStyleEncoder: n_styles must be > {MIDDLE_IND} (output size >= 32), "
                              f"got {n_styles}")
         self.n_styles = n_styles
-        self.input_layer = nn.Sequential(
-            nn.Conv2d(3, STEM_CHANNELS, kernel_size=3, stride=1, padding=1, bias=False),
-            nn.BatchNorm2d(STEM_CHANNELS),
-            nn.PReLU(STEM_CHANNELS),
-        )
-        units = []
-        in_channels = STEM_CHANNELS
-        for out_channels, num_units in IR_SE_50_STAGES:
-            for i in range(num_units):
-                units.append(BottleneckIRSE(in_channels, out_channels, stride=2 if i == 0 else 1))
-                in_channels = out_channels
-        self.body = nn.Sequential(*units)
+        self.input_layer, self.body, _ = ir_se50_trunk()
         c3_channels = IR_SE_50_STAGES[3][0]
         self.styles = nn.ModuleList(
             GradualStyleBlock(c3_channels, STYLE_DIM, self._head_spatial(i)) for i in range(n_styles))
