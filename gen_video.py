@@ -14,8 +14,8 @@ import torch
 from tqdm import tqdm
 
 from inference import (DTYPES, Report, add_common_args, add_generator_args, add_photo_args, check_indicator,
-                       encode_faces, encode_styles, list_inputs, load_aligner, load_blendgan, load_psp,
-                       read_input, resize, run_job, stem, validate_common)
+                       encode_faces, encode_styles, keep_freed_memory, list_inputs, load_aligner, load_blendgan,
+                       load_psp, read_input, resize, run_job, stem, validate_common)
 from video import HOLD_FRAMES, compose_frame, interpolation_alphas, sliding_window, write_mp4
 
 
@@ -115,4 +115,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    keep_freed_memory()
     sys.exit(main())

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from checkpoint import load_checkpoint
 from inference import (DTYPES, Report, add_common_args, add_generator_args, check_indicator, encode_styles,
-                       load_blendgan, read_input, run_job, validate_common, write_jpeg)
+                       keep_freed_memory, load_blendgan, read_input, run_job, validate_common, write_jpeg)
 from utils import ten2img
 
 
@@ -87,4 +87,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    keep_freed_memory()
     sys.exit(main())

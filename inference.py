@@ -57,11 +57,11 @@ def add_common_args(parser, batch_default=4):
     parser.add_argument("--device", default=default_device(), help="torch device (default: cuda if present, else cpu)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                         help="compute precision of the networks (bfloat16/float16 are faster, slightly different)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same output")
+    parser.add_argument("--seed", type=int, default=0, help="random seed: the same seed (and --batch) gives the same output")
     parser.add_argument("--batch", type=int, default=batch_default, help="images generated per forward pass")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the generator and pSp encoder: the first call compiles (tens of "
-                             "seconds), later ones run about 1.5-2x faster (bench.py, README)")
+                             "seconds), later ones run 1.2-1.6x faster (bench.py, README)")
     parser.add_argument("--theta", type=float, default=None,
                         help="paper Eq. 5: style weight factor of the boundary layer i (default: the release's "
                              "behaviour, theta = 1)")
@@ -90,13 +90,15 @@ def for_inference(module, device, dtype, compile=False):
     return torch.compile(module) if compile else module
 
 
-def load_blendgan(path, size=None, channel_multiplier=None, device="cpu", dtype=torch.float32, compile=False):
+def load_blendgan(path, size=None, channel_multiplier=None, device="cpu", dtype=torch.float32, compile=False,
+                  with_style_encoder=True):
     """Generator from a BlendGAN checkpoint's ``g_ema`` (release layout), ready for inference.
 
     size / channel_multiplier: None reads them from the file. style_dim and n_mlp always come from the
-    file (512 and 8 for the release). The weights are memory-mapped and assigned, not copied, so the
-    1.47 GB release generator is held once. Returns (generator in eval mode, see for_inference, the
-    checkpoint dict).
+    file (512 and 8 for the release). The weights are memory-mapped and assigned: in float32 only the
+    4-D (VGG) weights are copied, for channels_last (see for_inference), and E_style's 1.25 GB layer is
+    read when a style is encoded. with_style_encoder=False leaves E_style out (``g.embedder`` is None):
+    for generation from style codes computed before. Returns (generator, the checkpoint dict).
     """
     ckpt = load_checkpoint(path, hint=missing_hint("--ckpt", "blendgan.pt"))
     sd = require_key(ckpt, "g_ema", path)
@@ -111,14 +113,21 @@ def load_blendgan(path, size=None, channel_multiplier=None, device="cpu", dtype=
     with torch.device("meta"):
         g = Generator(size, style_dim, n_mlp, channel_multiplier=channel_multiplier, load_pretrained_vgg=False)
     load_state_dict_strict(g, sd, f"{path}['g_ema']", hint=guess_generator_config, assign=True)
+    if not with_style_encoder:
+        g.embedder = None  # its tensors were only mapped, never read: nothing to convert or move
     return for_inference(g, device, dtype, compile), ckpt
+
+
+def check_psp_file(path):
+    """A missing pSp checkpoint as one line with where to get it (before any long work)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path}: file not found; {missing_hint('--psp_encoder_ckpt', 'psp_encoder.pt')}")
 
 
 def load_psp(path, size, device="cpu", dtype=torch.float32, compile=False):
     from psp_encoder.psp_encoders import PSPEncoder
 
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path}: file not found; {missing_hint('--psp_encoder_ckpt', 'psp_encoder.pt')}")
+    check_psp_file(path)
     return for_inference(PSPEncoder(path, output_size=size), device, dtype, compile)
 
 
@@ -157,8 +166,9 @@ def keep_freed_memory():
     By default every block above 32 MB is mapped fresh from the kernel and unmapped when freed, so each
     128 MB activation of a 1024 px forward pays ~32k page faults again: the CPU generator runs 1.6x
     slower and a full style-transfer pair 1.9x (docs/perf_notes.md). Blocks up to 2 GB now come from the
-    heap, which is never trimmed; peak memory is unchanged, memory is not handed back between images.
-    Returns whether it applied (False off glibc, e.g. macOS or musl).
+    heap, which is not trimmed on its own (release_freed_memory() does it); the peak can grow a little by
+    fragmentation. Process-wide: the scripts call it from their ``__main__`` entry only. Returns whether
+    it applied (False off glibc, e.g. macOS or musl).
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -178,7 +188,6 @@ def release_freed_memory():
 
 def run_job(job, opts, what):
     """The scripts' main: seed, run job(opts) -> Report, one-line errors, summary, exit code."""
-    keep_freed_memory()
     torch.manual_seed(opts.seed)
     try:
         report = job(opts)

@@ -92,7 +92,7 @@ class EqualLinear(nn.Module):
         out = F.linear(x * self.scale, self.weight)
         if self.activation:
             return fused_leaky_relu(out, bias)
-        return out if bias is None else out + bias
+        return out if bias is None else out + bias.to(out.dtype)
 
     def extra_repr(self):
         return f"{self.weight.shape[1]}, {self.weight.shape[0]}, lr_mul={self.lr_mul}, activation={self.activation}"
@@ -219,8 +219,8 @@ class ConstantInput(nn.Module):
     def forward(self, batch):
         out = self.input.repeat(batch, 1, 1, 1)  # [B, C, size, size]
         if self.input.is_contiguous(memory_format=torch.channels_last):
-            # The generator was moved to channels_last (module.to(memory_format=...)): start the
-            # synthesis in that layout so every convolution after it runs in it.
+            # The generator was made channels_last (channels_last_): start the synthesis in that layout
+            # so every convolution after it runs in it.
             out = out.contiguous(memory_format=torch.channels_last)
         return out
 

@@ -16,8 +16,9 @@ import torch
 from tqdm import tqdm
 
 from inference import (DTYPES, Report, add_common_args, add_generator_args, add_photo_args, check_indicator,
-                       encode_faces, encode_styles, list_inputs, load_aligner, load_blendgan, load_psp,
-                       read_input, release_freed_memory, resize, run_job, stem, validate_common, write_jpeg)
+                       check_psp_file, encode_faces, encode_styles, keep_freed_memory, list_inputs,
+                       load_aligner, load_blendgan, load_psp, read_input, release_freed_memory, resize, run_job,
+                       stem, validate_common, write_jpeg)
 from utils import ten2img
 
 
@@ -51,7 +52,8 @@ def style_transfer(opts):
     device, dtype = opts.device, DTYPES[opts.dtype]
     # One network at a time, each dropped when its part is done, so that E_style's 1.25 GB layer, the
     # 1 GB pSp encoder and the 1024 px activations are never in memory together (peak RSS: README).
-    # The generator is memory-mapped: loading it reads only what is used.
+    # The generator is memory-mapped: in float32 loading it reads little more than what is used.
+    check_psp_file(opts.psp_encoder_ckpt)
     g = load_blendgan(opts.ckpt, opts.size, opts.channel_multiplier, device, dtype)[0]
     size = g.size
     report = Report()
@@ -67,9 +69,12 @@ def style_transfer(opts):
     psp = load_psp(opts.psp_encoder_ckpt, size, device, dtype, opts.compile)
     codes = encode_faces(psp, faces, opts.batch, device, dtype)  # [F, n_latent, 512]
     del psp, faces, styles
+    if opts.compile:
+        torch.compiler.reset()  # compiled code holds references to the encoder's weights
     release_freed_memory()
-    # A fresh mapping of the file: E_style's pages read above are not part of it.
-    g = load_blendgan(opts.ckpt, size, opts.channel_multiplier, device, dtype, opts.compile)[0]
+    # A fresh mapping of the file, without E_style: the pages read above are not part of it.
+    g = load_blendgan(opts.ckpt, size, opts.channel_multiplier, device, dtype, opts.compile,
+                      with_style_encoder=False)[0]
 
     os.makedirs(opts.outdir, exist_ok=True)
     pairs = [(f, s) for f in range(len(face_stems)) for s in range(len(style_stems))]
@@ -95,4 +100,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    keep_freed_memory()
     sys.exit(main())

@@ -23,8 +23,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("lmdb", nargs="+", metavar="LMDB", help="LMDB(s) of FFHQ-aligned faces made by prepare_data.py")
-    p.add_argument("--ckpt", dest="blendgan_ckpt", metavar="CKPT", required=True, help="BlendGAN checkpoint (train.py or the release's blendgan.pt): "
-                                                 "its g_ema is the frozen generator")
+    p.add_argument("--ckpt", dest="blendgan_ckpt", metavar="CKPT", required=True,
+                   help="BlendGAN checkpoint (train.py or the release's blendgan.pt): its g_ema is the frozen "
+                        "generator")
     p.add_argument("--out_dir", required=True, help="run folder: checkpoints/, logs/, samples/, config.json")
     p.add_argument("--size", type=int, default=d.size,
                    help="LMDB resolution read; the losses compare at it (default: min(generator size, 256), as pSp)")
@@ -68,9 +69,14 @@ def parse_args(argv=None):
     return trainutil.validated(p, PSPTrainOptions(**vars(p.parse_args(argv))), validate)
 
 
+def done_message(result):
+    return result.export and (f"done at step {result.step}: {result.checkpoint}; encoder for inference in "
+                              f"{result.export}")
+
+
 def main(argv=None):
-    return trainutil.run_trainer(train, parse_args(argv), lambda r: r.export and f"done at step {r.step}: {r.checkpoint}; "
-                                                                        f"encoder for inference in {r.export}")
+    # ValueError: what only the run can find out (LMDB resolution, generator size, no active loss)
+    return trainutil.run_trainer(train, parse_args(argv), done_message, expected=(ValueError,))
 
 
 if __name__ == "__main__":

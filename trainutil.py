@@ -346,15 +346,16 @@ def validated(parser, options, validate):
     return options
 
 
-def run_trainer(train, options, done):
+def run_trainer(train, options, done, expected=()):
     """A trainer script's main: train(options), then print done(result) when it returns text.
 
-    A non-finite loss, an unusable checkpoint or an option only the run itself can reject is one line on
-    stderr and exit code 1 (the last good checkpoint stays). The process group is left in any case.
+    A non-finite loss, an unusable checkpoint (or another of the `expected` exception types) is one line
+    on stderr and exit code 1 (the last good checkpoint stays); anything else keeps its traceback. The
+    process group is left in any case.
     """
     try:
         result = train(options)
-    except (NonFiniteLossError, CheckpointError, ValueError) as e:
+    except (NonFiniteLossError, CheckpointError, *expected) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:

@@ -79,6 +79,9 @@ def read_psp_checkpoint(path, n_styles):
         raise CheckpointError(f"checkpoint {path}: '{LATENT_AVG}' is {shape}, expected a tensor that "
                               f"broadcasts to [N, {n_styles}, {STYLE_DIM}] (e.g. [{STYLE_DIM}] or "
                               f"[{n_styles}, {STYLE_DIM}])")
+    # The parameters are these tensors (assign): float32 as the module would have them (the release's
+    # file is float32 already; a half-precision export is widened here).
+    state_dict = {k: v.float() if v.is_floating_point() else v for k, v in state_dict.items()}
     return state_dict, latent_avg.detach().clone()
 
 

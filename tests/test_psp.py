@@ -251,6 +251,24 @@ def test_both_release_layouts_load_and_match_reference(release):
     assert torch.equal(out_wrapped, out_flat)  # bit-identical across the two layouts
 
 
+def test_weights_are_the_files_tensors_widened_to_float32(release, tmp_path):
+    """The parameters are assigned from the file (no second copy); a half-precision export is widened."""
+    psp = PSPEncoder(release["paths"]["flat"], output_size=SIZE)
+    assert all(p.device.type == "cpu" and p.dtype == torch.float32 for p in psp.parameters())
+    assert not any(t.is_meta for t in [*psp.parameters(), *psp.buffers()])
+    half = {k: v.half() if k.startswith("encoder.") and v.is_floating_point() else v
+            for k, v in torch.load(release["paths"]["flat"], weights_only=True).items()}
+    path = tmp_path / "half.pt"
+    torch.save(half, path)
+    psp_half = PSPEncoder(str(path), output_size=SIZE)
+    assert all(p.dtype == torch.float32 for p in psp_half.parameters())
+    for key, value in psp_half.state_dict().items():
+        assert torch.equal(value, half[key].to(value.dtype)), key  # state dict keys are the file's
+    with torch.no_grad():
+        out = psp_half(release["x"])  # float32 input works
+    _assert_close_rel(out - release["latent_rows"], release["codes"], rel=2e-2)
+
+
 class _FixedCodes(torch.nn.Module):
     """Stand-in for the network: records what it is fed and returns given codes [N, n_styles, 512]."""
 
