@@ -878,14 +878,20 @@ def make_optimizers(nets, opts):
 
 
 def wrap_ddp(nets, device):
-    """DDP wrappers of the modules that train; G's frozen style encoder is left out of DDP entirely."""
+    """DDP wrappers of the modules that train; G's frozen style encoder is left out of DDP entirely.
+
+    Buffers (FIR kernels, stored noise) are identical on every rank by construction and never change:
+    synced once at construction, not before each forward. (The networks hold their 4-D parameters
+    channels_last, as their activations, so the gradients arrive in the buckets' layout.)
+    """
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [device.index] if device.type == "cuda" else None
     encoder = [f"embedder.{k}" for k in nets.g.embedder.state_dict()]
     DDP._set_params_and_buffers_to_ignore_for_model(nets.g, encoder)
-    g_train = DDP(nets.g, device_ids=ids, broadcast_buffers=False)
-    d_train = {name: DDP(d, device_ids=ids, broadcast_buffers=False) for name, d in nets.discriminators().items()}
+    kwargs = dict(device_ids=ids, forward_sync_buffers=False)
+    g_train = DDP(nets.g, **kwargs)
+    d_train = {name: DDP(d, **kwargs) for name, d in nets.discriminators().items()}
     return g_train, d_train
 
 

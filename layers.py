@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from op import FusedLeakyReLU, fused_leaky_relu, upfirdn2d
+from op import precision
 
 
 class PixelNorm(nn.Module):
@@ -64,7 +65,7 @@ class EqualConv2d(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_channel)) if bias else None
 
     def forward(self, x):
-        return F.conv2d(x, self.weight * self.scale, bias=self.bias, stride=self.stride, padding=self.padding)
+        return precision.conv2d(x, self.weight * self.scale, self.bias, stride=self.stride, padding=self.padding)
 
     def extra_repr(self):
         o, i, k, _ = self.weight.shape
@@ -89,7 +90,7 @@ class EqualLinear(nn.Module):
         bias = self.bias * self.lr_mul if self.bias is not None else None
         # (x * scale) W^T == x (W * scale)^T: scaling the [N, in] input avoids a weight-sized temporary
         # (1.25 GB for E_style's 610,304 x 512 layer).
-        out = F.linear(x * self.scale, self.weight)
+        out = precision.linear(x * self.scale, self.weight)
         if self.activation:
             return fused_leaky_relu(out, bias)
         return out if bias is None else out + bias.to(out.dtype)
@@ -145,7 +146,9 @@ class ModulatedConv2d(nn.Module):
         batch = x.shape[0]
         w = self.weight[0] * self.scale  # [out, in, k, k]
         # sum_(i,k) (W s)^2 = s^2 @ sum_k W^2: the demodulation without per-sample weights.
-        demod = torch.rsqrt(s.pow(2) @ w.pow(2).sum([2, 3]).t() + self.eps) if self.demodulate else None  # [B, out]
+        demod = None
+        if self.demodulate:
+            demod = torch.rsqrt(precision.matmul(s.pow(2), w.pow(2).sum([2, 3]).t()) + self.eps)  # [B, out]
         if batch == 1:
             # One sample: scale the [out, in, k, k] weight instead of two full-size activations (1.7x
             # faster per layer at 1024 px on CPU).
@@ -161,8 +164,8 @@ class ModulatedConv2d(nn.Module):
     def _conv(self, x, w):
         """x [B, in, H, W] with the shared weight w [out, in, k, k] -> [B, out, H', W']."""
         if self.upsample:
-            return self.blur(F.conv_transpose2d(x, w.transpose(0, 1), stride=2))
-        return F.conv2d(x, w, padding=self.padding)
+            return self.blur(precision.conv_transpose2d(x, w.transpose(0, 1), stride=2))
+        return precision.conv2d(x, w, padding=self.padding)
 
     def _forward_grouped(self, x, s):
         batch, in_channel, height, width = x.shape
@@ -174,11 +177,11 @@ class ModulatedConv2d(nn.Module):
         x = x.reshape(1, batch * in_channel, height, width)
         if self.upsample:
             weight = weight.transpose(1, 2).reshape(batch * in_channel, self.out_channel, k, k)
-            out = F.conv_transpose2d(x, weight, padding=0, stride=2, groups=batch)
+            out = precision.conv_transpose2d(x, weight, padding=0, stride=2, groups=batch)
             out = out.view(batch, self.out_channel, out.shape[2], out.shape[3])
             return self.blur(out)
         weight = weight.view(batch * self.out_channel, in_channel, k, k)
-        out = F.conv2d(x, weight, padding=self.padding, groups=batch)
+        out = precision.conv2d(x, weight, padding=self.padding, groups=batch)
         return out.view(batch, self.out_channel, out.shape[2], out.shape[3])
 
 
@@ -197,17 +200,23 @@ class NoiseInjection(nn.Module):
 
 
 def channels_last_(module):
-    """Store every 4-D parameter and buffer of `module` channels_last, in place; returns the module.
+    """Store every 4-D parameter and buffer of `module` channels_last (except per-channel biases), in
+    place; returns the module. Generator and the discriminators do this to themselves on construction.
 
     Module.to(memory_format=...) cannot do this here: it also converts 5-D tensors (the modulated
-    convolutions' [1, out, in, k, k] weights) and fails on them. With the constant input and the plain
-    convolutions channels_last, the oneDNN (CPU) and cuDNN convolutions run in that layout (about 1.2x
-    on CPU in float32, 2x in bfloat16). Values are unchanged.
+    convolutions' [1, out, in, k, k] weights) and fails on them. The activations of the synthesis are
+    channels_last in any case (ConstantInput), as are those of the style encoder and pSp (their
+    forwards); channels_last weights save oneDNN a reorder per call for the plain convolutions (the
+    discriminators' and encoders'). Values are unchanged.
     """
     with torch.no_grad():
         for tensor in [*module.parameters(), *module.buffers()]:
-            if tensor.ndim == 4:
-                tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
+            if tensor.ndim == 4 and tensor.shape[0] * tensor.shape[2] * tensor.shape[3] > 1:
+                # Per-channel biases [1, C, 1, 1] stay as they are: their gradients (sums over N, H, W)
+                # come back contiguous. empty_like, not .contiguous(): the exact channels_last strides
+                # also on size-1 dimensions ([out, in, 1, 1] weights), those of the gradients the
+                # convolutions return (DDP's buckets take the parameters' strides and warn otherwise).
+                tensor.data = torch.empty_like(tensor.data, memory_format=torch.channels_last).copy_(tensor.data)
     return module
 
 
@@ -217,12 +226,11 @@ class ConstantInput(nn.Module):
         self.input = nn.Parameter(torch.randn(1, channel, size, size))
 
     def forward(self, batch):
-        out = self.input.repeat(batch, 1, 1, 1)  # [B, C, size, size]
-        if self.input.is_contiguous(memory_format=torch.channels_last):
-            # The generator was made channels_last (channels_last_): start the synthesis in that layout
-            # so every convolution after it runs in it.
-            out = out.contiguous(memory_format=torch.channels_last)
-        return out
+        # The synthesis runs channels_last whatever the parameters' layout: every convolution, transposed
+        # convolution and FIR blur after this one follows its input's layout, and oneDNN / cuDNN are
+        # faster in it (CPU: ~1.2x float32, ~2x bfloat16). A plain Generator is as fast as one prepared
+        # by layers.channels_last_; values are the same up to float rounding.
+        return self.input.repeat(batch, 1, 1, 1).contiguous(memory_format=torch.channels_last)  # [B, C, size, size]
 
 
 class StyledConv(nn.Module):

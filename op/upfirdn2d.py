@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from op.build import select_impl
+from op.precision import conv2d
 
 EXTENSION = "upfirdn2d"
 
@@ -93,7 +94,7 @@ def upfirdn2d_ref(x, kernel, up=1, down=1, pad=(0, 0)):
     # True convolution = correlation with the flipped kernel, the same filter on every channel
     # (depthwise); the stride keeps every down-th sample.
     weight = kernel.to(x.dtype).flip([0, 1]).expand(c, 1, kernel_h, kernel_w)
-    return F.conv2d(x, weight, stride=(down_y, down_x), groups=c)  # [N, C, out_h, out_w]
+    return conv2d(x, weight, stride=(down_y, down_x), groups=c)  # [N, C, out_h, out_w]
 
 
 class _UpFirDn2d(torch.autograd.Function):

@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from model import EqualLinear
+from op.precision import Conv2d
 
 # IR-SE-50 stages as (output channels, number of units); the first unit of every stage has stride 2.
 IR_SE_50_STAGES = ((64, 3), (128, 4), (256, 14), (512, 3))
@@ -45,9 +46,9 @@ class SEModule(nn.Module):
     def __init__(self, channels, reduction=SE_REDUCTION):
         super().__init__()
         self.avg_pool = nn.AdaptiveAvgPool2d(1)
-        self.fc1 = nn.Conv2d(channels, channels // reduction, kernel_size=1, bias=False)
+        self.fc1 = Conv2d(channels, channels // reduction, kernel_size=1, bias=False)
         self.relu = nn.ReLU()
-        self.fc2 = nn.Conv2d(channels // reduction, channels, kernel_size=1, bias=False)
+        self.fc2 = Conv2d(channels // reduction, channels, kernel_size=1, bias=False)
         self.sigmoid = nn.Sigmoid()
 
     def forward(self, x):  # x [N, C, H, W]
@@ -68,14 +69,14 @@ class BottleneckIRSE(nn.Module):
             self.shortcut_layer = nn.MaxPool2d(kernel_size=1, stride=stride)
         else:
             self.shortcut_layer = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False),
+                Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False),
                 nn.BatchNorm2d(out_channels),
             )
         self.res_layer = nn.Sequential(
             nn.BatchNorm2d(in_channels),
-            nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1, bias=False),
+            Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1, bias=False),
             nn.PReLU(out_channels),
-            nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False),
+            Conv2d(out_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False),
             nn.BatchNorm2d(out_channels),
             SEModule(out_channels),
         )
@@ -99,7 +100,7 @@ class GradualStyleBlock(nn.Module):
         self.out_channels = out_channels
         layers = []
         for i in range(num_convs):
-            layers.append(nn.Conv2d(in_channels if i == 0 else out_channels, out_channels,
+            layers.append(Conv2d(in_channels if i == 0 else out_channels, out_channels,
                                     kernel_size=3, stride=2, padding=1))
             layers.append(nn.LeakyReLU(HEAD_LEAKY_SLOPE))
         self.convs = nn.Sequential(*layers)
@@ -117,7 +118,7 @@ def ir_se50_trunk():
     both owners, which fixes the ``input_layer.*`` / ``body.N.*`` keys of their checkpoints.
     """
     input_layer = nn.Sequential(
-        nn.Conv2d(3, STEM_CHANNELS, kernel_size=3, stride=1, padding=1, bias=False),
+        Conv2d(3, STEM_CHANNELS, kernel_size=3, stride=1, padding=1, bias=False),
         nn.BatchNorm2d(STEM_CHANNELS),
         nn.PReLU(STEM_CHANNELS),
     )
@@ -156,8 +157,8 @@ class GradualStyleEncoder(nn.Module):
         c3_channels = IR_SE_50_STAGES[3][0]
         self.styles = nn.ModuleList(
             GradualStyleBlock(c3_channels, STYLE_DIM, self._head_spatial(i)) for i in range(n_styles))
-        self.latlayer1 = nn.Conv2d(IR_SE_50_STAGES[2][0], c3_channels, kernel_size=1)  # c2 -> 512 ch
-        self.latlayer2 = nn.Conv2d(IR_SE_50_STAGES[1][0], c3_channels, kernel_size=1)  # c1 -> 512 ch
+        self.latlayer1 = Conv2d(IR_SE_50_STAGES[2][0], c3_channels, kernel_size=1)  # c2 -> 512 ch
+        self.latlayer2 = Conv2d(IR_SE_50_STAGES[1][0], c3_channels, kernel_size=1)  # c1 -> 512 ch
 
     @staticmethod
     def _head_spatial(index):

@@ -1,0 +1,98 @@
+"""Convolutions and matrix products in bfloat16 / float16 on CPUs without native kernels for them.
+
+On a CPU whose oneDNN has no bfloat16 (float16) support (no AVX-512 BF16 / AMX, e.g. an AVX2-only
+machine), PyTorch runs a bfloat16 convolution through its generic fallback (`_slow_conv2d_forward`,
+one im2col + scalar GEMM per group: 1553 calls for one 32 px generator forward, the depthwise FIR blurs
+one per channel) and a bfloat16 matmul without a packed kernel: 20-100x slower than float32. Autocast
+reaches these paths for any module that calls F.conv2d / F.linear / matmul, whatever its layout.
+
+`lowp_emulated(x)` tells when that happens: the dtype the op would run in (the autocast dtype, else the
+tensor's) is bfloat16/float16, the tensor is on the CPU, and the CPU has no native kernel. The ops here
+then compute in float32 with autocast off and round the result to that dtype: the same numbers a native
+low-precision kernel gives (it too accumulates in float32 and rounds once), the same output dtype, at
+float32 speed. Everywhere else (CUDA, a CPU with native support, float32) they are the plain torch op.
+"""
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+@torch.compiler.assume_constant_result
+@functools.lru_cache(maxsize=None)
+def cpu_native_lowp(dtype_name):
+    """True when this CPU's oneDNN has native kernels for 'bfloat16' / 'float16' (a property of the
+    machine, read once)."""
+    if dtype_name == "bfloat16":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+
+
+def op_dtype(x):
+    """The dtype a convolution / matmul of `x` runs in: the autocast dtype of x's device when autocast
+    is on there (x of floating type), else x's own dtype."""
+    device = x.device.type
+    if x.is_floating_point() and device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def lowp_emulated(x):
+    """The low-precision dtype (bfloat16 / float16) an op on `x` would run in without a native CPU kernel,
+    or None when the plain op is fine (CUDA, float32, or a CPU with native support)."""
+    if x.device.type != "cpu":
+        return None
+    dtype = op_dtype(x)
+    if dtype not in LOW_PRECISION or cpu_native_lowp(str(dtype).removeprefix("torch.")):
+        return None
+    return dtype
+
+
+def _float(t):
+    return t.float() if t is not None and t.is_floating_point() else t
+
+
+def lowp_safe(op, x, *tensors, **kwargs):
+    """op(x, *tensors, **kwargs), computed in float32 and rounded to the low-precision dtype when
+    lowp_emulated(x) says the low-precision op would take the slow path (see the module docstring)."""
+    dtype = lowp_emulated(x)
+    if dtype is None:
+        return op(x, *tensors, **kwargs)
+    with torch.autocast("cpu", enabled=False):
+        out = op(_float(x), *[_float(t) for t in tensors], **kwargs)
+    return out.to(dtype)
+
+
+def conv2d(x, weight, bias=None, **kwargs):
+    """F.conv2d, low-precision safe on the CPU (lowp_safe)."""
+    return lowp_safe(F.conv2d, x, weight, bias, **kwargs)
+
+
+def conv_transpose2d(x, weight, bias=None, **kwargs):
+    """F.conv_transpose2d, low-precision safe on the CPU (lowp_safe)."""
+    return lowp_safe(F.conv_transpose2d, x, weight, bias, **kwargs)
+
+
+def linear(x, weight, bias=None):
+    """F.linear, low-precision safe on the CPU (lowp_safe)."""
+    return lowp_safe(F.linear, x, weight, bias)
+
+
+def matmul(a, b):
+    """a @ b, low-precision safe on the CPU (lowp_safe)."""
+    return lowp_safe(torch.matmul, a, b)
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (same arguments, parameters and state-dict keys) whose convolution is low-precision
+    safe on the CPU: for the VGG-19 of the style encoder and the IR-SE-50 of pSp."""
+
+    def _conv_forward(self, x, weight, bias):
+        if self.padding_mode != "zeros":
+            return super()._conv_forward(x, weight, bias)
+        return conv2d(x, weight, bias, stride=self.stride, padding=self.padding, dilation=self.dilation,
+                      groups=self.groups)
