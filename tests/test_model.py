@@ -8,6 +8,7 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict, save_checkpoint
 from layers import channels_last_
@@ -242,6 +243,77 @@ def test_bfloat16_networks_stay_close_to_float32():
     psnr = 10 * torch.log10(4 / (img16 - img32).pow(2).mean())
     assert 30 < psnr < 80, psnr  # close, and really computed in a lower precision
     assert (code16 - code32).norm() <= 0.02 * code32.norm()
+
+
+class _OpDtypes(TorchDispatchMode):
+    """Records (op name, dtype of the first input) of every convolution and matrix product."""
+
+    OPS = ("convolution", "convolution_backward", "mm", "addmm", "bmm")
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.OPS:
+            self.seen.append((name, args[0].dtype))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("contiguous_weights", [False, True])
+def test_bfloat16_autocast_on_cpu_without_native_kernels_takes_no_slow_path(monkeypatch, contiguous_weights):
+    """The issue-14 cliff: a plain Generator under CPU bf16 autocast sent every convolution (the FIR blurs
+    one call per channel) through PyTorch's generic bf16 fallback, 20-100x slower than float32, on CPUs
+    whose oneDNN has no bf16 kernels. Such a CPU is simulated here (so the test means the same on every
+    machine): no convolution or matrix product may then see a bf16 operand, forward or backward, in
+    either weight layout; the image is still computed in bf16 (not bit-equal to float32) and close to it,
+    the gradients close too."""
+    from op import precision
+
+    monkeypatch.setattr(precision, "cpu_native_lowp", lambda name: False)
+    g = small_generator(size=32)
+    if contiguous_weights:
+        for t in g.parameters():
+            t.data = t.data.contiguous()
+    z, z_embed = torch.randn(2, 16), torch.randn(2, 16)
+    results = []
+    for amp in (False, True):
+        g.zero_grad()
+        with _OpDtypes() as ops:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                img = g([z], z_embed=z_embed, add_weight_index=2, randomize_noise=False)[0]
+            (img.float() * torch.linspace(-1, 1, 32)).sum().backward()  # outside autocast, as the trainers
+        results.append((img, g.convs[1].conv.weight.grad.clone(), ops.seen))
+    (img32, grad32, _), (img16, grad16, seen) = results
+    assert {name for name, _ in seen} >= {"convolution", "convolution_backward", "mm"}
+    assert [op for op in seen if op[1] != torch.float32] == []
+    assert img16.shape == img32.shape == (2, 3, 32, 32)
+    psnr = 10 * torch.log10(4 / (img16.float().clamp(-1, 1) - img32.clamp(-1, 1)).pow(2).mean())
+    assert 30 < psnr < 80, psnr  # close to float32 and really rounded to bf16
+    assert grad16.dtype == torch.float32
+    assert (grad16 - grad32).norm() <= 0.05 * grad32.norm()
+
+
+def test_low_precision_ops_emulated_only_where_the_cpu_lacks_them(monkeypatch):
+    """precision.conv2d: the plain op on a CPU with native kernels (bf16 operands reach the convolution)
+    and under float32; float32 compute rounded to bf16 where they are missing; the result is the float32
+    convolution rounded once (independent: F.conv2d in float64, rounded)."""
+    from op import precision
+
+    x, w = torch.randn(1, 8, 12, 12), torch.randn(8, 8, 3, 3)
+    want = F.conv2d(x.double(), w.double(), padding=1).to(torch.bfloat16)
+    for native in (True, False):
+        monkeypatch.setattr(precision, "cpu_native_lowp", lambda name, native=native: native)
+        with _OpDtypes() as ops, torch.autocast("cpu", dtype=torch.bfloat16):
+            out = precision.conv2d(x, w, padding=1)
+        assert out.dtype == torch.bfloat16
+        assert ops.seen == [("convolution", torch.bfloat16 if native else torch.float32)]
+        if not native:
+            assert (out.float() - want.float()).abs().max() <= 1e-2 * want.float().abs().max()
+        with _OpDtypes() as ops:
+            assert precision.conv2d(x, w, padding=1).dtype == torch.float32
+        assert ops.seen == [("convolution", torch.float32)]
 
 
 def test_style_encoder_matches_independent_vgg_gram():
