@@ -10,9 +10,16 @@ eval, optionally torch.compile). GFLOP/image of the generator comes from torch's
 Training rows (--train): the four phases of one BlendGAN iteration (train.py's own functions) at
 --train_size with --train_batch, the amortised iteration (R1 every 16, path length every 4), and one
 style-encoder SimCLR step (VGG in --dtype autocast when that is not float32, Gram products in float32).
+--plain adds rows for modules used as code written against the release uses them: built, `.eval()`,
+called, with no preparation (no for_inference), in float32 and under CPU/CUDA bfloat16 autocast; with
+--release_dir PATH (a checkout of the official repository, which the user provides) the release's own
+Generator runs beside it in the same process.
 Weights are random (timings do not depend on them). Speed is measured here, never asserted in tests.
 """
 import argparse
+import contextlib
+import importlib
+import os
 import resource
 import statistics
 import sys
@@ -110,6 +117,63 @@ def bench_inference(size, opts):
     return rows
 
 
+def release_generator_class(release_dir):
+    """The Generator class of the release's model.py in `release_dir`, imported with the release's own
+    `op` and `model_encoder` packages; this repository's modules of the same names are restored after."""
+    names = ("model", "model_encoder", "op")
+    owned = lambda name: name in names or name.startswith("op.")  # noqa: E731
+    if not os.path.isfile(os.path.join(release_dir, "model.py")):
+        raise SystemExit(f"--release_dir {release_dir}: no model.py there (a checkout of the official BlendGAN)")
+    ours = {k: sys.modules.pop(k) for k in list(sys.modules) if owned(k)}
+    sys.path.insert(0, os.path.abspath(release_dir))
+    try:
+        return importlib.import_module("model").Generator
+    finally:
+        sys.path.remove(os.path.abspath(release_dir))
+        for k in [k for k in sys.modules if owned(k)]:
+            del sys.modules[k]
+        sys.modules.update(ours)
+
+
+def bench_plain(size, opts):
+    """Rows for the plain module (and the release's, with --release_dir): G built the release's way,
+    `.eval()`, called in float32 and under bfloat16 autocast; plain StyleEncoder / PSPEncoder too."""
+    from style_encoder import StyleEncoder
+
+    device, n = opts.device, opts.batch
+    run = lambda fn: timed(fn, device, opts.warmup, opts.repeat)  # noqa: E731
+    z = torch.randn(n, 512, device=device)
+    z_s = torch.randn(n, 512, device=device)
+    img = torch.rand(n, 3, size, size, device=device) * 2 - 1
+    makers = [("plain", Generator)]
+    if opts.release_dir:
+        makers.append(("release", release_generator_class(opts.release_dir)))
+    rows = []
+    for who, make in makers:
+        torch.manual_seed(0)
+        g = make(size, 512, 8, channel_multiplier=2, load_pretrained_vgg=False).eval().to(device)
+        for amp in (False, True):
+            dt = "bfloat16 autocast" if amp else "float32"
+            ctx = lambda: torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if amp else contextlib.nullcontext()  # noqa: E731
+            with torch.no_grad():
+                with ctx():
+                    rows.append((f"{who} G stylized i=6, {dt}", run(
+                        lambda: g([z], z_embed=z_s, add_weight_index=6, randomize_noise=False)), n))
+        del g
+    enc = StyleEncoder(512, 4, load_pretrained_vgg=False).eval().to(device)
+    encoders = [("style embedding", enc)]
+    if opts.psp:
+        from psp_encoder.psp_encoders import PSPEncoder
+
+        encoders.append(("pSp encoding", PSPEncoder(None, output_size=size).to(device)))
+    for what, net in encoders:
+        for amp in (False, True):
+            dt = "bfloat16 autocast" if amp else "float32"
+            with torch.no_grad(), torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=amp):
+                rows.append((f"plain {what}, {dt}", run(lambda: net(img)), n))
+    return rows
+
+
 def bench_training(opts):
     """The phases of one BlendGAN iteration and one style-encoder step (float32 weights; --dtype other
     than float32 turns on the trainers' autocast)."""
@@ -165,6 +229,10 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--no_psp", dest="psp", action="store_false", help="skip the pSp rows")
+    p.add_argument("--plain", action="store_true",
+                   help="also time the plain modules (no preparation) in float32 and bfloat16 autocast")
+    p.add_argument("--release_dir", default=None,
+                   help="with --plain: a checkout of the official BlendGAN repository, timed beside ours")
     p.add_argument("--train", action="store_true", help="also time the training phases")
     p.add_argument("--train_size", type=int, default=64)
     p.add_argument("--train_batch", type=int, default=8)
@@ -180,6 +248,8 @@ def main(argv=None):
 
     for size in [int(s) for s in opts.sizes.split(",") if s]:
         show(size, bench_inference(size, opts))
+        if opts.plain:
+            show(size, bench_plain(size, opts))
     if opts.train:
         show(opts.train_size, bench_training(opts))
     if opts.device.startswith("cuda"):

@@ -4,13 +4,28 @@ Extensions are compiled with `torch.utils.cpp_extension.load` (ninja) the first 
 a CUDA tensor, never at import. Each process keeps what it loaded in `_CACHE`; the build directory is
 keyed by a hash of the sources (and of the torch / CUDA versions and the target architectures), so an
 edit to a kernel triggers a rebuild and an unchanged one is reused across processes. Only rank 0 (the
-RANK environment variable set by torchrun) prints build progress. A build that fails warns once per
-process and the caller falls back to the PyTorch reference; BLENDGAN_NO_CUDA_OPS=1 skips the build and
-forces the reference everywhere.
+RANK environment variable set by torchrun) prints build progress.
+
+Never silently wrong: a freshly loaded extension is checked against the PyTorch reference on the GPU
+before its first use (`self_check`: forward, gradient and gradient of gradient on the up/down/pad
+combinations the networks use, from op/check_cuda.py); a build failure or a mismatch warns once, naming
+the reason, and the callers fall back to the reference.
+
+BLENDGAN_CUDA_OPS=auto (default: kernels when they build and pass the check) | ref (never build, the
+reference everywhere; BLENDGAN_NO_CUDA_OPS=1 is the older spelling) | cuda (the kernels wherever the
+inputs are on CUDA: a build failure raises, a failed check still warns).
+
+Concurrent builds (torchrun starts N processes that all want the kernels): one process builds under an
+exclusive lock file in the build directory, the others wait for it and then load the finished build.
+A lock left by an interrupted build (its process is gone, or it is older than STALE_LOCK_SECONDS) is
+cleared with a message, and so is torch's own `lock` file there, which would otherwise block forever.
 """
 
 import hashlib
+import json
 import os
+import socket
+import time
 import warnings
 
 OP_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -22,7 +37,11 @@ EXTENSIONS = {
 }
 
 NO_CUDA_OPS_ENV = "BLENDGAN_NO_CUDA_OPS"
+CUDA_OPS_ENV = "BLENDGAN_CUDA_OPS"
 BUILD_DIR_ENV = "BLENDGAN_OPS_BUILD_DIR"
+LOCK_NAME = "blendgan_build.lock"
+STALE_LOCK_SECONDS = 3600  # no build takes an hour: a lock this old was left by a killed build
+LOCK_POLL_SECONDS = 1.0
 
 # No fast-math, so the kernels match the reference to float32 rounding; torch adds its own -std flag.
 EXTRA_CFLAGS = ["-O3"]
@@ -32,9 +51,21 @@ EXTRA_CUDA_CFLAGS = ["-O3"]
 _CACHE = {}
 
 
+def cuda_ops_mode():
+    """'auto' | 'ref' | 'cuda' from BLENDGAN_CUDA_OPS (and BLENDGAN_NO_CUDA_OPS=1 -> 'ref'); read on every
+    call. An unknown value raises with the variable's name."""
+    mode = os.environ.get(CUDA_OPS_ENV, "").strip().lower() or "auto"
+    if mode not in ("auto", "ref", "cuda"):
+        raise ValueError(f"{CUDA_OPS_ENV} must be auto, ref or cuda, got {os.environ[CUDA_OPS_ENV]!r}")
+    if mode == "auto" and os.environ.get(NO_CUDA_OPS_ENV, "").strip().lower() not in ("", "0", "false", "no"):
+        return "ref"
+    return mode
+
+
 def cuda_ops_disabled():
-    """True when BLENDGAN_NO_CUDA_OPS asks for the PyTorch reference everywhere (read on every call)."""
-    return os.environ.get(NO_CUDA_OPS_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    """True when the environment asks for the PyTorch reference everywhere (BLENDGAN_CUDA_OPS=ref or
+    BLENDGAN_NO_CUDA_OPS=1)."""
+    return cuda_ops_mode() == "ref"
 
 
 def is_rank_zero():
@@ -85,7 +116,7 @@ def compile_extension(name, verbose=False):
     if cpp_extension.CUDA_HOME is None:
         raise RuntimeError("CUDA toolkit not found (set CUDA_HOME to the directory holding bin/nvcc)")
     digest = source_hash(name)
-    build_dir = os.path.join(build_root(), f"{name}-{digest}")
+    build_dir = build_dir_for(name)
     os.makedirs(build_dir, exist_ok=True)
     if is_rank_zero():
         print(f"[op.build] loading CUDA extension {name!r} from {build_dir} (compiled unless up to date)",
@@ -102,24 +133,138 @@ def compile_extension(name, verbose=False):
     )
 
 
-def load_extension(name, strict=False, verbose=False):
-    """The compiled extension `name`, or None when CUDA ops are disabled or the build failed.
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
-    Built at most once per process; a failure is warned about once and then remembered. With
-    strict=True a failure raises instead (with the compiler's message), for op/check_cuda.py.
+
+def stale_lock_reason(path, now=None):
+    """Why the lock file at `path` is stale (a sentence), or None while its holder may still be building.
+
+    Stale: its process (same host) is gone, or it is older than STALE_LOCK_SECONDS, or it is unreadable
+    and older than a minute (a holder writes its record right after creating the file)."""
+    now = time.time() if now is None else now
+    try:
+        age = now - os.path.getmtime(path)
+        with open(path) as f:
+            holder = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return f"unreadable lock {age:.0f} s old" if age > 60 else None
+    if holder.get("host") == socket.gethostname() and not _pid_alive(int(holder.get("pid", -1))):
+        return f"its build process {holder.get('pid')} is gone (interrupted build)"
+    if age > STALE_LOCK_SECONDS:
+        return f"it is {age / 60:.0f} min old (no build takes that long)"
+    return None
+
+
+class BuildLock:
+    """Exclusive lock on a build directory: the first process creates LOCK_NAME (O_EXCL) and builds; the
+    others wait until it is gone, clearing it with a message when stale (see stale_lock_reason)."""
+
+    def __init__(self, build_dir, log=print, poll=None):
+        self.path = os.path.join(build_dir, LOCK_NAME)
+        self.build_dir = build_dir
+        self.log = log
+        self.poll = LOCK_POLL_SECONDS if poll is None else poll
+        self.waited = False
+
+    def __enter__(self):
+        record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()})
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                reason = stale_lock_reason(self.path)
+                if reason is not None:
+                    self.log(f"[op.build] clearing stale build lock {self.path}: {reason}")
+                    try:
+                        os.remove(self.path)
+                    except FileNotFoundError:
+                        pass
+                    continue
+                if not self.waited and is_rank_zero():
+                    self.log(f"[op.build] another process is building in {self.build_dir}; waiting for it")
+                self.waited = True
+                time.sleep(self.poll)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(record)
+            break
+        # We hold the lock, so torch's own baton file (cpp_extension's FileBaton) can only be left over
+        # from an interrupted build: torch would wait for it forever.
+        baton = os.path.join(self.build_dir, "lock")
+        if os.path.exists(baton):
+            self.log(f"[op.build] clearing torch's stale build lock {baton} (left by an interrupted build)")
+            os.remove(baton)
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            os.remove(self.path)
+        except FileNotFoundError:
+            pass
+        return False
+
+
+def build_dir_for(name):
+    return os.path.join(build_root(), f"{name}-{source_hash(name)}")
+
+
+def locked_compile(name, verbose=False):
+    """compile_extension under the build directory's BuildLock (one builder, the others wait)."""
+    build_dir = build_dir_for(name)
+    os.makedirs(build_dir, exist_ok=True)
+    with BuildLock(build_dir):
+        return compile_extension(name, verbose=verbose)
+
+
+def self_check(name, module, device="cuda"):
+    """None when extension `module` matches the PyTorch reference on `device` (forward, gradient, gradient
+    of gradient, the cases of op.check_cuda.SELF_CHECK_CASES), else the reason (a sentence)."""
+    from op import check_cuda
+
+    return check_cuda.self_check(name, module, device)
+
+
+def load_extension(name, strict=False, verbose=False, check=True):
+    """The compiled extension `name`, or None when CUDA ops are disabled, the build failed or the kernels
+    disagree with the reference (self_check, once, before first use).
+
+    Built and checked at most once per process; a failure is warned about once and then remembered.
+    With strict=True a build failure raises instead (with the compiler's message), for op/check_cuda.py.
+    BLENDGAN_CUDA_OPS=cuda keeps kernels that fail the check (with the warning).
     """
     if cuda_ops_disabled():
         return None
     if name in _CACHE and (_CACHE[name] is not None or not strict):
         return _CACHE[name]
     try:
-        module = compile_extension(name, verbose=verbose)
+        module = locked_compile(name, verbose=verbose)
     except Exception as err:  # any build failure (compiler, linker, missing toolkit) means: fall back
         if strict:
             raise
         module = None
         warnings.warn(f"[op.build] could not build CUDA extension {name!r}, using the PyTorch reference "
                       f"instead ({type(err).__name__}: {err})", RuntimeWarning, stacklevel=2)
+    if module is not None and check:
+        try:
+            reason = self_check(name, module)
+        except Exception as err:  # a kernel that crashes is as unusable as a wrong one
+            reason = f"the check raised {type(err).__name__}: {err}"
+        if reason is not None:
+            forced = cuda_ops_mode() == "cuda"
+            warnings.warn(f"[op.build] CUDA extension {name!r} disagrees with the PyTorch reference: {reason}; "
+                          + (f"kept because {CUDA_OPS_ENV}=cuda" if forced else "using the reference instead"),
+                          RuntimeWarning, stacklevel=2)
+            if not forced:
+                module = None
     _CACHE[name] = module
     return module
 
@@ -132,6 +277,8 @@ def select_impl(impl, name, tensors):
     """
     if impl not in ("auto", "ref", "cuda"):
         raise ValueError(f"impl must be 'auto', 'ref' or 'cuda', got {impl!r}")
+    if impl == "auto" and cuda_ops_mode() == "cuda" and all(t.is_cuda for t in tensors if t is not None):
+        impl = "cuda"  # BLENDGAN_CUDA_OPS=cuda: insist on the kernels
     if impl == "ref":
         return None
     on_cuda = all(t.is_cuda for t in tensors if t is not None)
@@ -140,7 +287,7 @@ def select_impl(impl, name, tensors):
     if not on_cuda:
         raise ValueError(f"impl='cuda' needs CUDA tensors for {name!r}")
     if cuda_ops_disabled():
-        raise RuntimeError(f"impl='cuda' requested for {name!r} but {NO_CUDA_OPS_ENV} is set")
+        raise RuntimeError(f"impl='cuda' requested for {name!r} but {CUDA_OPS_ENV}=ref or {NO_CUDA_OPS_ENV} is set")
     module = load_extension(name)
     if module is None:
         raise RuntimeError(f"impl='cuda' requested but the CUDA extension {name!r} did not build")

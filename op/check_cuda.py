@@ -41,6 +41,25 @@ FUSED_LRELU_CASES = [
 ]
 
 
+# The self-check that op.build runs on a freshly loaded extension before its first use: the FIR
+# combinations the networks use (ToRGB's 2x upsampling, the blur after an upsampling conv, the blurs
+# before the discriminators' strided 3x3 and 1x1 convs), one cropping case, channels_last inputs (the
+# networks' layout) and the activation after a linear and a conv layer.
+SELF_CHECK_CASES = {
+    "upfirdn2d": [
+        dict(shape=(2, 3, 6, 6), kernel=(4, 4), up=2, down=1, pad=(2, 1)),
+        dict(shape=(2, 3, 9, 9), kernel=(4, 4), up=1, down=1, pad=(1, 1)),
+        dict(shape=(2, 3, 8, 8), kernel=(4, 4), up=1, down=1, pad=(2, 2)),
+        dict(shape=(1, 2, 5, 6), kernel=(3, 4), up=(2, 1), down=(1, 2), pad=(1, 0, 2, -1)),
+    ],
+    "fused_bias_act": [
+        dict(shape=(4, 8), bias=True, negative_slope=0.2, scale=2 ** 0.5),
+        dict(shape=(2, 3, 5, 5), bias=True, negative_slope=0.2, scale=2 ** 0.5),
+    ],
+}
+SELF_CHECK_TOLERANCE = 1e-4
+
+
 def case_id(case):
     """Short readable name of a grid case (pytest ids and table rows)."""
     return "-".join(f"{k}={v}".replace(" ", "") for k, v in case.items())
@@ -193,6 +212,52 @@ def _benchmark(device):
     return rows
 
 
+def _self_check_outputs(name, case, kernels, device, channels_last):
+    """[out, grads..., grad of grad] of the extension `kernels` (None: the reference) on one case."""
+    from op.fused_act import fused_bias_leaky_relu_with, fused_leaky_relu_ref
+    from op.upfirdn2d import upfirdn2d_ref, upfirdn2d_with
+
+    if name == "upfirdn2d":
+        x, kernel, weight = upfirdn2d_inputs(case, device, torch.float32, seed=1)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        args = (kernel, case["up"], case["down"], case["pad"])
+        fn = (lambda t: upfirdn2d_ref(t, *args)) if kernels is None else (lambda t: upfirdn2d_with(kernels, t, *args))
+        inputs = [x.requires_grad_(True)]
+    else:
+        x, bias, weight = fused_lrelu_inputs(case, device, torch.float32, seed=1)
+        if channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        slope, scale = case["negative_slope"], case["scale"]
+        if kernels is None:
+            fn = lambda t, b: fused_leaky_relu_ref(t, b, slope, scale)  # noqa: E731
+        else:
+            fn = lambda t, b: fused_bias_leaky_relu_with(kernels, t, b, slope, scale)  # noqa: E731
+        inputs = [x.requires_grad_(True), bias.requires_grad_(True)]
+    weight.requires_grad_(True)
+    with exact_float32():
+        return _derivatives(fn, inputs, weight)
+
+
+def self_check(name, kernels, device="cuda"):
+    """None when the extension `kernels` (its module, or a stand-in with the same functions) agrees with
+    the PyTorch reference on SELF_CHECK_CASES[name] (forward, gradients, gradient of gradient; contiguous
+    and channels_last; relative error < SELF_CHECK_TOLERANCE), else the first disagreement as a sentence."""
+    quantities = ["output", "input gradient", "bias gradient", "gradient of the gradient"]
+    for case in SELF_CHECK_CASES[name]:
+        for channels_last in (False, True):
+            got = _self_check_outputs(name, case, kernels, device, channels_last)
+            want = _self_check_outputs(name, case, None, device, channels_last)
+            names = quantities if len(got) == 4 else [quantities[0], quantities[1], quantities[3]]
+            for what, a, b in zip(names, got, want):
+                err = rel_error(a.float(), b.float()) if a.shape == b.shape else float("inf")
+                if not err < SELF_CHECK_TOLERANCE:  # also catches NaN
+                    layout = "channels_last" if channels_last else "contiguous"
+                    return (f"{what} of case {case_id(case)} ({layout}) is off by {err:.2g} relative "
+                            f"(tolerance {SELF_CHECK_TOLERANCE:g})")
+    return None
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bench", action="store_true", help="also time ref vs cuda (forward + backward)")
@@ -205,10 +270,12 @@ def main(argv=None):
     from op import build
 
     if build.cuda_ops_disabled():
-        print(f"{build.NO_CUDA_OPS_ENV} is set: unset it to check the CUDA ops", file=sys.stderr)
+        print(f"{build.CUDA_OPS_ENV}=ref or {build.NO_CUDA_OPS_ENV} is set: unset it to check the CUDA ops",
+              file=sys.stderr)
         return 2
     for name in build.EXTENSIONS:
-        build.load_extension(name, strict=True, verbose=args.verbose_build)  # raises with the compiler output
+        # raises with the compiler output; the comparisons below are the (fuller) check
+        build.load_extension(name, strict=True, verbose=args.verbose_build, check=False)
 
     failed = False
     header = f"{'op':<10} {'case':<72} {'max rel err':>12} {'gradchecks':>10}  result"

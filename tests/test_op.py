@@ -372,6 +372,7 @@ def test_no_cuda_ops_env_is_honoured(monkeypatch):
 
     monkeypatch.setattr(op.build, "compile_extension", must_not_build)
     monkeypatch.setattr(op.build, "_CACHE", {})
+    monkeypatch.delenv(op.build.CUDA_OPS_ENV, raising=False)
     monkeypatch.setenv(op.build.NO_CUDA_OPS_ENV, "1")
     assert op.build.cuda_ops_disabled()
     assert op.build.load_extension("upfirdn2d") is None
@@ -382,8 +383,11 @@ def test_no_cuda_ops_env_is_honoured(monkeypatch):
     assert not op.build.cuda_ops_disabled()
 
 
-def test_build_is_cached_and_failure_warns_once(monkeypatch):
+def test_build_is_cached_and_failure_warns_once(monkeypatch, tmp_path):
     monkeypatch.delenv(op.build.NO_CUDA_OPS_ENV, raising=False)
+    monkeypatch.delenv(op.build.CUDA_OPS_ENV, raising=False)
+    monkeypatch.setenv(op.build.BUILD_DIR_ENV, str(tmp_path))
+    monkeypatch.setattr(op.build, "self_check", lambda name, module: None)
     monkeypatch.setattr(op.build, "_CACHE", {})
     built = []
     module = types.SimpleNamespace()
@@ -477,3 +481,135 @@ def test_cuda_auto_uses_kernels_and_half_precision():
     assert act.dtype == torch.float16
     torch.testing.assert_close(act.float(), fused_leaky_relu(x.float(), bias, impl="ref"), rtol=2e-3,
                                atol=2e-3)
+
+
+class WrongUpFirDn2dExtension(EmulatedUpFirDn2dExtension):
+    """A stand-in extension whose forward is right except for padded borders (an indexing bug)."""
+
+    @classmethod
+    def upfirdn2d(cls, x, kernel, *args):
+        out = super().upfirdn2d(x, kernel, *args).clone()
+        out[..., 0, :] = 0
+        return out
+
+
+class WrongFusedBiasActExtension(EmulatedFusedBiasActExtension):
+    """A stand-in whose backward forgets the negative slope (gradient 0 where x + b < 0)."""
+
+    @staticmethod
+    def leaky_relu_grad(grad_out, ref, negative_slope, scale, ref_sign):
+        return torch.where(ref * ref_sign > 0, grad_out * scale, torch.zeros_like(grad_out))
+
+
+def test_self_check_accepts_right_kernels_and_names_what_is_wrong():
+    from op.check_cuda import self_check
+
+    assert self_check("upfirdn2d", EmulatedUpFirDn2dExtension, "cpu") is None
+    assert self_check("fused_bias_act", EmulatedFusedBiasActExtension, "cpu") is None
+    reason = self_check("upfirdn2d", WrongUpFirDn2dExtension, "cpu")
+    assert reason.startswith("output of case") and "contiguous" in reason
+    reason = self_check("fused_bias_act", WrongFusedBiasActExtension, "cpu")
+    assert reason.startswith("input gradient of case")
+
+
+@pytest.mark.parametrize("mode", ["auto", "cuda"])
+def test_wrong_kernels_fall_back_to_the_reference_with_one_warning(monkeypatch, tmp_path, mode):
+    """A built extension that disagrees with the reference is not used (one warning naming the reason);
+    BLENDGAN_CUDA_OPS=cuda keeps it, still warning."""
+    from op.check_cuda import self_check
+
+    monkeypatch.delenv(op.build.NO_CUDA_OPS_ENV, raising=False)
+    monkeypatch.setenv(op.build.CUDA_OPS_ENV, mode)
+    monkeypatch.setenv(op.build.BUILD_DIR_ENV, str(tmp_path))
+    monkeypatch.setattr(op.build, "_CACHE", {})
+    monkeypatch.setattr(op.build, "compile_extension", lambda name, verbose=False: WrongUpFirDn2dExtension)
+    monkeypatch.setattr(op.build, "self_check", lambda name, module: self_check(name, module, "cpu"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = op.build.select_impl("auto", "upfirdn2d", (FakeCudaTensor(),))
+        again = op.build.select_impl("auto", "upfirdn2d", (FakeCudaTensor(),))
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "'upfirdn2d' disagrees with the PyTorch reference: output of case" in message
+    if mode == "auto":
+        assert first is None and again is None and "using the reference instead" in message
+    else:
+        assert first is WrongUpFirDn2dExtension and again is first and "kept because" in message
+    assert not os.listdir(next(iter(os.scandir(tmp_path))).path)  # the build lock was released
+
+
+def test_cuda_ops_env_values(monkeypatch):
+    monkeypatch.delenv(op.build.NO_CUDA_OPS_ENV, raising=False)
+    for value, mode in (("", "auto"), ("auto", "auto"), ("REF", "ref"), ("cuda", "cuda")):
+        monkeypatch.setenv(op.build.CUDA_OPS_ENV, value)
+        assert op.build.cuda_ops_mode() == mode
+    monkeypatch.setenv(op.build.CUDA_OPS_ENV, "gpu")
+    with pytest.raises(ValueError, match="BLENDGAN_CUDA_OPS must be auto, ref or cuda"):
+        op.build.cuda_ops_mode()
+    monkeypatch.delenv(op.build.CUDA_OPS_ENV)
+    monkeypatch.setenv(op.build.NO_CUDA_OPS_ENV, "1")  # the older switch is an alias of ref
+    assert op.build.cuda_ops_mode() == "ref" and op.build.cuda_ops_disabled()
+
+
+_LOCK_WORKER = """
+import importlib.util, json, os, sys, time
+spec = importlib.util.spec_from_file_location("build", {path!r})  # op/build.py alone: no torch import
+build = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(build)
+BuildLock = build.BuildLock
+build_dir, log = sys.argv[1], sys.argv[2]
+with BuildLock(build_dir, log=lambda m: None, poll=0.05):
+    with open(log, "a") as f:
+        f.write(json.dumps(["start", os.getpid(), time.time()]) + "\\n")
+    time.sleep(0.5)
+    with open(log, "a") as f:
+        f.write(json.dumps(["end", os.getpid(), time.time()]) + "\\n")
+"""
+
+
+def test_build_lock_serialises_processes_and_clears_a_stale_lock(tmp_path):
+    """Three processes (as torchrun's ranks) building at once run one after another; a lock left by a
+    killed build (its pid is gone) is cleared with a message, and torch's own stale baton with it."""
+    import json
+
+    script = tmp_path / "worker.py"
+    script.write_text(_LOCK_WORKER.format(path=os.path.join(REPO, "op", "build.py")))
+    build_dir, log = tmp_path / "build", tmp_path / "log.jsonl"
+    build_dir.mkdir()
+    procs = [subprocess.Popen([sys.executable, str(script), str(build_dir), str(log)]) for _ in range(3)]
+    assert [p.wait(timeout=60) for p in procs] == [0, 0, 0]
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [e[0] for e in events] == ["start", "end"] * 3  # never two holders at once
+    assert len({e[1] for e in events}) == 3
+    assert not (build_dir / op.build.LOCK_NAME).exists()
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (build_dir / op.build.LOCK_NAME).write_text(json.dumps(
+        {"pid": dead.pid, "host": __import__("socket").gethostname(), "time": 0}))
+    (build_dir / "lock").write_text("")  # torch's FileBaton, left by the same interrupted build
+    messages = []
+    with op.build.BuildLock(str(build_dir), log=messages.append, poll=0.05):
+        assert json.loads((build_dir / op.build.LOCK_NAME).read_text())["pid"] == os.getpid()
+    assert len(messages) == 2
+    assert "clearing stale build lock" in messages[0] and f"process {dead.pid} is gone" in messages[0]
+    assert "torch's stale build lock" in messages[1]
+    assert not (build_dir / "lock").exists() and not (build_dir / op.build.LOCK_NAME).exists()
+
+
+def test_a_live_lock_is_waited_for_not_cleared(tmp_path):
+    import json
+    import threading
+
+    path = tmp_path / op.build.LOCK_NAME
+    path.write_text(json.dumps({"pid": os.getpid(), "host": __import__("socket").gethostname(),
+                                "time": 0}))  # held by a live process (this one), fresh
+    assert op.build.stale_lock_reason(str(path)) is None
+    os.utime(path, (0, 0))  # ... but 50 years old
+    assert "min old" in op.build.stale_lock_reason(str(path))
+    os.utime(path, None)
+    messages = []
+    threading.Timer(0.3, path.unlink).start()  # the holder finishes
+    with op.build.BuildLock(str(tmp_path), log=messages.append, poll=0.05) as lock:
+        assert lock.waited
+    assert messages == [f"[op.build] another process is building in {tmp_path}; waiting for it"]
