@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from inference import (DTYPES, Report, add_common_args, add_generator_args, add_photo_args, check_indicator,
                        encode_faces, encode_styles, keep_freed_memory, list_inputs, load_aligner, load_blendgan,
-                       load_psp, read_input, resize, run_job, stem, validate_common)
+                       load_psp, read_input, release_freed_memory, resize, run_job, stem, validate_common)
 from video import HOLD_FRAMES, compose_frame, interpolation_alphas, sliding_window, write_mp4
 
 
@@ -72,11 +72,14 @@ def style_walks(face_paths, style_paths, n_styles, seed):
     return {face: rng.choices(style_paths, k=n_styles) for face in face_paths}
 
 
+@torch.no_grad()
 def gen_videos(opts):
     device, dtype = opts.device, DTYPES[opts.dtype]
-    g, _ = load_blendgan(opts.ckpt, opts.size, opts.channel_multiplier, device, dtype, opts.compile)
+    # One network at a time, as style_transfer_folder.py: G (memory-mapped) encodes the styles and is
+    # dropped; pSp encodes every face and is dropped; a G without E_style renders the videos. So the
+    # 1024 px video fits wherever the style transfer fits.
+    g, _ = load_blendgan(opts.ckpt, opts.size, opts.channel_multiplier, device, dtype)
     size = g.size
-    psp = load_psp(opts.psp_encoder_ckpt, size, device, dtype, opts.compile)
     report = Report()
     aligner = load_aligner(opts.align, opts.predictor)
     style_paths = []
@@ -90,20 +93,33 @@ def gen_videos(opts):
         print("nothing to do: no usable style image", file=sys.stderr)
         return report
     z_cache = dict(zip(style_paths, encode_styles(g, [style_cache[p] for p in style_paths], opts.batch, device, dtype)))
+    del g
+    release_freed_memory()
     face_paths = list_inputs(opts.input_img_path)
     walks = style_walks(face_paths, style_paths, opts.n_styles, opts.seed)
-    os.makedirs(opts.outdir, exist_ok=True)
-    for path in tqdm(face_paths, desc="videos", unit="face"):
-        picks = walks[path]
+    todo = []  # (face path, face image, output path)
+    for path in face_paths:
         out = os.path.join(opts.outdir, f"{stem(path)}.mp4")
         if opts.skip_existing and os.path.exists(out):
             report.existing += 1
             continue
         img = read_input(path, report, aligner, align_size=size)
-        if img is None:
-            continue
-        face = resize(img, size)
-        code = encode_faces(psp, [face], 1, device, dtype)  # [1, n_latent, 512]
+        if img is not None:
+            todo.append((path, resize(img, size), out))
+    if not todo:
+        return report
+    psp = load_psp(opts.psp_encoder_ckpt, size, device, dtype, opts.compile)
+    # One face per call, as before the sequencing: the codes do not depend on the batch composition.
+    codes = [encode_faces(psp, [face], 1, device, dtype) for _, face, _ in todo]  # each [1, n_latent, 512]
+    del psp
+    if opts.compile:
+        torch.compiler.reset()  # compiled code holds references to the encoder's weights
+    release_freed_memory()
+    g, _ = load_blendgan(opts.ckpt, size, opts.channel_multiplier, device, dtype, opts.compile,
+                         with_style_encoder=False)
+    os.makedirs(opts.outdir, exist_ok=True)
+    for (path, face, out), code in zip(tqdm(todo, desc="videos", unit="face"), codes):
+        picks = walks[path]
         frames = face_frames(g, code, face, [style_cache[p] for p in picks], [z_cache[p] for p in picks], opts)
         write_mp4(out, frames, fps=opts.fps, crf=opts.crf)
         report.written += 1

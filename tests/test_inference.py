@@ -270,6 +270,64 @@ def test_gen_video_frames_fps_and_layout(ckpts, tmp_path):
     assert np.abs(frames[30].astype(float) - frames[0]).mean() > 1  # the result moves between styles
 
 
+def test_gen_video_holds_one_network_at_a_time_and_frames_are_unchanged(ckpts, tmp_path, monkeypatch):
+    """gen_video.py sequenced like style_transfer_folder.py: pSp is never loaded while a generator with
+    E_style is alive, and G is not alive while pSp encodes; the frames handed to the encoder are exactly
+    those of the one-pass computation (G with E_style and pSp together, as the release)."""
+    import gc
+    import weakref
+
+    import inference
+
+    ckpt, psp_ckpt = ckpts
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    shutil.copy(os.path.join(FACES, sorted(os.listdir(FACES))[0]), faces)
+    alive, overlaps, written = [], [], {}
+
+    def live():
+        gc.collect()
+        return [kind for kind, ref in alive if ref() is not None]
+
+    def tracking(kind, load):
+        def wrapper(*args, **kwargs):
+            overlaps.append((kind, live()))
+            result = load(*args, **kwargs)
+            net = result[0] if isinstance(result, tuple) else result
+            alive.append((kind, weakref.ref(net)))
+            return result
+        return wrapper
+
+    monkeypatch.setattr(gen_video, "load_blendgan", tracking("G", inference.load_blendgan))
+    monkeypatch.setattr(gen_video, "load_psp", tracking("pSp", inference.load_psp))
+    monkeypatch.setattr(gen_video, "write_mp4", lambda path, frames, **kw: written.update({path: list(frames)}))
+    out = tmp_path / "videos"
+    assert run_main(gen_video, ["--ckpt", ckpt, "--psp_encoder_ckpt", psp_ckpt, "--input_img_path", faces,
+                                "--style_img_path", STYLES, "--outdir", out, "--device", "cpu", "--n_styles", 2,
+                                "--batch", 16]) == 0
+    assert overlaps == [("G", []), ("pSp", []), ("G", [])]  # nothing else alive when each one loads
+
+    g, _ = inference.load_blendgan(ckpt)
+    psp = inference.load_psp(psp_ckpt, SIZE)
+    style_paths = [os.path.join(STYLES, s) for s in sorted(os.listdir(STYLES))]
+    style_imgs = {p: resize(read_rgb(p), SIZE) for p in style_paths}
+    z = dict(zip(style_paths, encode_styles(g, list(style_imgs.values()), 16, "cpu", torch.float32)))
+    face_paths = [str(faces / n) for n in sorted(os.listdir(faces))]
+    walks = gen_video.style_walks(face_paths, style_paths, 2, 0)
+    opts = gen_video.parse_args(["--ckpt", ckpt, "--psp_encoder_ckpt", psp_ckpt, "--input_img_path", str(faces),
+                                 "--style_img_path", STYLES, "--n_styles", "2", "--batch", "16"])
+    assert sorted(written) == sorted(str(out / (os.path.splitext(os.path.basename(p))[0] + ".mp4"))
+                                     for p in face_paths)
+    for path in face_paths:
+        face = resize(read_rgb(path), SIZE)
+        code = encode_faces(psp, [face], 1, "cpu", torch.float32)
+        want = list(gen_video.face_frames(g, code, face, [style_imgs[p] for p in walks[path]],
+                                          [z[p] for p in walks[path]], opts))
+        got = written[str(out / (os.path.splitext(os.path.basename(path))[0] + ".mp4"))]
+        assert len(got) == len(want) == 31 + 10
+        assert max(np.abs(a.astype(int) - b).max() for a, b in zip(got, want)) <= 1  # uint8 rounding at most
+
+
 def test_compiled_networks_match_eager(ckpts):
     """--compile (torch.compile of the channels_last generator and pSp encoder) changes no output beyond
     1e-4 of its range."""
