@@ -181,35 +181,69 @@ def fused_lrelu_gradchecks(case, device="cuda"):
             and torch.autograd.gradgradcheck(fn, inputs, eps=1e-6))
 
 
-def _benchmark(device):
-    """Milliseconds per forward+backward of a 256x256 StyleGAN blur and a 512-channel activation."""
+def _benchmark(device, shape=(8, 256, 128, 128), repeat=10):
+    """Milliseconds per forward+backward of a StyleGAN blur and activation ([8, 256, 128, 128] by default),
+    for the reference and (on CUDA) the kernels, contiguous and channels_last (the networks' layout)."""
+    import time
+
     from op.fused_act import fused_leaky_relu
     from op.upfirdn2d import upfirdn2d
 
-    x = torch.randn(8, 256, 128, 128, device=device, requires_grad=True)
-    bias = torch.randn(256, device=device, requires_grad=True)
     kernel = torch.outer(*(2 * [torch.tensor([1.0, 3.0, 3.0, 1.0], device=device)]))
     kernel = kernel / kernel.sum() * 4
-    ops = {
-        "upfirdn2d up=2 k=4": lambda impl: upfirdn2d(x, kernel, up=2, pad=(2, 1), impl=impl),
-        "upfirdn2d blur k=4": lambda impl: upfirdn2d(x, kernel, pad=(2, 1), impl=impl),
-        "fused_leaky_relu": lambda impl: fused_leaky_relu(x, bias, impl=impl),
-    }
+    bias = torch.randn(shape[1], device=device, requires_grad=True)
     rows = []
-    for name, op_fn in ops.items():
-        timings = {}
-        for impl in ("ref", "cuda"):
-            for _ in range(3):
-                op_fn(impl).sum().backward()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(10):
-                op_fn(impl).sum().backward()
-            end.record()
-            torch.cuda.synchronize()
-            timings[impl] = start.elapsed_time(end) / 10
-        rows.append(f"{name:<22} ref {timings['ref']:8.3f} ms   cuda {timings['cuda']:8.3f} ms")
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(shape, device=device).contiguous(memory_format=layout).requires_grad_(True)
+        ops = {
+            "upfirdn2d up=2 k=4": lambda impl: upfirdn2d(x, kernel, up=2, pad=(2, 1), impl=impl),
+            "upfirdn2d blur k=4": lambda impl: upfirdn2d(x, kernel, pad=(2, 1), impl=impl),
+            "fused_leaky_relu": lambda impl: fused_leaky_relu(x, bias, impl=impl),
+        }
+        for name, op_fn in ops.items():
+            timings = {}
+            for impl in ("ref", "cuda") if device == "cuda" else ("ref",):
+                for _ in range(2):
+                    op_fn(impl).sum().backward()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                for _ in range(repeat):
+                    op_fn(impl).sum().backward()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                timings[impl] = (time.perf_counter() - start) / repeat * 1000
+            label = "channels_last" if layout is torch.channels_last else "contiguous"
+            rows.append(f"{name:<22} {label:<13} " + "   ".join(f"{k} {v:8.3f} ms" for k, v in timings.items()))
     return rows
+
+
+class _ReferenceKernels:
+    """The extension API computed by the PyTorch reference (no autograd): a stand-in with which the
+    self-check and the autograd wrappers can be exercised on the CPU (tools/gpu_check.py --cpu-tiny)."""
+
+    @staticmethod
+    def upfirdn2d(x, kernel, up_x, up_y, down_x, down_y, pad_x0, pad_x1, pad_y0, pad_y1):
+        from op.upfirdn2d import upfirdn2d_ref
+
+        with torch.no_grad():
+            return upfirdn2d_ref(x, kernel, (up_x, up_y), (down_x, down_y), (pad_x0, pad_x1, pad_y0, pad_y1))
+
+    @staticmethod
+    def fused_bias_leaky_relu(x, bias, negative_slope, scale):
+        pre = x if bias is None else x + bias.view(1, -1, *([1] * (x.ndim - 2)))
+        return torch.where(pre > 0, pre, pre * negative_slope) * scale
+
+    @staticmethod
+    def leaky_relu_grad(grad_out, ref, negative_slope, scale, ref_sign):
+        return torch.where(ref * ref_sign > 0, grad_out * scale, grad_out * (negative_slope * scale))
+
+
+def reference_kernels(name):
+    """A stand-in for extension `name` computed by the reference (see _ReferenceKernels)."""
+    if name not in SELF_CHECK_CASES:
+        raise KeyError(f"unknown extension {name!r}")
+    return _ReferenceKernels
 
 
 def _self_check_outputs(name, case, kernels, device, channels_last):
@@ -300,7 +334,7 @@ def main(argv=None):
                   f"{'ok' if ok else 'FAIL'}  ({detail})")
     if args.bench:
         print()
-        for row in _benchmark("cuda"):
+        for row in _benchmark("cuda"):  # the reference is the default where it is faster (see README)
             print(row)
     print("ALL OK" if not failed else "SOME CHECKS FAILED")
     return 1 if failed else 0

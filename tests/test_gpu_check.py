@@ -1,0 +1,65 @@
+"""tools/gpu_check.py: the prepared GPU check, rehearsed on the CPU (--cpu-tiny).
+
+The test runs the quick steps end to end in a subprocess (the others -- G/train benchmarks, the style
+transfer, the DDP run -- take minutes on 2 shared cores; tools/gpu_check.sh OUT --cpu-tiny runs them all)
+and checks the report files; the report builder and the benchmark-table parser are checked on their own.
+"""
+import json
+import os
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+
+import gpu_check  # noqa: E402
+
+ROOT = gpu_check.ROOT
+
+
+def test_cpu_tiny_run_writes_a_complete_report(tmp_path):
+    out = tmp_path / "report"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "gpu_check.py"), str(out), "--cpu-tiny",
+                           "--steps", "op_check,op_speed"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["mode"] == "cpu-tiny" and report["ok"] is True
+    assert report["environment"]["device"] == "cpu" and report["environment"]["torch"]
+    assert report["paper"] == gpu_check.PAPER
+    steps = {s["name"]: s for s in report["steps"]}
+    assert list(steps) == ["op_check", "op_speed"]
+    assert "upfirdn2d ok" in steps["op_check"]["output"] and "fused_bias_act ok" in steps["op_check"]["output"]
+    speed = steps["op_speed"]["output"]
+    for name in ("upfirdn2d up=2 k=4", "upfirdn2d blur k=4", "fused_leaky_relu"):
+        assert f"{name}" in speed
+    assert speed.count("channels_last") == 3 and speed.count("contiguous") == 3
+    md = (out / "report.md").read_text()
+    assert md.startswith("# GPU check (cpu-tiny)")
+    assert "| op_check | ok |" in md and "| op_speed | ok |" in md
+    assert "4.6" in md and "210" in md  # the paper's numbers beside ours
+
+
+def test_unknown_step_is_one_clear_error(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "gpu_check.py"), str(tmp_path), "--cpu-tiny",
+                           "--steps", "op_check,warp_drive"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--steps: unknown step(s) ['warp_drive']" in proc.stderr
+
+
+def test_bench_table_parser_and_markdown():
+    text = ("# device=cuda\n| size | what | median s | images/s |\n| --- | --- | --- | --- |\n"
+            "| 1024 | G forward, natural | 0.012 | 83.33 |\n| 64 | train 64 px: d_step | 1.500 | 5.33 |\n"
+            "# peak CUDA memory 1.25 GB\n# peak RSS 3.50 GB\n")
+    assert gpu_check.table_rows(text) == [
+        dict(size=1024, what="G forward, natural", seconds=0.012, images_per_s=83.33),
+        dict(size=64, what="train 64 px: d_step", seconds=1.5, images_per_s=5.33)]
+    assert gpu_check.peak_memory(text) == {"CUDA memory": 1.25, "RSS": 3.5}
+    report = dict(mode="gpu", started="now", total_seconds=12.0, environment=dict(device="cuda", gpu="X"),
+                  steps=[dict(name="bench_g", ok=True, seconds=10.0, output="tail text",
+                              rows=[dict(gpu_check.table_rows(text)[0], batch=1, dtype="float16", compile=False)]),
+                         dict(name="ddp", ok=False, seconds=2.0, output="boom", ddp_warnings=["x"])])
+    md = gpu_check.markdown(report)
+    assert "| bench_g | ok | 10.0 |" in md and "| ddp | FAILED | 2.0 |" in md
+    assert "| size | what | seconds | images_per_s | batch | dtype | compile |" in md
+    assert "| 1024 | G forward, natural | 0.012 | 83.33 | 1 | float16 | False |" in md
+    assert "- ddp_warnings: ['x']" in md and "boom" in md

@@ -1,0 +1,319 @@
+"""One prepared GPU check (issue #14, part 3): every GPU measurement and GPU-only test in one run, one
+report (report.md + report.json) in the folder given.
+
+    python tools/gpu_check.py OUT_DIR             # on a GPU machine: <= 8 minutes on one modern GPU
+    python tools/gpu_check.py OUT_DIR --cpu-tiny  # every step on the CPU at tiny size (what the test runs)
+
+Steps (each in its own subprocess with a time limit; a failing or timed-out step is reported and the
+run goes on):
+  op_check    op/check_cuda.py (CUDA kernels vs the PyTorch reference: forward, grad, gradgrad,
+              gradcheck) and the GPU-only tests of tests/test_op.py; CPU mode: the build self-check
+              logic with reference kernels standing in for the extension
+  op_speed    CUDA kernels vs the reference path, forward + backward (check_cuda --bench)
+  bench_g     bench.py: G at 1024 px, batch 1 and 16, float32 / bfloat16 / float16, eager and --compile;
+              the full style-transfer pair; images/s; peak memory
+  transfer_4gb  style_transfer_folder.py at 1024 px in float16 under a 4 GB CUDA memory cap
+              (torch.cuda.set_per_process_memory_fraction), the release's issue #16
+  train       bench.py --train at 256 px (batch 2) and 1024 px (batch 4), with and without --amp
+              (bfloat16); the style-encoder SimCLR step at batch 64
+  ddp         a 1-process NCCL torchrun of train.py for a few iterations at 256 px
+The paper's numbers for comparison: 4.6 images/s BlendGAN training on 4 V100s, ~210 images/s for the
+style encoder.
+"""
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAPER = {"BlendGAN training, 4 V100 (images/s)": 4.6, "style encoder training (images/s)": 210}
+
+# Per-mode sizes and limits (seconds). GPU: the sum of limits stays under 8 minutes.
+GPU = dict(size=1024, batches=(1, 16), dtypes=("float32", "bfloat16", "float16"), compile=True,
+           train=((256, 2), (1024, 4)), simclr_batch=64, ddp_size=256, ddp_iter=5, repeat=3,
+           limits=dict(op_check=60, op_speed=30, bench_g=180, transfer_4gb=60, train=120, ddp=60))
+CPU_TINY = dict(size=32, batches=(1, 2), dtypes=("float32", "bfloat16"), compile=False,
+                train=((32, 2),), simclr_batch=2, ddp_size=32, ddp_iter=2, repeat=1,
+                limits=dict(op_check=120, op_speed=60, bench_g=600, transfer_4gb=300, train=900, ddp=300))
+
+
+def run(cmd, limit, env=None):
+    """(ok, seconds, output) of a subprocess run from the repository root, killed after `limit` s."""
+    t0 = time.perf_counter()
+    full_env = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=limit)
+        ok, out = proc.returncode == 0, proc.stdout + proc.stderr
+        if not ok:
+            out += f"\n[exit status {proc.returncode}]"
+    except subprocess.TimeoutExpired as err:
+        ok = False
+        out = ((err.stdout or b"").decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or ""))
+        out += f"\n[killed after {limit} s]"
+    return ok, time.perf_counter() - t0, out
+
+
+def table_rows(text):
+    """The `| size | what | median s | images/s |` rows bench.py prints, as dicts."""
+    rows = []
+    for line in text.splitlines():
+        m = re.match(r"\|\s*(\d+)\s*\|\s*(.+?)\s*\|\s*([\d.]+)\s*\|\s*([\d.]+)\s*\|$", line.strip())
+        if m:
+            rows.append(dict(size=int(m[1]), what=m[2], seconds=float(m[3]), images_per_s=float(m[4])))
+    return rows
+
+
+def peak_memory(text):
+    """bench.py's '# peak CUDA memory X GB' / '# peak RSS X GB' lines -> {name: GB}."""
+    return {m[1]: float(m[2]) for m in re.finditer(r"# peak (CUDA memory|RSS) ([\d.]+) GB", text)}
+
+
+def step_op_check(cfg, device, out_dir):
+    py = sys.executable
+    if device == "cuda":
+        ok1, sec1, out1 = run([py, "-m", "op.check_cuda"], cfg["limits"]["op_check"] // 2)
+        ok2, sec2, out2 = run([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_op.py", "-k", "gpu or cuda"],
+                              cfg["limits"]["op_check"] // 2)
+        return dict(ok=ok1 and ok2, seconds=sec1 + sec2, output=out1 + "\n" + out2,
+                    all_ok_line="ALL OK" in out1)
+    code = ("from op.check_cuda import reference_kernels, self_check\n"
+            "for name in ('upfirdn2d', 'fused_bias_act'):\n"
+            "    reason = self_check(name, reference_kernels(name), 'cpu')\n"
+            "    print(name, 'ok' if reason is None else reason)\n"
+            "    assert reason is None\n")
+    ok, sec, out = run([py, "-c", code], cfg["limits"]["op_check"])
+    return dict(ok=ok, seconds=sec, output=out)
+
+
+def step_op_speed(cfg, device, out_dir):
+    py = sys.executable
+    if device == "cuda":
+        ok, sec, out = run([py, "-m", "op.check_cuda", "--bench"], cfg["limits"]["op_speed"])
+    else:
+        code = "from op.check_cuda import _benchmark\nfor r in _benchmark('cpu', (1, 8, 32, 32), 2): print(r)"
+        ok, sec, out = run([py, "-c", code], cfg["limits"]["op_speed"])
+    return dict(ok=ok, seconds=sec, output=out)
+
+
+def step_bench_g(cfg, device, out_dir):
+    py = sys.executable
+    rows, outputs, ok_all, total = [], [], True, 0.0
+    runs = [(b, dt, comp) for b in cfg["batches"] for dt in cfg["dtypes"]
+            for comp in ((False, True) if cfg["compile"] else (False,))]
+    for i, (batch, dtype, comp) in enumerate(runs):
+        cmd = [py, "bench.py", "--sizes", str(cfg["size"]), "--batch", str(batch), "--dtype", dtype,
+               "--device", device, "--repeat", str(cfg["repeat"]), "--warmup", "1"]
+        if i > 0:  # the style-transfer pair (pSp) once, in the first configuration
+            cmd.append("--no_psp")
+        if comp:
+            cmd.append("--compile")
+        ok, sec, out = run(cmd, max(30, cfg["limits"]["bench_g"] // len(runs)))
+        total += sec
+        ok_all &= ok
+        for r in table_rows(out):
+            rows.append(dict(r, batch=batch, dtype=dtype, compile=comp))
+        mem = peak_memory(out)
+        if mem:
+            rows.append(dict(what="peak memory (GB)", batch=batch, dtype=dtype, compile=comp, **mem))
+        outputs.append(f"$ {' '.join(cmd[1:])}\n{out}")
+    return dict(ok=ok_all, seconds=total, rows=rows, output="\n".join(outputs))
+
+
+def make_checkpoints(size, folder):
+    """Release-layout blendgan.pt and psp_encoder.pt of random weights at `size` (the release's sizes at
+    1024 px)."""
+    import torch
+
+    from model import Generator
+    from psp_encoder.psp_encoders import PSPEncoder, psp_state_dict_for_release
+
+    torch.manual_seed(0)
+    g = Generator(size, 512, 8, channel_multiplier=2, load_pretrained_vgg=False)
+    latent_avg = g.mean_latent(256).detach()
+    torch.save({"g_ema": g.state_dict(), "latent_avg": latent_avg}, os.path.join(folder, "blendgan.pt"))
+    del g
+    psp = PSPEncoder(None, output_size=size)
+    torch.save(psp_state_dict_for_release(psp), os.path.join(folder, "psp_encoder.pt"))
+
+
+TRANSFER_DRIVER = """
+import sys, torch, json
+sys.argv = ["style_transfer_folder.py"] + sys.argv[1:]
+import style_transfer_folder
+from inference import keep_freed_memory
+keep_freed_memory()
+cap = None
+if torch.cuda.is_available():
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, 4 * 1024 ** 3 / total))
+    cap = 4.0
+code = style_transfer_folder.main(sys.argv[1:])
+peak = torch.cuda.max_memory_allocated() / 1024 ** 3 if torch.cuda.is_available() else None
+print("TRANSFER " + json.dumps({"exit": code, "cap_gb": cap, "peak_gb": peak}))
+sys.exit(code)
+"""
+
+
+def step_transfer_4gb(cfg, device, out_dir):
+    work = os.path.join(out_dir, "transfer_work")
+    os.makedirs(work, exist_ok=True)
+    t0 = time.perf_counter()
+    make_checkpoints(cfg["size"], work)
+    faces, styles = os.path.join(work, "faces"), os.path.join(work, "styles")
+    for src, dst in ((os.path.join(ROOT, "test_imgs", "face_imgs"), faces),
+                     (os.path.join(ROOT, "test_imgs", "style_imgs"), styles)):
+        os.makedirs(dst, exist_ok=True)
+        for name in sorted(os.listdir(src))[:2]:
+            shutil.copy(os.path.join(src, name), dst)
+    dtype = "float16" if device == "cuda" else "float32"
+    ok, sec, out = run([sys.executable, "-c", TRANSFER_DRIVER, "--size", str(cfg["size"]), "--ckpt",
+                        os.path.join(work, "blendgan.pt"), "--psp_encoder_ckpt", os.path.join(work, "psp_encoder.pt"),
+                        "--input_img_path", faces, "--style_img_path", styles, "--outdir", os.path.join(work, "out"),
+                        "--device", device, "--dtype", dtype], cfg["limits"]["transfer_4gb"])
+    m = re.search(r"TRANSFER (\{.*\})", out)
+    result = json.loads(m[1]) if m else {}
+    written = sorted(os.listdir(os.path.join(work, "out"))) if os.path.isdir(os.path.join(work, "out")) else []
+    shutil.rmtree(work, ignore_errors=True)  # the checkpoints are 2.5 GB at 1024 px
+    return dict(ok=ok and len(written) == 4, seconds=time.perf_counter() - t0, dtype=dtype, outputs_written=len(written),
+                **result, output=out)
+
+
+def step_train(cfg, device, out_dir):
+    py = sys.executable
+    rows, outputs, ok_all, total = [], [], True, 0.0
+    runs = [(s, b, dt) for s, b in cfg["train"] for dt in ("float32", "bfloat16")]
+    runs.append((cfg["train"][0][0], cfg["simclr_batch"], "float32"))  # the SimCLR step at its batch
+    for size, batch, dtype in runs:
+        cmd = [py, "bench.py", "--sizes", "", "--train", "--train_size", str(size), "--train_batch", str(batch),
+               "--dtype", dtype, "--device", device, "--repeat", str(cfg["repeat"]), "--warmup", "1"]
+        ok, sec, out = run(cmd, max(30, cfg["limits"]["train"] // len(runs)))
+        total += sec
+        ok_all &= ok
+        rows += [dict(r, batch=batch, amp=dtype != "float32") for r in table_rows(out)]
+        outputs.append(f"$ {' '.join(cmd[1:])}\n{out}")
+    return dict(ok=ok_all, seconds=total, rows=rows, output="\n".join(outputs))
+
+
+def step_ddp(cfg, device, out_dir):
+    import prepare_data
+
+    work = os.path.join(out_dir, "ddp_work")
+    t0 = time.perf_counter()
+    lmdbs = []
+    for name, folder in (("faces", "face_imgs"), ("styles", "style_imgs")):
+        path = os.path.join(work, name)
+        prepare_data.prepare(prepare_data.PrepareOptions(out=path, paths=[os.path.join(ROOT, "test_imgs", folder)],
+                                                         size=(cfg["ddp_size"],), n_worker=0, format="png"))
+        lmdbs.append(path)
+    import torch
+
+    from checkpoint import save_checkpoint
+    from style_encoder import StyleEncoder
+
+    style_dim = 512 if device == "cuda" else 64
+    small = [] if device == "cuda" else ["--n_mlp", "2", "--channel_multiplier", "1", "--style_pool_size", "32"]
+    encoder_ckpt = os.path.join(work, "style_encoder.pt")
+    torch.manual_seed(0)
+    save_checkpoint({"style_encoder": StyleEncoder(style_dim, load_pretrained_vgg=False).state_dict()}, encoder_ckpt)
+    small += ["--style_dim", str(style_dim), "--style_encoder_ckpt", encoder_ckpt]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "train.py", *lmdbs,
+           "--out_dir", os.path.join(work, "run"), "--size", str(cfg["ddp_size"]), "--batch", "2",
+           "--iter", str(cfg["ddp_iter"]), "--device", device, "--num_workers", "0", "--no_progress",
+           "--log_every", "1", "--sample_every", "1000", "--save_every", "1000", *small]
+    ok, sec, out = run(cmd, cfg["limits"]["ddp"], env={"OMP_NUM_THREADS": "1"})
+    warnings_seen = [w for w in ("Grad strides do not match bucket view strides", "broadcast_buffers` is deprecated")
+                     if w in out]
+    shutil.rmtree(work, ignore_errors=True)
+    return dict(ok=ok and not warnings_seen, seconds=time.perf_counter() - t0, backend="nccl" if device == "cuda" else "gloo",
+                ddp_warnings=warnings_seen, output=out)
+
+
+STEPS = [("op_check", step_op_check), ("op_speed", step_op_speed), ("bench_g", step_bench_g),
+         ("transfer_4gb", step_transfer_4gb), ("train", step_train), ("ddp", step_ddp)]
+
+
+def environment(device):
+    import torch
+
+    env = dict(python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda, device=device,
+               host_cpu=platform.processor() or platform.machine(), cpu_count=os.cpu_count())
+    if device == "cuda":
+        env["gpu"] = torch.cuda.get_device_name()
+        env["gpu_memory_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 1024 ** 3, 1)
+    try:
+        env["load_average"] = os.getloadavg()
+    except OSError:
+        pass
+    return env
+
+
+def markdown(report):
+    lines = [f"# GPU check ({report['mode']})", "",
+             f"{report['started']}, {report['total_seconds']:.0f} s in all; "
+             + ", ".join(f"{k} {v}" for k, v in report["environment"].items()), "",
+             "| step | result | seconds |", "| --- | --- | --- |"]
+    lines += [f"| {s['name']} | {'ok' if s['ok'] else 'FAILED'} | {s['seconds']:.1f} |" for s in report["steps"]]
+    for s in report["steps"]:
+        lines += ["", f"## {s['name']}", ""]
+        extra = {k: v for k, v in s.items() if k not in ("name", "ok", "seconds", "output", "rows")}
+        if extra:
+            lines += [f"- {k}: {v}" for k, v in extra.items()] + [""]
+        if s.get("rows"):
+            all_keys = list(dict.fromkeys(k for r in s["rows"] for k in (["size"] if "size" in r else []) + list(r)))
+            lines += ["| " + " | ".join(all_keys) + " |", "|" + " --- |" * len(all_keys)]
+            lines += ["| " + " | ".join(str(r.get(k, "")) for k in all_keys) + " |" for r in s["rows"]]
+            lines.append("")
+        tail = s["output"][-3000:]
+        lines += ["<details><summary>output (last 3000 characters)</summary>", "", "```", tail, "```", "</details>"]
+    lines += ["", "## Paper's numbers", ""] + [f"- {k}: {v}" for k, v in PAPER.items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("out_dir", help="folder for report.md and report.json (created)")
+    p.add_argument("--cpu-tiny", dest="cpu_tiny", action="store_true",
+                   help="run every step on the CPU at tiny size (the test of this script)")
+    p.add_argument("--steps", default=",".join(name for name, _ in STEPS),
+                   help="comma-separated subset of: " + ", ".join(name for name, _ in STEPS))
+    opts = p.parse_args(argv)
+    unknown = set(opts.steps.split(",")) - {name for name, _ in STEPS}
+    if unknown:
+        p.error(f"--steps: unknown step(s) {sorted(unknown)}")
+    sys.path.insert(0, ROOT)
+    import torch
+
+    if not opts.cpu_tiny and not torch.cuda.is_available():
+        p.error("no CUDA device: run with --cpu-tiny for the CPU rehearsal")
+    device, cfg = ("cpu", CPU_TINY) if opts.cpu_tiny else ("cuda", GPU)
+    os.makedirs(opts.out_dir, exist_ok=True)
+    report = dict(mode="cpu-tiny" if opts.cpu_tiny else "gpu", started=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                  environment=environment(device), paper=PAPER, steps=[])
+    t0 = time.perf_counter()
+    for name, fn in STEPS:
+        if name not in opts.steps.split(","):
+            continue
+        print(f"[gpu_check] {name} ...", flush=True)
+        try:
+            result = fn(cfg, device, opts.out_dir)
+        except Exception as err:  # a broken step is reported, the others still run
+            result = dict(ok=False, seconds=0.0, output=f"{type(err).__name__}: {err}")
+        report["steps"].append(dict(name=name, **result))
+        print(f"[gpu_check] {name}: {'ok' if result['ok'] else 'FAILED'} ({result['seconds']:.1f} s)", flush=True)
+    report["total_seconds"] = time.perf_counter() - t0
+    report["ok"] = all(s["ok"] for s in report["steps"])
+    with open(os.path.join(opts.out_dir, "report.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.join(opts.out_dir, "report.md"), "w") as f:
+        f.write(markdown(report))
+    print(f"[gpu_check] report: {opts.out_dir}/report.md, report.json ({'all ok' if report['ok'] else 'FAILURES'})")
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
