@@ -481,3 +481,51 @@ def test_discriminators_shapes_and_projection_formula():
     assert torch.allclose(m[:, 6, 0, 0], ref.repeat(2))
     # odd batch: the group falls back to a divisor of the batch instead of crashing
     assert d(torch.randn(3, 3, 32, 32)).shape == (3, 1)
+
+
+def test_ddp_gradients_arrive_in_the_buckets_layout():
+    """Issue #13 8c: under DDP, train.py warned "grad strides do not match bucket view strides" (channels_last
+    activations give [out, in, 1, 1] weight gradients channels_last strides) and that broadcast_buffers is
+    deprecated. With the parameters stored channels_last at construction and wrap_ddp's options, one
+    G + D forward/backward in a 1-process gloo group warns about neither; the gradients have the
+    parameters' strides and equal those of the same step without DDP."""
+    import socket
+    import warnings
+
+    import torch.distributed as dist
+
+    from blendgan_training import TrainOptions, build_networks, wrap_ddp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    opts = TrainOptions(ffhq_lmdb="-", size=32, batch=2, style_dim=16, n_mlp=2, channel_multiplier=1,
+                        style_pool_size=32, device="cpu")
+    torch.manual_seed(0)
+    nets = build_networks(opts, torch.device("cpu"))
+    z, z_embed = torch.randn(2, 16), torch.randn(2, 16)
+
+    def step(g, d):
+        img, _ = g([z], z_embed=z_embed, randomize_noise=False)
+        d(img).sum().backward()
+
+    step(nets.g, nets.d_face)
+    plain = {n: p.grad.clone() for n, p in nets.d_face.named_parameters()}
+    nets.g.zero_grad(set_to_none=True)
+    nets.d_face.zero_grad(set_to_none=True)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            g_train, d_train = wrap_ddp(nets, torch.device("cpu"))
+            step(g_train, d_train["d_face"])
+    finally:
+        dist.destroy_process_group()
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "bucket view strides" in m or "broadcast_buffers" in m], messages
+    for name, p in nets.d_face.named_parameters():
+        assert p.grad.stride() == p.stride(), name
+        torch.testing.assert_close(p.grad, plain[name], rtol=1e-5, atol=1e-6)
+    one_by_one = nets.d_face.convs[1].skip[1].weight  # a [out, in, 1, 1] weight
+    c_in = one_by_one.shape[1]
+    assert one_by_one.shape[2:] == (1, 1) and one_by_one.stride() == (c_in, 1, c_in, c_in)  # exact NHWC strides
