@@ -17,7 +17,6 @@ Generator runs beside it in the same process.
 Weights are random (timings do not depend on them). Speed is measured here, never asserted in tests.
 """
 import argparse
-import contextlib
 import importlib
 import os
 import resource
@@ -154,11 +153,9 @@ def bench_plain(size, opts):
         g = make(size, 512, 8, channel_multiplier=2, load_pretrained_vgg=False).eval().to(device)
         for amp in (False, True):
             dt = "bfloat16 autocast" if amp else "float32"
-            ctx = lambda: torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if amp else contextlib.nullcontext()  # noqa: E731
-            with torch.no_grad():
-                with ctx():
-                    rows.append((f"{who} G stylized i=6, {dt}", run(
-                        lambda: g([z], z_embed=z_s, add_weight_index=6, randomize_noise=False)), n))
+            with torch.no_grad(), torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=amp):
+                rows.append((f"{who} G stylized i=6, {dt}", run(
+                    lambda: g([z], z_embed=z_s, add_weight_index=6, randomize_noise=False)), n))
         del g
     enc = StyleEncoder(512, 4, load_pretrained_vgg=False).eval().to(device)
     encoders = [("style embedding", enc)]

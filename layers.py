@@ -7,7 +7,6 @@ at run time.
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from op import FusedLeakyReLU, fused_leaky_relu, upfirdn2d

@@ -77,8 +77,8 @@ def step_op_check(cfg, device, out_dir):
     py = sys.executable
     if device == "cuda":
         ok1, sec1, out1 = run([py, "-m", "op.check_cuda"], cfg["limits"]["op_check"] // 2)
-        ok2, sec2, out2 = run([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_op.py", "-k", "gpu or cuda"],
-                              cfg["limits"]["op_check"] // 2)
+        ok2, sec2, out2 = run([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_op.py",
+                               "-k", "gpu or cuda"], cfg["limits"]["op_check"] // 2)
         return dict(ok=ok1 and ok2, seconds=sec1 + sec2, output=out1 + "\n" + out2,
                     all_ok_line="ALL OK" in out1)
     code = ("from op.check_cuda import reference_kernels, self_check\n"
@@ -179,8 +179,8 @@ def step_transfer_4gb(cfg, device, out_dir):
     result = json.loads(m[1]) if m else {}
     written = sorted(os.listdir(os.path.join(work, "out"))) if os.path.isdir(os.path.join(work, "out")) else []
     shutil.rmtree(work, ignore_errors=True)  # the checkpoints are 2.5 GB at 1024 px
-    return dict(ok=ok and len(written) == 4, seconds=time.perf_counter() - t0, dtype=dtype, outputs_written=len(written),
-                **result, output=out)
+    return dict(ok=ok and len(written) == 4, seconds=time.perf_counter() - t0, dtype=dtype,
+                outputs_written=len(written), **result, output=out)
 
 
 def step_train(cfg, device, out_dir):
@@ -229,8 +229,8 @@ def step_ddp(cfg, device, out_dir):
     warnings_seen = [w for w in ("Grad strides do not match bucket view strides", "broadcast_buffers` is deprecated")
                      if w in out]
     shutil.rmtree(work, ignore_errors=True)
-    return dict(ok=ok and not warnings_seen, seconds=time.perf_counter() - t0, backend="nccl" if device == "cuda" else "gloo",
-                ddp_warnings=warnings_seen, output=out)
+    return dict(ok=ok and not warnings_seen, seconds=time.perf_counter() - t0,
+                backend="nccl" if device == "cuda" else "gloo", ddp_warnings=warnings_seen, output=out)
 
 
 STEPS = [("op_check", step_op_check), ("op_speed", step_op_speed), ("bench_g", step_bench_g),
@@ -292,8 +292,8 @@ def main(argv=None):
         p.error("no CUDA device: run with --cpu-tiny for the CPU rehearsal")
     device, cfg = ("cpu", CPU_TINY) if opts.cpu_tiny else ("cuda", GPU)
     os.makedirs(opts.out_dir, exist_ok=True)
-    report = dict(mode="cpu-tiny" if opts.cpu_tiny else "gpu", started=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-                  environment=environment(device), paper=PAPER, steps=[])
+    report = dict(mode="cpu-tiny" if opts.cpu_tiny else "gpu",
+                  started=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), environment=environment(device), paper=PAPER, steps=[])
     t0 = time.perf_counter()
     for name, fn in STEPS:
         if name not in opts.steps.split(","):
