@@ -342,7 +342,10 @@ def http_download(url, part, desc, retries=3):
             reason = getattr(e, "reason", e)
             raise Unreachable(f"{type(reason).__name__}: {reason}" if not isinstance(reason, str) else reason) from None
         with response:
-            resumed = response.status == 206
+            content_range = response.headers.get("Content-Range", "")
+            resumed = response.status == 206 and content_range.startswith(f"bytes {start}-")
+            if response.status == 206 and not resumed:
+                raise OSError(f"{url} answered range {start}- with '{content_range}'")
             if start and not resumed:
                 start = 0  # the server sent the whole file: start over
             length = response.headers.get("Content-Length")
@@ -401,12 +404,14 @@ def fetch(entry, folder, mirror=None, retries=3):
         except FileProblem as e:
             print(f"{entry.name}: the file at {target} is bad ({e}); downloading it again", file=sys.stderr)
     os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
-    part = part_path(target)
     unreachable = []
     for source in source_urls(entry, mirror):
         manual = f"open {browser_url(source)} in a browser and save the file as {target}"
+        drive = source.startswith(DRIVE_PREFIX)
+        # gdown keeps its own partial file beside its output; ours is the HTTP range download's
+        part = part_path(target) + (".drive" if drive else "")
         try:
-            if source.startswith(DRIVE_PREFIX):
+            if drive:
                 drive_download(source[len(DRIVE_PREFIX):], part, entry.name)
             else:
                 http_download(source, part, entry.name, retries)

@@ -347,3 +347,46 @@ def test_scripts_name_every_missing_file_in_one_line(tmp_path):
         generate_image_pairs.main(["--ckpt", a, "--device", "cpu", "--outdir", str(tmp_path / "o")])
     assert "python download_models.py blendgan.pt" in str(e.value.code) and "psp" not in str(e.value.code)
     assert not (tmp_path / "o").exists()  # nothing started
+
+
+def test_google_drive_files_go_through_gdown_and_the_same_checks(files, tmp_path, monkeypatch):
+    """gdown (patched: no network here) gets the Drive id and a staging path; what it writes is verified
+    like any download, its quota error and a dead route are reported as such."""
+    import gdown
+    import requests
+
+    entry = WeightFile("blendgan.pt", "tests", ("gdrive:FILEID",), "blendgan", dict(G_ARGS))
+    calls = []
+
+    def fake_download(id, output, quiet, resume, served=files["/blendgan.pt"]):
+        calls.append((id, output, resume))
+        with open(output, "wb") as f:
+            f.write(served)
+        return output
+
+    monkeypatch.setattr(gdown, "download", fake_download)
+    outcome = model_zoo.fetch(entry, str(tmp_path))
+    assert outcome.status == "verified" and calls[0][0] == "FILEID" and calls[0][2] is True
+    assert os.path.dirname(calls[0][1]) == str(tmp_path) and calls[0][1] != str(tmp_path / "blendgan.pt")
+    assert (tmp_path / "blendgan.pt").read_bytes() == files["/blendgan.pt"] and os.listdir(tmp_path) == ["blendgan.pt"]
+    (tmp_path / "blendgan.pt").unlink()
+    # Drive's quota page saved by the downloader: refused as HTML, nothing left
+    monkeypatch.setattr(gdown, "download", lambda **kw: fake_download(**kw, served=files["/quota.html"]))
+    outcome = model_zoo.fetch(entry, str(tmp_path))
+    assert outcome.status == "refused" and "HTML page" in outcome.line
+    assert "https://drive.google.com/file/d/FILEID/view in a browser" in outcome.line and os.listdir(tmp_path) == []
+
+    def quota(**kw):
+        raise gdown.exceptions.FileURLRetrievalError("Too many users have viewed or downloaded this file recently.")
+
+    monkeypatch.setattr(gdown, "download", quota)
+    outcome = model_zoo.fetch(entry, str(tmp_path))
+    assert outcome.status == "refused" and "Too many users" in outcome.line and "in a browser" in outcome.line
+
+    def offline(**kw):
+        raise requests.exceptions.ConnectionError("Failed to resolve 'drive.google.com'")
+
+    monkeypatch.setattr(gdown, "download", offline)
+    outcome = model_zoo.fetch(entry, str(tmp_path))
+    assert outcome.status == "unreachable" and outcome.line.startswith("blendgan.pt: cannot reach drive.google.com")
+    assert os.listdir(tmp_path) == []
