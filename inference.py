@@ -17,8 +17,8 @@ from checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict,
 from fileio import atomic_path
 from imageio_utils import UnreadableImageError, read_image_rgb
 from layers import channels_last_
-from model_zoo import COMMAND, missing_files_message
 from model import Generator, guess_generator_config, infer_generator_config, n_latent_for
+from model_zoo import COMMAND, missing_files_message
 from utils import img2ten
 
 RELEASE_PAGE = "https://github.com/onion-liu/BlendGAN (README, 'Pretrained models')"
