@@ -14,8 +14,8 @@ import torch
 from tqdm import tqdm
 
 from inference import (DTYPES, Report, add_common_args, add_generator_args, add_photo_args, check_indicator,
-                       encode_faces, encode_styles, keep_freed_memory, list_inputs, load_aligner, load_blendgan,
-                       load_psp, read_input, resize, run_job, stem, validate_common)
+                       check_model_files, encode_faces, encode_styles, keep_freed_memory, list_inputs, load_aligner,
+                       load_blendgan, load_psp, read_input, resize, run_job, stem, validate_common)
 from video import HOLD_FRAMES, compose_frame, interpolation_alphas, sliding_window, write_mp4
 
 
@@ -73,6 +73,7 @@ def style_walks(face_paths, style_paths, n_styles, seed):
 
 
 def gen_videos(opts):
+    check_model_files(opts, psp=True)  # every missing file in one message, before any work
     device, dtype = opts.device, DTYPES[opts.dtype]
     g, _ = load_blendgan(opts.ckpt, opts.size, opts.channel_multiplier, device, dtype, opts.compile)
     size = g.size
