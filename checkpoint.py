@@ -75,11 +75,18 @@ def load_checkpoint(path, map_location="cpu", hint=None, expect_dict=True, mmap=
             ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         if "weights only" in str(e).lower() or "weights_only" in str(e):
-            refused = ", ".join(_refused_globals(path, str(e))) or "an object"
-            raise CheckpointError(
-                f"checkpoint {path}: refused: it needs the Python global {refused}, which a checkpoint may "
-                f"not load because loading it could run code; only tensors, plain values and "
-                f"{', '.join(c.__module__ + '.' + c.__qualname__ for c in SAFE_CLASSES)} are read") from None
+            refused = _refused_globals(path, str(e))
+            allowed = ", ".join(f"{c.__module__}.{c.__qualname__}" for c in SAFE_CLASSES)
+            if refused:
+                raise CheckpointError(
+                    f"checkpoint {path}: refused: it needs the Python global {', '.join(refused)}, which a "
+                    f"checkpoint may not load because loading it could run code; only tensors, plain values and "
+                    f"{allowed} are read") from None
+            # No global to blame (e.g. an opcode the safe unpickler lacks): torch's reason, not its advice.
+            reason = re.search(r"Unpickler error:(.*?)(Check the documentation|$)", str(e), re.S)
+            reason = _plain(reason.group(1)) if reason and reason.group(1).strip() else type(e).__name__
+            raise CheckpointError(f"checkpoint {path}: not readable by the safe (weights-only) loader: {reason}; "
+                                  f"only tensors, plain values and {allowed} are read") from None
         first = _plain(str(e).strip().splitlines()[0]) if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {path}: not a readable PyTorch checkpoint ({first})") from None
     except Exception as e:  # torch raises RuntimeError/EOFError/ValueError/... for damaged files
