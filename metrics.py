@@ -657,6 +657,9 @@ def run_protocol(g, modes, indicators, protocol, real_mu, real_sigma, extractor,
                  batch, refs=None, truncation_latent=None, workers=0):
     """Every (mode, indicator) row not already in OUTDIR/partial_results.json; writes the tables after each row.
 
+    Rows are computed whole, in batches that depend only on ``batch`` and the face index (not on which rows
+    ran before), so rerun and resume with the same ``batch`` reproduce the numbers bit for bit (evaluate.py).
+
     refs: ImageSet of reference images (reference-guided rows). Returns the Markdown table.
     """
     os.makedirs(outdir, exist_ok=True)
