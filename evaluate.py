@@ -26,10 +26,10 @@ import sys
 import torch
 
 from checkpoint import CheckpointError
+from evaluation import MODES, ImageSet, Protocol, evaluation_settings, parse_indicators, real_statistics, run_protocol
 from imageio_utils import UnreadableImageError
 from inference import DTYPES, add_common_args, load_blendgan, validate_common
-from metrics import (MODES, ImageSet, Protocol, evaluation_settings, load_inception, load_lpips, parse_indicators,
-                     real_statistics, run_protocol)
+from metrics import load_inception, load_lpips
 
 
 def parse_args(argv=None):

@@ -177,7 +177,7 @@ def missing_files(options, fresh_start):
     given but absent are reported by validate ("file not found"); this covers files not given at all.
     fresh_start: the encoder starts from new weights (no checkpoint to resume), so it needs its backbone.
     """
-    from metrics import ALEXNET_URL, hub_cache_path  # the project's one LPIPS loader lives in metrics.py
+    from model_zoo import ALEXNET_URL, hub_cache_path  # where the project's one LPIPS loader (metrics.py) looks
 
     problems = []
     alexnet = os.path.basename(ALEXNET_URL)
@@ -296,7 +296,8 @@ def build_losses(options, device):
     lpips_model = arcface = None
     if weights["lpips"] > 0:
         # The project's one LPIPS loader (metrics.py): the package's linear layers + torchvision's AlexNet.
-        from metrics import ALEXNET_URL, hub_cache_path, load_lpips
+        from metrics import load_lpips
+        from model_zoo import ALEXNET_URL, hub_cache_path
 
         path = options.lpips_alexnet or hub_cache_path(ALEXNET_URL)
         lpips_model = load_lpips(path, allow_download=False).to(device).eval().requires_grad_(False)

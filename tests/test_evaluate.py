@@ -1,4 +1,4 @@
-"""metrics.py / evaluate.py on CPU: FID and its matrix square root against scipy and pytorch-fid, the FID
+"""metrics.py / evaluation.py / evaluate.py on CPU: FID and its matrix square root against scipy and pytorch-fid, the FID
 Inception and LPIPS wrappers against the pytorch-fid / lpips packages (random weights built here), the
 weights-file errors, and the Table 1 protocol (table contents, resume, determinism) against an independent
 recomputation with tiny models."""
@@ -15,11 +15,15 @@ import torchvision
 from torch import nn
 
 import evaluate
+import evaluation
 import metrics
+import model_zoo
 from checkpoint import CheckpointError
-from metrics import (INCEPTION_URL, FeatureStats, ImageSet, Protocol, dataset_statistics, draw_codes,
-                     draw_references, frechet_distance, load_inception, load_lpips, lpips_diversity, parse_indicators,
-                     pretrained_file, reference_codes, run_protocol, style_consistency, trace_sqrt_product)
+from evaluation import (ImageSet, Protocol, dataset_statistics, draw_codes, draw_references, parse_indicators,
+                        reference_codes, run_protocol)
+from metrics import (FeatureStats, frechet_distance, load_inception, load_lpips, lpips_diversity, style_consistency,
+                     trace_sqrt_product)
+from model_zoo import INCEPTION_URL, pretrained_file
 from model import Generator
 from utils import img2ten, ten2img
 
@@ -226,7 +230,7 @@ def test_missing_weights_say_where_to_put_them_and_never_download_offline(tmp_pa
         raise AssertionError("a download was attempted")
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
-    monkeypatch.setattr(metrics, "host_reachable", lambda url, timeout=3.0: False)
+    monkeypatch.setattr(model_zoo, "host_reachable", lambda url, timeout=3.0: False)
     expected = cache / "checkpoints" / "pt_inception-2015-12-05-6726825d.pth"
     for allow in (True, False):  # offline, and downloads switched off
         with pytest.raises(CheckpointError) as e:
@@ -242,9 +246,9 @@ def test_missing_weights_say_where_to_put_them_and_never_download_offline(tmp_pa
     expected.parent.mkdir(parents=True)
     expected.write_bytes(b"x")
     assert pretrained_file("FID Inception-v3", INCEPTION_URL) == str(expected)
-    monkeypatch.setattr(metrics, "host_reachable", lambda url, timeout=3.0: True)
+    monkeypatch.setattr(model_zoo, "host_reachable", lambda url, timeout=3.0: True)
     monkeypatch.setattr(torch.hub, "download_url_to_file", lambda url, dst, **k: open(dst, "wb").close())
-    got = pretrained_file("LPIPS AlexNet backbone", metrics.ALEXNET_URL)
+    got = pretrained_file("LPIPS AlexNet backbone", model_zoo.ALEXNET_URL)
     assert got == str(cache / "checkpoints" / "alexnet-owt-7be5be79.pth") and os.path.isfile(got)
 
 
@@ -294,7 +298,7 @@ def read_csv(path):
         return {(r["mode"], int(r["indicator"])): r for r in csv.DictReader(f)}
 
 
-EVALUATE_ROW = metrics.evaluate_row
+EVALUATE_ROW = evaluation.evaluate_row
 
 
 class Interrupted(Exception):
@@ -311,7 +315,7 @@ def count_rows(monkeypatch, fail_after=None):
         calls.append(args[1])
         return EVALUATE_ROW(*args, **kwargs)
 
-    monkeypatch.setattr(metrics, "evaluate_row", counted)
+    monkeypatch.setattr(evaluation, "evaluate_row", counted)
     return calls
 
 
