@@ -24,14 +24,29 @@ from tqdm import tqdm
 
 from imageio_utils import UnreadableImageError, list_images, read_image_rgb
 from inference import atomic_write_bytes, encode_styles
-from metrics import FeatureStats, frechet_distance, lpips_diversity, style_consistency
+from metrics import FeatureStats, frechet_distance, load_inception, load_lpips, lpips_diversity, style_consistency
+from model_zoo import ALEXNET_URL, INCEPTION_URL, pretrained_file
 
 MODES = ("latent", "reference")
 METRICS = ("fid", "lpips", "style_consistency")
 
 
 # ----------------------------------------------------------------------------------------------------------
-# FID statistics files
+# The metrics' networks and FID statistics files
+
+
+def load_metric_networks(inception=None, lpips_alexnet=None, allow_download=True):
+    """(FID Inception features, LPIPS model) of metrics.py, on CPU in eval mode.
+
+    Each weights file is the path given (--inception, --lpips_alexnet), else the torch hub cache, else a
+    download when allowed (model_zoo.pretrained_file: a missing file raises a CheckpointError saying where
+    to put it).
+    """
+    extractor = load_inception(pretrained_file("FID Inception-v3", INCEPTION_URL, inception, "--inception",
+                                               allow_download))
+    lpips_model = load_lpips(pretrained_file("LPIPS AlexNet backbone", ALEXNET_URL, lpips_alexnet, "--lpips_alexnet",
+                                             allow_download))
+    return extractor, lpips_model
 
 
 def save_stats(path, mu, sigma, n, source):

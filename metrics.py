@@ -6,8 +6,9 @@
 - Style consistency (beyond the paper): cosine similarity between the style code z_s that drove an
   output and the code E_style extracts from the output.
 
-The protocol that evaluate.py runs with them (codes, rows, cache, Table 1) is evaluation.py. Weights files
-are located (path given, torch hub cache, download) by model_zoo.pretrained_file. Nothing happens at import.
+The protocol that evaluate.py runs with them (codes, rows, cache, Table 1) is evaluation.py. The loaders take
+a weights file that exists; finding or downloading it is model_zoo.pretrained_file's job (the callers').
+Nothing happens at import.
 """
 import os
 import warnings
@@ -18,7 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict
-from model_zoo import ALEXNET_URL, INCEPTION_URL, pretrained_file
 
 INCEPTION_SIZE = 299  # the FID network's input side; every image is resized to it (bilinear, as pytorch-fid)
 ALEXNET_CONVS = (0, 3, 6, 8, 10)  # indices in torchvision's alexnet().features of the 5 conv layers
@@ -144,9 +144,8 @@ def with_batchnorm_counters(module, state_dict):
     return sd
 
 
-def load_inception(path=None, allow_download=True):
-    """InceptionFeatures (eval mode, CPU) with the FID weights of ``path`` / the hub cache / a download."""
-    path = pretrained_file("FID Inception-v3", INCEPTION_URL, path, "--inception", allow_download)
+def load_inception(path):
+    """InceptionFeatures (eval mode, CPU) with the FID weights file ``path`` (pt_inception-2015-12-05-6726825d.pth)."""
     with torch.device("meta"):
         net = fid_inception_v3()
     sd = with_batchnorm_counters(net, load_checkpoint(path))
@@ -186,17 +185,15 @@ class LPIPSFeatures(nn.Module):
         return self.distance(self.features(x0), self.features(x1))
 
 
-def load_lpips(alexnet_path=None, allow_download=True):
+def load_lpips(path):
     """LPIPSFeatures (AlexNet, v0.1, eval mode, CPU).
 
     The linear layers come from the weights file inside the ``lpips`` package; the AlexNet backbone from
-    ``alexnet_path`` (torchvision's alexnet-owt-7be5be79.pth or any torchvision AlexNet state dict), the
-    torch hub cache, or torchvision's URL. The package is built with a random backbone (pnet_rand) so it
-    never downloads by itself.
+    ``path`` (torchvision's alexnet-owt-7be5be79.pth or any torchvision AlexNet state dict). The package is
+    built with a random backbone (pnet_rand) so it never downloads by itself.
     """
     import lpips
 
-    path = pretrained_file("LPIPS AlexNet backbone", ALEXNET_URL, alexnet_path, "--lpips_alexnet", allow_download)
     with warnings.catch_warnings():  # lpips passes torchvision's deprecated pretrained=False
         warnings.simplefilter("ignore")
         model = lpips.LPIPS(net="alex", version=LPIPS_VERSION, pretrained=False, pnet_rand=True, verbose=False)

@@ -12,8 +12,8 @@ range request after an interruption, and are moved into place only after the che
 fails them is deleted, so the target is always absent, the old file, or a verified new one. Google Drive
 files go through gdown (it follows Drive's confirmation page and names the quota page), then through the
 same checks. The scripts' missing-file messages come from missing_files_message(), and the modules that
-load a torch-hub weights file at run time (metrics.py's FID Inception and LPIPS AlexNet) find it with
-pretrained_file(). Nothing happens at import.
+load a torch-hub weights file at run time (evaluation.py and psp_training.py, for metrics.py's FID
+Inception and LPIPS AlexNet) find it with pretrained_file(). Nothing happens at import.
 """
 import hashlib
 import http.client
@@ -307,7 +307,7 @@ def file_status(entry, folder):
 
 
 # ----------------------------------------------------------------------------------------------------
-# A module's torch-hub weights file at run time (metrics.py)
+# A torch-hub weights file at run time (the FID Inception and LPIPS AlexNet of metrics.py)
 
 
 def hub_cache_path(url):

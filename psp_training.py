@@ -297,10 +297,11 @@ def build_losses(options, device):
     if weights["lpips"] > 0:
         # The project's one LPIPS loader (metrics.py): the package's linear layers + torchvision's AlexNet.
         from metrics import load_lpips
-        from model_zoo import ALEXNET_URL, hub_cache_path
+        from model_zoo import ALEXNET_URL, hub_cache_path, pretrained_file
 
-        path = options.lpips_alexnet or hub_cache_path(ALEXNET_URL)
-        lpips_model = load_lpips(path, allow_download=False).to(device).eval().requires_grad_(False)
+        path = pretrained_file("LPIPS AlexNet backbone", ALEXNET_URL, options.lpips_alexnet or hub_cache_path(ALEXNET_URL),
+                               "--lpips_alexnet", allow_download=False)
+        lpips_model = load_lpips(path).to(device).eval().requires_grad_(False)
     if weights["id"] > 0:
         arcface = load_arcface(options.id_weights).to(device)
     return Losses(weights, lpips_model, arcface)

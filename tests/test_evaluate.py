@@ -158,7 +158,7 @@ def alexnet_file(tmp_path_factory):
 def test_inception_features_match_pytorch_fid(inception_file, monkeypatch):
     import pytorch_fid.inception
 
-    ours = load_inception(inception_file, allow_download=False)
+    ours = load_inception(inception_file)
     sd = torch.load(inception_file, weights_only=True)
     monkeypatch.setattr(pytorch_fid.inception, "load_state_dict_from_url", lambda *a, **k: sd)
     theirs = pytorch_fid.inception.InceptionV3([3]).eval()  # the FID network, with these weights
@@ -173,7 +173,7 @@ def test_inception_features_match_pytorch_fid(inception_file, monkeypatch):
     legacy = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
     path = os.path.join(os.path.dirname(inception_file), "legacy.pth")
     torch.save(legacy, path)
-    loaded = load_inception(path, allow_download=False).state_dict()
+    loaded = load_inception(path).state_dict()
     assert loaded.keys() == ours.state_dict().keys()
     assert all(torch.equal(v, ours.state_dict()[k]) for k, v in loaded.items())
 
@@ -194,7 +194,7 @@ def reference_lpips(alexnet_file, monkeypatch):
 
 
 def test_lpips_pairwise_matches_package_and_is_zero_for_identical_outputs(alexnet_file, monkeypatch):
-    ours = load_lpips(alexnet_file, allow_download=False)
+    ours = load_lpips(alexnet_file)
     ref = reference_lpips(alexnet_file, monkeypatch)
     x = torch.rand(2, 4, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1  # 2 faces x 4 outputs
     div = lpips_diversity(ours, x)
@@ -222,7 +222,7 @@ def test_style_consistency_is_cosine_of_style_codes():
 # ---------------------------------------------------------------------------------------------- weights files
 
 
-def test_missing_weights_say_where_to_put_them_and_never_download_offline(tmp_path, monkeypatch):
+def test_missing_weights_say_where_to_put_them_and_never_download_offline(tmp_path, monkeypatch, inception_file):
     cache = tmp_path / "hub"
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(cache))
 
@@ -238,7 +238,7 @@ def test_missing_weights_say_where_to_put_them_and_never_download_offline(tmp_pa
         assert f"put file pt_inception-2015-12-05-6726825d.pth at {expected}" in str(e.value)
         assert "--inception" in str(e.value)
     with pytest.raises(CheckpointError, match=f"put file alexnet-owt-7be5be79.pth .* at {tmp_path / 'a.pth'}"):
-        load_lpips(str(tmp_path / "a.pth"))
+        evaluation.load_metric_networks(inception_file, str(tmp_path / "a.pth"))
     with pytest.raises(SystemExit, match="put file pt_inception-2015-12-05-6726825d.pth at"):
         evaluate.main(["--real", STYLES, "--device", "cpu", "--outdir", str(tmp_path / "out"), "--no_download"])
 
@@ -279,7 +279,7 @@ def tiny_g():
 def protocol_parts(tiny_g, alexnet_file):
     extractor = TinyFeatures(dim=4).eval()  # 4 < 6 samples: full-rank covariances, as scipy needs
     mu, sigma, _, _ = dataset_statistics(ImageSet(STYLES), extractor, batch=16, device="cpu")
-    return dict(extractor=extractor, lpips=load_lpips(alexnet_file, allow_download=False), mu=mu, sigma=sigma,
+    return dict(extractor=extractor, lpips=load_lpips(alexnet_file), mu=mu, sigma=sigma,
                 refs=ImageSet(STYLES))
 
 
