@@ -196,7 +196,7 @@ def check_stylegan2(ckpt, size, style_dim, n_mlp, channel_multiplier):
 
 
 def check_ir_se50(ckpt):
-    from psp_training import ArcFaceIRSE50
+    from psp_encoder.arcface import ArcFaceIRSE50
 
     compare_layout(ckpt, meta_state_dict(ArcFaceIRSE50), "ArcFace IR-SE-50 weights")
     return ""
