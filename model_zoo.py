@@ -307,54 +307,6 @@ def file_status(entry, folder):
 
 
 # ----------------------------------------------------------------------------------------------------
-# A torch-hub weights file at run time (the FID Inception and LPIPS AlexNet of metrics.py)
-
-
-def hub_cache_path(url):
-    """Where torch.hub (and torchvision / pytorch-fid) keep the file of ``url``."""
-    return os.path.join(hub_checkpoints_dir(), os.path.basename(urlparse(url).path))
-
-
-def host_reachable(url, timeout=3.0):
-    """True when a TCP connection to the host of ``url`` opens within ``timeout`` seconds."""
-    parsed = urlparse(url)
-    try:
-        with socket.create_connection((parsed.hostname, parsed.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def pretrained_file(what, url, path=None, flag=None, allow_download=True):
-    """Local path of a pretrained weights file: ``path``, else the torch hub cache, else a download.
-
-    The download happens only when allowed and the host answers, and is announced on stderr; any other
-    case raises a CheckpointError saying which file to put where.
-    """
-    name = os.path.basename(urlparse(url).path)
-    if path is not None:
-        if not os.path.isfile(path):
-            raise CheckpointError(f"{what} weights {path}: file not found; put file {name} (from {url}) at {path}")
-        return path
-    cached = hub_cache_path(url)
-    if os.path.isfile(cached):
-        return cached
-    how = f"put file {name} at {cached} (it is published at {url})" + (f", or pass its path with {flag}" if flag else "")
-    if not allow_download:
-        raise CheckpointError(f"{what} weights not found and downloads are off: {how}")
-    if not host_reachable(url):
-        raise CheckpointError(f"{what} weights not found and {urlparse(url).hostname} cannot be reached "
-                              f"(offline?): {how}")
-    print(f"downloading {what} weights {url} -> {cached}", file=sys.stderr)
-    os.makedirs(os.path.dirname(cached), exist_ok=True)
-    try:
-        torch.hub.download_url_to_file(url, cached, progress=True)  # writes a temporary file, then renames
-    except Exception as e:
-        raise CheckpointError(f"{what} weights: download failed ({type(e).__name__}: {e}); {how}") from None
-    return cached
-
-
-# ----------------------------------------------------------------------------------------------------
 # Downloads
 
 
@@ -497,6 +449,59 @@ def fetch(entry, folder, mirror=None, retries=3):
 def remove(path):
     if os.path.exists(path):
         os.remove(path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# A torch-hub weights file at run time (the FID Inception and LPIPS AlexNet of metrics.py)
+
+
+def hub_cache_path(url):
+    """Where torch.hub (and torchvision / pytorch-fid) keep the file of ``url``."""
+    return os.path.join(hub_checkpoints_dir(), os.path.basename(urlparse(url).path))
+
+
+def host_reachable(url, timeout=3.0):
+    """True when a TCP connection to the host of ``url`` opens within ``timeout`` seconds."""
+    parsed = urlparse(url)
+    try:
+        with socket.create_connection((parsed.hostname, parsed.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def pretrained_file(what, url, path=None, flag=None, allow_download=True):
+    """Local path of a pretrained weights file: ``path``, else the torch hub cache, else a download.
+
+    ``url`` is the source of a MANIFEST row kept in the hub cache. The download happens only when allowed
+    and the host (or the $BLENDGAN_MIRROR mirror) answers, is announced on stderr, and goes through fetch(): the
+    file lands in the cache only once verified. Any other case raises a CheckpointError saying which file
+    to put where.
+    """
+    name = os.path.basename(urlparse(url).path)
+    if path is not None:
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{what} weights {path}: file not found; put file {name} (from {url}) at {path}")
+        return path
+    cached = hub_cache_path(url)
+    if os.path.isfile(cached):
+        return cached
+    how = f"put file {name} at {cached} (it is published at {url})" + (f", or pass its path with {flag}" if flag else "")
+    if not allow_download:
+        raise CheckpointError(f"{what} weights not found and downloads are off: {how}")
+    entry = next((e for e in MANIFEST if e.home == "hub" and url in e.sources), None)
+    if entry is None:
+        raise ValueError(f"{url}: not a source of a torch-hub file in model_zoo.MANIFEST")
+    mirror = os.environ.get(MIRROR_ENV) or None
+    source = source_urls(entry, mirror)[0]
+    if not host_reachable(source):
+        raise CheckpointError(f"{what} weights not found and {urlparse(source).hostname} cannot be reached "
+                              f"(offline?): {how}")
+    print(f"downloading {what} weights {source} -> {cached}", file=sys.stderr)
+    outcome = fetch(entry, os.path.dirname(cached), mirror)
+    if outcome.status != "verified":
+        raise CheckpointError(f"{what} weights: {outcome.line}" + (f"; or pass its path with {flag}" if flag else ""))
+    return cached
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ Inception and LPIPS wrappers against the pytorch-fid / lpips packages (random we
 weights-file errors, and the Table 1 protocol (table contents, resume, determinism) against an independent
 recomputation with tiny models."""
 import csv
+import dataclasses
 import json
 import os
 
@@ -222,14 +223,16 @@ def test_style_consistency_is_cosine_of_style_codes():
 # ---------------------------------------------------------------------------------------------- weights files
 
 
-def test_missing_weights_say_where_to_put_them_and_never_download_offline(tmp_path, monkeypatch, inception_file):
+def test_missing_weights_say_where_to_put_them_and_never_download_offline(tmp_path, monkeypatch, capsys, inception_file,
+                                                                          alexnet_file):
     cache = tmp_path / "hub"
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(cache))
 
     def no_download(*args, **kwargs):
         raise AssertionError("a download was attempted")
 
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
+    monkeypatch.setattr(model_zoo, "http_download", no_download)
+    monkeypatch.delenv(model_zoo.MIRROR_ENV, raising=False)
     monkeypatch.setattr(model_zoo, "host_reachable", lambda url, timeout=3.0: False)
     expected = cache / "checkpoints" / "pt_inception-2015-12-05-6726825d.pth"
     for allow in (True, False):  # offline, and downloads switched off
@@ -242,14 +245,36 @@ def test_missing_weights_say_where_to_put_them_and_never_download_offline(tmp_pa
     with pytest.raises(SystemExit, match="put file pt_inception-2015-12-05-6726825d.pth at"):
         evaluate.main(["--real", STYLES, "--device", "cpu", "--outdir", str(tmp_path / "out"), "--no_download"])
 
-    # a cached file is used as is; online, the file is fetched into the cache (announced)
+    # a cached file is used as is; online, the file is fetched into the cache (announced) by model_zoo's
+    # verified download: here the publisher serves the random AlexNet file, whose hash prefix the manifest
+    # row is given, and a file that fails the checks (a proxy's HTML page) never reaches the cache
     expected.parent.mkdir(parents=True)
     expected.write_bytes(b"x")
     assert pretrained_file("FID Inception-v3", INCEPTION_URL) == str(expected)
     monkeypatch.setattr(model_zoo, "host_reachable", lambda url, timeout=3.0: True)
-    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda url, dst, **k: open(dst, "wb").close())
+    with open(alexnet_file, "rb") as f:
+        weights = f.read()
+    served = {}
+
+    def serve(url, part, desc, retries=3):
+        assert url == model_zoo.ALEXNET_URL
+        with open(part, "wb") as f:
+            f.write(served["bytes"])
+
+    monkeypatch.setattr(model_zoo, "http_download", serve)
+    prefix = model_zoo.sha256_of(alexnet_file)[:8]
+    monkeypatch.setattr(model_zoo, "MANIFEST", tuple(
+        dataclasses.replace(e, sha256_prefix=prefix) if e.sources == (model_zoo.ALEXNET_URL,) else e
+        for e in model_zoo.MANIFEST))
+    target = cache / "checkpoints" / "alexnet-owt-7be5be79.pth"
+    served["bytes"] = b"<html><head><title>Proxy error</title></head></html>"
+    with pytest.raises(CheckpointError, match="HTML page.*nothing was written to .*alexnet-owt-7be5be79.pth"):
+        pretrained_file("LPIPS AlexNet backbone", model_zoo.ALEXNET_URL)
+    assert not target.exists()
+    served["bytes"] = weights
     got = pretrained_file("LPIPS AlexNet backbone", model_zoo.ALEXNET_URL)
-    assert got == str(cache / "checkpoints" / "alexnet-owt-7be5be79.pth") and os.path.isfile(got)
+    assert got == str(target) and target.read_bytes() == weights
+    assert f"downloading LPIPS AlexNet backbone weights {model_zoo.ALEXNET_URL} -> {target}" in capsys.readouterr().err
 
 
 def test_parse_indicators():
