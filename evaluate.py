@@ -26,10 +26,10 @@ import sys
 import torch
 
 from checkpoint import CheckpointError
+from evaluation import (MODES, ImageSet, Protocol, evaluation_settings, load_metric_networks, parse_indicators,
+                        real_statistics, run_protocol)
 from imageio_utils import UnreadableImageError
 from inference import DTYPES, add_common_args, load_blendgan, validate_common
-from metrics import (MODES, ImageSet, Protocol, evaluation_settings, load_inception, load_lpips, parse_indicators,
-                     real_statistics, run_protocol)
 
 
 def parse_args(argv=None):
@@ -90,8 +90,8 @@ def parse_args(argv=None):
 @torch.no_grad()
 def evaluate(opts):
     device, dtype = opts.device, DTYPES[opts.dtype]
-    extractor = load_inception(opts.inception, not opts.no_download).to(device)
-    lpips_model = load_lpips(opts.lpips_alexnet, not opts.no_download).to(device)
+    extractor, lpips_model = load_metric_networks(opts.inception, opts.lpips_alexnet, not opts.no_download)
+    extractor, lpips_model = extractor.to(device), lpips_model.to(device)
     g, ckpt = load_blendgan(opts.ckpt, opts.size, opts.channel_multiplier, device, dtype, opts.compile)
     indicators = opts.indicators if opts.indicators is not None else list(range(0, g.n_latent + 1, 2))
     bad = [i for i in indicators if not 0 <= i <= g.n_latent]

@@ -11,7 +11,9 @@ Downloads stream into a partial file beside the target (``.NAME.part``), resume 
 range request after an interruption, and are moved into place only after the checks pass; a file that
 fails them is deleted, so the target is always absent, the old file, or a verified new one. Google Drive
 files go through gdown (it follows Drive's confirmation page and names the quota page), then through the
-same checks. The scripts' missing-file messages come from missing_files_message().
+same checks. The scripts' missing-file messages come from missing_files_message(), and the modules that
+load a torch-hub weights file at run time (evaluation.py and psp_training.py, for metrics.py's FID
+Inception and LPIPS AlexNet) find it with pretrained_file(). Nothing happens at import.
 """
 import hashlib
 import http.client
@@ -36,7 +38,7 @@ CHUNK = 1 << 20
 TIMEOUT_S = 30
 HTML_SNIFF_BYTES = 1024
 
-# Published locations (checked against torchvision / pytorch-fid / metrics.py by the tests).
+# Published locations (checked against torchvision / pytorch-fid by the tests; metrics.py reads them here).
 VGG19_URL = "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"  # VGG19_Weights.IMAGENET1K_V1
 ALEXNET_URL = "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"  # AlexNet_Weights.IMAGENET1K_V1
 INCEPTION_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -50,7 +52,7 @@ class WeightFile:
     sources: tried in order; "gdrive:ID" is a Google Drive file id, anything else a URL.
     layout: key of LAYOUTS (how the structure is checked), with layout_args for it.
     home: "dir" (the --dir folder, pretrained_models/ by default) or "hub" (torch hub's checkpoints
-        folder, where torchvision, pytorch-fid and metrics.py look for these files).
+        folder, where torchvision, pytorch-fid and pretrained_file() look for these files).
     sha256: full published hash, or sha256_prefix: the prefix torch.hub puts in the file name.
     approx_mb: size as its publisher states it (None: not published).
     page: where the publisher documents the file (for the manual fallback).
@@ -194,7 +196,7 @@ def check_stylegan2(ckpt, size, style_dim, n_mlp, channel_multiplier):
 
 
 def check_ir_se50(ckpt):
-    from psp_training import ArcFaceIRSE50
+    from psp_encoder.arcface import ArcFaceIRSE50
 
     compare_layout(ckpt, meta_state_dict(ArcFaceIRSE50), "ArcFace IR-SE-50 weights")
     return ""
@@ -278,8 +280,13 @@ def verify_file(entry, path):
     return digest, note
 
 
+def hub_checkpoints_dir():
+    """torch hub's checkpoints folder (torchvision, pytorch-fid and pretrained_file() keep files there)."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints")
+
+
 def target_path(entry, folder):
-    home = os.path.join(torch.hub.get_dir(), "checkpoints") if entry.home == "hub" else folder
+    home = hub_checkpoints_dir() if entry.home == "hub" else folder
     return os.path.join(home, entry.name)
 
 
@@ -442,6 +449,59 @@ def fetch(entry, folder, mirror=None, retries=3):
 def remove(path):
     if os.path.exists(path):
         os.remove(path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# A torch-hub weights file at run time (the FID Inception and LPIPS AlexNet of metrics.py)
+
+
+def hub_cache_path(url):
+    """Where torch.hub (and torchvision / pytorch-fid) keep the file of ``url``."""
+    return os.path.join(hub_checkpoints_dir(), os.path.basename(urlparse(url).path))
+
+
+def host_reachable(url, timeout=3.0):
+    """True when a TCP connection to the host of ``url`` opens within ``timeout`` seconds."""
+    parsed = urlparse(url)
+    try:
+        with socket.create_connection((parsed.hostname, parsed.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def pretrained_file(what, url, path=None, flag=None, allow_download=True):
+    """Local path of a pretrained weights file: ``path``, else the torch hub cache, else a download.
+
+    ``url`` is the source of a MANIFEST row kept in the hub cache. The download happens only when allowed
+    and the host (or the $BLENDGAN_MIRROR mirror) answers, is announced on stderr, and goes through fetch(): the
+    file lands in the cache only once verified. Any other case raises a CheckpointError saying which file
+    to put where.
+    """
+    name = os.path.basename(urlparse(url).path)
+    if path is not None:
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{what} weights {path}: file not found; put file {name} (from {url}) at {path}")
+        return path
+    cached = hub_cache_path(url)
+    if os.path.isfile(cached):
+        return cached
+    how = f"put file {name} at {cached} (it is published at {url})" + (f", or pass its path with {flag}" if flag else "")
+    if not allow_download:
+        raise CheckpointError(f"{what} weights not found and downloads are off: {how}")
+    entry = next((e for e in MANIFEST if e.home == "hub" and url in e.sources), None)
+    if entry is None:
+        raise ValueError(f"{url}: not a source of a torch-hub file in model_zoo.MANIFEST")
+    mirror = os.environ.get(MIRROR_ENV) or None
+    source = source_urls(entry, mirror)[0]
+    if not host_reachable(source):
+        raise CheckpointError(f"{what} weights not found and {urlparse(source).hostname} cannot be reached "
+                              f"(offline?): {how}")
+    print(f"downloading {what} weights {source} -> {cached}", file=sys.stderr)
+    outcome = fetch(entry, os.path.dirname(cached), mirror)
+    if outcome.status != "verified":
+        raise CheckpointError(f"{what} weights: {outcome.line}" + (f"; or pass its path with {flag}" if flag else ""))
+    return cached
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ from checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict,
 from dataset import MultiResolutionDataset, infinite_loader
 from imageio_utils import read_image_rgb, save_image_atomic
 from inference import load_blendgan
-from psp_encoder.encoders import IR_SE_50_STAGES, ir_se50_trunk
+from psp_encoder.arcface import ID_INPUT_SIZE, load_arcface
 from psp_encoder.psp_encoders import ENCODER_INPUT_SIZE, LATENT_AVG, PSPEncoder, psp_state_dict_for_release
 from utils import img2ten, ten2img
 
@@ -71,9 +71,6 @@ FIXED_ON_RESUME = ("size", "encoder_input_size")
 # average-pooled to the 112 px input of ArcFace. Other image sizes use the same box scaled.
 ID_REFERENCE_SIZE = 256
 ID_CROP_BOX = (35, 223, 32, 220)  # top, bottom, left, right at ID_REFERENCE_SIZE
-ID_INPUT_SIZE = 112
-ID_EMBEDDING_DIM = 512
-ID_DROPOUT = 0.6  # the face-recognition training value; inactive in eval mode
 
 
 @dataclass
@@ -177,7 +174,7 @@ def missing_files(options, fresh_start):
     given but absent are reported by validate ("file not found"); this covers files not given at all.
     fresh_start: the encoder starts from new weights (no checkpoint to resume), so it needs its backbone.
     """
-    from metrics import ALEXNET_URL, hub_cache_path  # the project's one LPIPS loader lives in metrics.py
+    from model_zoo import ALEXNET_URL, hub_cache_path  # where the project's one LPIPS loader (metrics.py) looks
 
     problems = []
     alexnet = os.path.basename(ALEXNET_URL)
@@ -195,40 +192,6 @@ def missing_files(options, fresh_start):
 
 
 # ---- losses -------------------------------------------------------------------------------------
-
-class ArcFaceIRSE50(nn.Module):
-    """ArcFace face-recognition network (IR-SE-50) of pSp's identity loss: [N, 3, 112, 112] -> [N, 512], unit norm.
-
-    The stem and the 24 IR-SE units are the encoder's (psp_encoder.encoders), so the key names are those of
-    model_ir_se50.pth: ``input_layer.*``, ``body.*`` and ``output_layer.{0,3,4}.*`` (BatchNorm2d, then
-    Dropout and flatten, Linear(512*7*7 -> 512), BatchNorm1d).
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.input_layer, self.body, in_channels = ir_se50_trunk()
-        spatial = ID_INPUT_SIZE // 2 ** len(IR_SE_50_STAGES)  # 7
-        self.output_layer = nn.Sequential(
-            nn.BatchNorm2d(in_channels),
-            nn.Dropout(ID_DROPOUT),
-            nn.Flatten(),
-            nn.Linear(in_channels * spatial * spatial, ID_EMBEDDING_DIM),
-            nn.BatchNorm1d(ID_EMBEDDING_DIM),
-        )
-
-    def forward(self, x):  # x [N, 3, 112, 112]
-        x = self.body(self.input_layer(x))  # [N, 512, 7, 7]
-        return F.normalize(self.output_layer(x), dim=1)  # [N, 512]
-
-
-def load_arcface(path):
-    """ArcFaceIRSE50 with the weights of ``path`` (strict), in eval mode and frozen."""
-    ckpt = load_checkpoint(path, hint="pSp's model_ir_se50.pth (ArcFace IR-SE-50)")
-    with torch.device("meta"):
-        net = ArcFaceIRSE50()
-    load_state_dict_strict(net, ckpt, f"--id_weights {path}", assign=True)
-    return net.eval().requires_grad_(False)
-
 
 def id_crop(x):
     """The face region of aligned faces x [N, 3, S, S] (pSp's box scaled to S), pooled to [N, 3, 112, 112]."""
@@ -296,10 +259,12 @@ def build_losses(options, device):
     lpips_model = arcface = None
     if weights["lpips"] > 0:
         # The project's one LPIPS loader (metrics.py): the package's linear layers + torchvision's AlexNet.
-        from metrics import ALEXNET_URL, hub_cache_path, load_lpips
+        from metrics import load_lpips
+        from model_zoo import ALEXNET_URL, hub_cache_path, pretrained_file
 
-        path = options.lpips_alexnet or hub_cache_path(ALEXNET_URL)
-        lpips_model = load_lpips(path, allow_download=False).to(device).eval().requires_grad_(False)
+        path = pretrained_file("LPIPS AlexNet backbone", ALEXNET_URL, options.lpips_alexnet or hub_cache_path(ALEXNET_URL),
+                               "--lpips_alexnet", allow_download=False)
+        lpips_model = load_lpips(path).to(device).eval().requires_grad_(False)
     if weights["id"] > 0:
         arcface = load_arcface(options.id_weights).to(device)
     return Losses(weights, lpips_model, arcface)

@@ -287,19 +287,18 @@ def test_manifest_sources_are_the_publishers():
     import pytorch_fid.inception
     from torchvision.models import AlexNet_Weights, VGG19_Weights
 
-    import metrics
     from style_encoder import VGG19_WEIGHTS_FILE
 
     by_name = {e.name: e for e in model_zoo.MANIFEST}
     assert by_name["vgg19-dcbb9e9d.pth"].sources == (VGG19_Weights.IMAGENET1K_V1.url,)
     assert VGG19_WEIGHTS_FILE in by_name
-    assert by_name["alexnet-owt-7be5be79.pth"].sources == (AlexNet_Weights.IMAGENET1K_V1.url, ) == (metrics.ALEXNET_URL,)
+    assert by_name["alexnet-owt-7be5be79.pth"].sources == (AlexNet_Weights.IMAGENET1K_V1.url, ) == (model_zoo.ALEXNET_URL,)
     assert by_name["pt_inception-2015-12-05-6726825d.pth"].sources == (pytorch_fid.inception.FID_WEIGHTS_URL,) \
-        == (metrics.INCEPTION_URL,)
+        == (model_zoo.INCEPTION_URL,)
     for e in model_zoo.MANIFEST:
         if e.home == "hub":  # torch.hub's convention: the name ends with the hash prefix
             assert os.path.splitext(e.name)[0].endswith(e.sha256_prefix)
-            assert model_zoo.target_path(e, "x") == metrics.hub_cache_path(e.sources[0])
+            assert model_zoo.target_path(e, "x") == model_zoo.hub_cache_path(e.sources[0])
         assert e.layout in model_zoo.LAYOUTS
     drive = {e.name: e.sources[0] for e in model_zoo.MANIFEST if e.sources[0].startswith(model_zoo.DRIVE_PREFIX)}
     assert drive["blendgan.pt"] == "gdrive:1eF04jKMLAb9DvzI72m8Akn5ykWf3EafE"

@@ -35,6 +35,7 @@ import psp_training as pt
 import train_psp
 from checkpoint import CheckpointError, load_checkpoint
 from inference import load_psp
+from psp_encoder.arcface import ArcFaceIRSE50, load_arcface
 from psp_encoder.encoders import GradualStyleEncoder
 from psp_encoder.psp_encoders import PSPEncoder, psp_state_dict_for_release, read_psp_checkpoint
 from trainutil import read_jsonl
@@ -100,7 +101,7 @@ def random_alexnet_features(path):
 def random_arcface(path):
     """A model_ir_se50.pth-layout file with random weights and realistic BatchNorm statistics."""
     torch.manual_seed(3)
-    net = pt.ArcFaceIRSE50()
+    net = ArcFaceIRSE50()
     with torch.no_grad():
         for m in net.modules():
             if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
@@ -200,7 +201,7 @@ def test_id_crop_is_psps_box_scaled_to_the_image():
 
 def test_arcface_has_the_model_ir_se50_layout_and_identity_loss_is_one_minus_cosine(assets):
     with torch.device("meta"):
-        sd = pt.ArcFaceIRSE50().state_dict()
+        sd = ArcFaceIRSE50().state_dict()
     shapes = {k: tuple(v.shape) for k, v in sd.items()}
     assert shapes["input_layer.0.weight"] == (64, 3, 3, 3) and shapes["input_layer.2.weight"] == (64,)
     assert "body.0.shortcut_layer.0.weight" not in shapes  # 64 -> 64: a strided max-pool, no weights
@@ -214,7 +215,7 @@ def test_arcface_has_the_model_ir_se50_layout_and_identity_loss_is_one_minus_cos
     stem_body = {k: tuple(v.shape) for k, v in encoder.items() if k.startswith(("input_layer.", "body."))}
     assert stem_body == {k: v for k, v in shapes.items() if k.startswith(("input_layer.", "body."))}
 
-    net = pt.load_arcface(assets["arcface"])
+    net = load_arcface(assets["arcface"])
     assert not net.training and not any(p.requires_grad for p in net.parameters())
     with torch.no_grad():
         emb = net(torch.rand(1, 3, 112, 112) * 2 - 1)
@@ -240,7 +241,7 @@ def test_arcface_has_the_model_ir_se50_layout_and_identity_loss_is_one_minus_cos
         bad = assets["root"] / "not_arcface.pth"
         torch.save({k: v for k, v in torch.load(assets["arcface"], weights_only=True).items()
                     if not k.startswith("output_layer.")}, bad)
-        pt.load_arcface(str(bad))
+        load_arcface(str(bad))
 
 
 def lpips_reference(alexnet_file):
