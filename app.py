@@ -363,7 +363,7 @@ def build_demo(demo):
             seed = gr.Number(0, precision=0, label="seed (random face / style)", elem_id="seed")
         status = gr.Markdown("Now choose a face.", elem_id="status")
         with gr.Row():
-            image_args = dict(format="png", interactive=False, buttons=["download", "fullscreen"])
+            image_args = dict(format="png", interactive=False, height=360, buttons=["download", "fullscreen"])
             full = gr.Image(label="full style", elem_id="out-full", **image_args)
             blended = gr.Image(label="blended at i (PNG download: full resolution)", elem_id="out-blended", **image_args)
             natural = gr.Image(label="natural face", elem_id="out-natural", **image_args)

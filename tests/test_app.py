@@ -118,7 +118,10 @@ def test_api_matches_style_transfer_folder(server, ckpts, tmp_path):
                                        "--add_weight_index", "4"]) == 0
     script = read_rgb(str(out / "000001_v_100003.jpg"))[:, 2 * SIZE:].astype(float)
     assert np.abs(script - jpeg_roundtrip(np.concatenate([natural, natural, blended], axis=1))[:, 2 * SIZE:]).mean() < 0.5
-    # the indicator re-renders only the blended image; i = n_latent is the natural face, i = 0 the full style
+    # the indicator re-renders only the blended image, from the cached codes (no encoder runs);
+    # i = n_latent is the natural face, i = 0 the full style
+    calls = []
+    hooks = [m.register_forward_hook(lambda *_: calls.append(1)) for m in (demo.psp, demo.g.embedder)]
     assert np.array_equal(read_png(client.predict(N_LATENT, 1, 0.75, api_name="/blend_indicator")), natural)
     at0 = read_png(client.predict(0, 1, 0.75, api_name="/blend_indicator"))
     assert np.array_equal(at0, full)
@@ -126,6 +129,9 @@ def test_api_matches_style_transfer_folder(server, ckpts, tmp_path):
     # theta < 1 moves layer i back towards the face
     half = read_png(client.predict(4, 0.5, 0.75, api_name="/blend_theta"))
     assert 0 < np.abs(half.astype(float) - blended).mean() < np.abs(natural.astype(float) - blended).mean()
+    assert not calls
+    for hook in hooks:
+        hook.remove()
 
     # a random face: seed s -> z_f, the first N(0, I) draw of torch.Generator().manual_seed(s)
     *_, natural_r, status, next_seed = client.predict(5, 6, 1, 0.75, api_name="/random_face")
@@ -241,9 +247,9 @@ def test_browser_upload_slider_download_errors(server, tmp_path):
         # the slider: i from 6 to 10 (= n_latent, the natural face) with the keyboard
         slider = driver.find_element("css selector", "#indicator input[type=range]")
         slider.send_keys(*[Keys.ARROW_RIGHT] * 4)
-        moved = wait_until(lambda: (lambda b: b if b is not None and not np.array_equal(b, blended) else None)(
-            shown_image(driver, "out-blended")), what="the blended image to change")
-        assert np.array_equal(moved, natural)
+        assert not np.array_equal(blended, natural)
+        moved = wait_until(lambda: (lambda b: b if b is not None and np.array_equal(b, natural) else None)(
+            shown_image(driver, "out-blended")), timeout=30, what="the blended image to become the natural face")
         assert np.array_equal(shown_image(driver, "out-full"), full)  # not re-rendered differently
         # download of the blended image: a PNG at full resolution, the pixels shown
         driver.find_element("css selector", "#out-blended button[aria-label='Download'], "
@@ -251,10 +257,22 @@ def test_browser_upload_slider_download_errors(server, tmp_path):
         path = wait_until(lambda: next((str(downloads / f) for f in os.listdir(downloads)
                                         if not f.endswith(".crdownload")), None), what="the download")
         assert np.array_equal(read_png(path), moved)
+        wait_until(lambda: not driver.find_elements("css selector", ".wrap:not(.hide)[data-testid='status-tracker']"),
+                   what="the queue to empty")
         driver.save_screenshot(str(tmp_path / "demo.png"))
         if os.environ.get("UPDATE_SCREENSHOT"):
             os.makedirs(os.path.dirname(SCREENSHOT), exist_ok=True)
             shutil.copy(tmp_path / "demo.png", SCREENSHOT)
+        # a bundled style, clicked in the gallery; then the interpolation clip, played by the browser (H.264)
+        driver.find_elements("css selector", "#style-gallery .thumbnail-item")[1].click()
+        wait_until(lambda: "style: 100001.jpg" in driver.find_element("css selector", "#status").text,
+                   what="the gallery pick")
+        driver.find_element("css selector", "#make-clip").click()
+        video = wait_until(lambda: driver.find_elements("css selector", "#clip video[src]"), what="the clip")[0]
+        size = wait_until(lambda: driver.execute_script(
+            "const v = arguments[0]; return v.readyState >= 2 && v.videoWidth ? [v.videoWidth, v.videoHeight] : null",
+            video), timeout=30, what="the browser to decode the clip")
+        assert size == [3 * SIZE, SIZE]
         # a non-image upload: a readable message in the page
         bad = tmp_path / "notes.txt"
         bad.write_text("not an image")
