@@ -24,8 +24,8 @@ import torch
 
 from checkpoint import CheckpointError
 from imageio_utils import UnreadableImageError
-from inference import (DTYPES, Report, add_generator_args, default_device, encode_faces, encode_styles, image_size,
-                       list_inputs, load_aligner, load_blendgan, load_psp, looks_aligned, read_input, resize, stem,
+from inference import (DTYPES, Report, add_generator_args, cpu_has_bf16, default_device, encode_faces, encode_styles,
+                       image_size, list_inputs, load_aligner, load_blendgan, load_psp, looks_aligned, read_input, resize,
                        validate_common)
 from utils import ten2img
 from video import compose_frame, interpolation_alphas, sliding_window, write_mp4
@@ -55,10 +55,11 @@ def parse_args(argv=None):
     p.add_argument("--share", action="store_true", help="also serve through a public gradio.live link")
     p.add_argument("--device", default=default_device(), help="torch device (default: cuda if present, else cpu)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
-                   help="network precision (default: bfloat16 on CPU, 2x faster there; float32 on CUDA)")
+                   help="network precision (default: bfloat16 on a CPU with native bf16, 2x faster there; "
+                        "else float32)")
     p.set_defaults(batch=1, theta=None)  # what validate_common checks besides device and dtype
     opts = p.parse_args(argv)
-    opts.dtype = opts.dtype or ("bfloat16" if opts.device == "cpu" else "float32")
+    opts.dtype = opts.dtype or ("bfloat16" if opts.device == "cpu" and cpu_has_bf16() else "float32")
     validate_common(p, opts)
     return opts
 

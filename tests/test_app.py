@@ -283,3 +283,10 @@ def test_browser_upload_slider_download_errors(server, tmp_path):
                    what="the error message")
     finally:
         driver.quit()
+
+
+def test_import_is_light():
+    """Importing app loads no Gradio, no network and no checkpoint (the tests and other modules import it)."""
+    code = ("import sys, app; assert 'gradio' not in sys.modules, 'gradio imported'; "
+            "assert not [m for m in sys.modules if m.startswith('selenium')]")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
