@@ -160,6 +160,10 @@ def test_api_matches_style_transfer_folder(server, ckpts, tmp_path):
     Image.fromarray(np.full((120, 200, 3), 128, np.uint8)).save(faceless)
     with pytest.raises(AppError, match="wall.png: no face found"):
         client.predict(handle_file(str(faceless)), 6, 1, 0.75, api_name="/set_face")
+    huge = tmp_path / "huge.png"
+    Image.new("L", (8000, 7000)).save(huge)  # 56 Mpx, a small file: refused from its header, not decoded
+    with pytest.raises(AppError, match="huge.png: 8000x7000 px is too large"):
+        client.predict(handle_file(str(huge)), 6, 1, 0.75, api_name="/set_style")
 
 
 def test_starts_without_checkpoints_and_names_them(tmp_path):
