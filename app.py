@@ -68,8 +68,9 @@ def missing_message(missing):
     """One line naming each missing checkpoint and the command that fetches it; missing: [(path, flag, name)]."""
     files = ", ".join(f"{path} ({flag})" for path, flag, _ in missing)
     names = " ".join(name for _, _, name in missing)
-    return (f"checkpoint file not found: {files}. Get it with `python download_models.py {names}` "
-            f"(or pass its path with the flag) and restart the demo.")
+    it = "it" if len(missing) == 1 else "them"
+    return (f"checkpoint file not found: {files}. Get {it} with `python download_models.py {names}` "
+            f"(or pass the path with the flag) and restart the demo.")
 
 
 class BlendGANDemo:
@@ -407,7 +408,10 @@ def main(argv=None):
     demo = BlendGANDemo(opts).load()
     if demo.error:
         print(f"error: {demo.error}\n(the page starts anyway and shows this message)", file=sys.stderr)
-    launch(build_demo(demo), opts)
+    try:
+        launch(build_demo(demo), opts)
+    except OSError as e:  # the port is taken, or the address is not this machine's
+        raise SystemExit(f"error: cannot serve on {opts.host}:{opts.port} ({e}); pick another --port or --host")
     return 0
 
 
