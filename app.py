@@ -138,7 +138,9 @@ class BlendGANDemo:
         name = os.path.basename(path)
         try:
             w, h = image_size(path)
-        except UnreadableImageError:
+        except UnreadableImageError as e:
+            if type(e.__cause__).__name__ == "DecompressionBombError":  # PIL refuses over 2 x 89 Mpx
+                raise DemoError(f"{what} {name}: too large ({e.__cause__})") from None
             raise DemoError(f"{what} {name}: not an image file, or a damaged one (cannot decode it)") from None
         if w * h > MAX_PIXELS:
             raise DemoError(f"{what} {name}: {w}x{h} px is too large (at most {MAX_PIXELS // 1_000_000} Mpx); "
