@@ -10,6 +10,7 @@ import sys
 import time
 import urllib.request
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -122,16 +123,18 @@ def test_api_matches_style_transfer_folder(server, ckpts, tmp_path):
     # i = n_latent is the natural face, i = 0 the full style
     calls = []
     hooks = [m.register_forward_hook(lambda *_: calls.append(1)) for m in (demo.psp, demo.g.embedder)]
-    assert np.array_equal(read_png(client.predict(N_LATENT, 1, 0.75, api_name="/blend_indicator")), natural)
-    at0 = read_png(client.predict(0, 1, 0.75, api_name="/blend_indicator"))
-    assert np.array_equal(at0, full)
-    assert np.abs(at0.astype(float) - natural).mean() > 3  # the style really acts
-    # theta < 1 moves layer i back towards the face
-    half = read_png(client.predict(4, 0.5, 0.75, api_name="/blend_theta"))
-    assert 0 < np.abs(half.astype(float) - blended).mean() < np.abs(natural.astype(float) - blended).mean()
+    try:
+        assert np.array_equal(read_png(client.predict(N_LATENT, 1, 0.75, api_name="/blend_indicator")), natural)
+        at0 = read_png(client.predict(0, 1, 0.75, api_name="/blend_indicator"))
+        assert np.array_equal(at0, full)
+        assert np.abs(at0.astype(float) - natural).mean() > 3  # the style really acts
+        # theta < 1 moves layer i back towards the face
+        half = read_png(client.predict(4, 0.5, 0.75, api_name="/blend_theta"))
+        assert 0 < np.abs(half.astype(float) - blended).mean() < np.abs(natural.astype(float) - blended).mean()
+    finally:
+        for hook in hooks:
+            hook.remove()
     assert not calls
-    for hook in hooks:
-        hook.remove()
 
     # a random face: seed s -> z_f, the first N(0, I) draw of torch.Generator().manual_seed(s)
     *_, natural_r, status, next_seed = client.predict(5, 6, 1, 0.75, api_name="/random_face")
@@ -142,14 +145,25 @@ def test_api_matches_style_transfer_folder(server, ckpts, tmp_path):
         ref = ten2img(g([z_f], truncation=0.75, truncation_latent=c["latent_avg"], randomize_noise=False)[0])[0]
     assert np.abs(read_png(natural_r).astype(int) - ref).max() <= 1
 
-    # the interpolation clip: H.264, gen_video's frame layout, the schedule at fewer frames
+    # the interpolation clip from the current style to a bundled one: H.264, gen_video's frame layout
+    # [face | sliding style window | result], its schedule at fewer frames
+    start = read_png(client.predict(6, 1, 0.75, api_name="/blend_indicator"))
     video = client.predict("100000.jpg", 0, 6, 1, 0.75, api_name="/clip")
     path = video["video"] if isinstance(video, dict) else video
     frames, fps, codec = read_mp4(path)
     assert "h264" in codec and fps == app.CLIP_FPS
     n_frames = len(interpolation_alphas(step=app.CLIP_STEP, len_tail=app.CLIP_TAIL))
     assert n_frames == 16 and frames.shape == (n_frames, SIZE, 3 * SIZE, 3)
-    assert np.abs(frames[0].astype(float) - frames[-1]).mean() > 2  # the style moves
+    end_style = os.path.join(STYLES, "100000.jpg")
+    end = read_png(client.predict(handle_file(end_style), 6, 1, 0.75, api_name="/set_style")[2])
+    panels = lambda frame: [frame[:, k * SIZE:(k + 1) * SIZE].astype(float) for k in range(3)]  # noqa: E731
+    # H.264 at crf 18 on 64 px panels: a few levels of error; a wrong panel is off by tens
+    for frame, style_path, result in ((frames[0], STYLE, start), (frames[-1], end_style, end)):
+        face_panel, window, result_panel = panels(frame)
+        assert np.abs(face_panel - read_png(natural_r)).mean() < 10
+        assert np.abs(window - cv2.resize(read_rgb(style_path), (SIZE, SIZE))).mean() < 10
+        assert np.abs(result_panel - result).mean() < 10
+    assert np.abs(panels(frames[0])[1] - panels(frames[-1])[1]).mean() > 20  # the window slid to the other style
 
     # readable errors
     bad = tmp_path / "notes.png"
