@@ -272,8 +272,12 @@ def test_browser_upload_slider_download_errors(server, tmp_path):
         # download of the blended image: a PNG at full resolution, the pixels shown
         driver.find_element("css selector", "#out-blended button[aria-label='Download'], "
                                             "#out-blended a[download] button, #out-blended a[download]").click()
-        path = wait_until(lambda: next((str(downloads / f) for f in os.listdir(downloads)
-                                        if not f.endswith(".crdownload")), None), what="the download")
+        def finished_download():
+            names = os.listdir(downloads)
+            if len(names) != 1 or names[0].endswith(".crdownload") or not os.path.getsize(downloads / names[0]):
+                return None  # Chrome writes a .crdownload file and renames it when complete
+            return str(downloads / names[0])
+        path = wait_until(finished_download, what="the download")
         assert np.array_equal(read_png(path), moved)
         wait_until(lambda: not driver.find_elements("css selector", ".wrap:not(.hide)[data-testid='status-tracker']"),
                    what="the queue to empty")
