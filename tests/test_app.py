@@ -202,14 +202,21 @@ def test_starts_without_checkpoints_and_names_them(tmp_path):
         proc.wait(timeout=30)
 
 
-def chromium_driver(download_dir):
-    """Headless Debian Chromium through chromedriver, downloads going to download_dir; None when absent
-    (the test is then skipped, except under CI, where .ci/run installs both)."""
+@pytest.fixture(scope="module")
+def chromium():
+    """(browser, chromedriver) paths of Debian's chromium; the test is skipped when they are absent, except
+    under CI, where .ci/run installs both. Requested before `server`, so a skip starts no app."""
     browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if not (browser and driver):
         if os.environ.get("CI"):
             pytest.fail("CI: chromium and chromium-driver must be installed (apt-get install chromium chromium-driver)")
         pytest.skip("chromium / chromedriver not installed")
+    return browser, driver
+
+
+def chromium_driver(chromium, download_dir):
+    """Headless Chromium through chromedriver, downloads going to download_dir."""
+    browser, driver = chromium
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -243,13 +250,13 @@ def wait_until(condition, timeout=60, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_browser_upload_slider_download_errors(server, tmp_path):
+def test_browser_upload_slider_download_errors(chromium, server, tmp_path):
     from selenium.webdriver.common.keys import Keys
 
     url, demo = server
     downloads = tmp_path / "downloads"
     downloads.mkdir()
-    driver = chromium_driver(downloads)
+    driver = chromium_driver(chromium, downloads)
     try:
         driver.get(url)
         upload = lambda elem_id, path: driver.find_element(  # noqa: E731
