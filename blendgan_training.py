@@ -65,7 +65,6 @@ frozen style encoder, which DDP neither broadcasts nor reduces), each rank reads
 losses are averaged over ranks for logging and for the non-finite guard, and rank 0 alone writes files.
 """
 import copy
-import itertools
 import math
 import os
 import time
