@@ -744,6 +744,78 @@ def test_torchrun_two_gloo_processes_keep_identical_weights(data, tmp_path):
     assert [r["step"] for r in log] == [1, 2] and all("r1_face" in r and "path_length" in r for r in log)
 
 
+DDP_EQUIVALENCE_WORKER = RUNNER + """import os
+sys.path.insert(0, os.path.join({root!r}, "tests"))
+import distributed
+import train
+import test_train
+opts = train.parse_args(sys.argv[1:])
+rank = int(os.environ["RANK"])
+grads = test_train.fixed_batch_gradients(opts, rank, 2)
+os.makedirs(opts.out_dir, exist_ok=True)
+torch.save(grads, os.path.join(opts.out_dir, f"grads{{rank}}.pt"))
+distributed.cleanup()
+"""
+
+
+def fixed_batch_gradients(opts, rank, world):
+    """Gradients of one D step, R1 step and G step on this rank's share of one fixed combined batch of 4.
+
+    The same data and codes for every world size (z_f, z_s^- fixed, no style mixing, lr 0 so that the weights
+    stay at their start). What the math does not allow is taken out: D's minibatch-stddev groups are per rank
+    (set to one sample here), and the generator's noise is drawn per rank (its injection weights start at 0,
+    so the images do not depend on it; only the noise weights' own gradients do, and they are left out). The
+    path length uses per-rank random projections and is not compared.
+    """
+    bt.resolve_defaults(opts)
+    s, _ = bt.setup(opts, log=lambda *a: None)
+    for group in (s.g_optim.param_groups + s.d_optim.param_groups):
+        group["lr"] = 0.0
+    for d in s.nets.discriminators().values():
+        d.stddev_group = 1
+    gen = torch.Generator().manual_seed(77)
+    x_f, x_s = torch.rand(4, 3, 8, 8, generator=gen) * 2 - 1, torch.rand(4, 3, 8, 8, generator=gen) * 2 - 1
+    z_f, z_neg = torch.randn(4, STYLE_DIM, generator=gen), torch.randn(4, STYLE_DIM, generator=gen)
+    share = slice(rank * 4 // world, (rank + 1) * 4 // world)
+    b = bt.Batch(x_f[share], x_s[share], bt.encode_styles(s, x_s[share]))
+    bt.phase_codes = lambda s_, b_: bt.fake_codes([z_f[share]], None, b_.z_s, z_neg[share], s_.opts.eq8)
+    grads = {}
+
+    def keep(phase, named):
+        grads[phase] = {k: p.grad.detach().clone() for k, p in named if p.grad is not None and "noise" not in k}
+
+    discriminators = [(f"{n}.{k}", p) for n, d in s.nets.discriminators().items() for k, p in d.named_parameters()]
+    bt.d_step(s, b)
+    keep("d", discriminators)
+    bt.d_reg_step(s, b)
+    keep("r1", discriminators)
+    bt.g_step(s, b)
+    keep("g", [(k, p) for k, p in s.nets.g.named_parameters() if not k.startswith("embedder.")])
+    return grads
+
+
+def test_two_gloo_ranks_equal_one_process_with_the_combined_batch(narrow, data, tmp_path, monkeypatch):
+    reading = "paper"  # (the readings differ in the codes only; the DDP paths are the same)
+    opts = small_options(data, tmp_path / "ddp", eq8=reading, mixing=0.0)
+    worker = tmp_path / "worker.py"
+    worker.write_text(DDP_EQUIVALENCE_WORKER.format(root=ROOT, narrow=NARROW))
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", str(worker)] + cli_args(opts)
+                            + ["--eq8", reading, "--mixing", "0"],
+                            env=subprocess_env(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ranks = [torch.load(os.path.join(opts.out_dir, f"grads{r}.pt"), weights_only=True) for r in (0, 1)]
+    monkeypatch.setattr(bt, "phase_codes", bt.phase_codes)  # restored after the test
+    one = fixed_batch_gradients(small_options(data, tmp_path / "one", eq8=reading, mixing=0.0), 0, 1)
+    for phase in ("d", "r1", "g"):
+        assert one[phase].keys() == ranks[0][phase].keys() and len(one[phase]) > 10
+        for k, want in one[phase].items():
+            assert torch.equal(ranks[0][phase][k], ranks[1][phase][k]), (phase, k)  # DDP averaged them
+            error = float((ranks[0][phase][k] - want).abs().max())  # float32 sums in another order
+            assert error <= 1e-4 * float(want.abs().max()) + 1e-6, (phase, k, error)
+    assert any(float(g.abs().max()) > 0 for g in one["g"].values() if g is not None)
+
+
 # ---- one-shot fine-tuning ---------------------------------------------------------------------------
 
 def test_finetune_from_release_layout_g_ema_only(narrow, data, tmp_path):
