@@ -1,5 +1,8 @@
-"""train.py / blendgan_training.py: losses (paper Eq. 6-9), regularisers, queue, one iteration, a short run,
-exact resume (also after SIGKILL), two gloo processes under torchrun, fine-tuning, inference compatibility.
+"""train.py / blendgan_training.py: losses and the pairs each D is fed under both readings of Eq. 8 (paper Eq.
+6-9), two generator passes per step, regularisers, queue, one iteration, a short run that must learn in the
+right direction, the non-finite guard and float16 loss scaling, exact resume (also after SIGKILL), two gloo
+processes under torchrun (identical weights; the gradients of one process with the combined batch),
+fine-tuning that moves g_ema toward the reference, the data check, inference compatibility.
 
 Speed: most tests narrow the StyleGAN2 channel table (model.stylegan2_channels, monkeypatched in-process
 and in the subprocess runners) to 32 feature maps above 4x4. The 4x4 layers keep their 512 channels
