@@ -971,6 +971,9 @@ def load_training_checkpoint(s, path, log=print):
         log(f"note: {path} was written with --batch {args.get('batch')} on {ckpt.get('world_size')} process(es), "
             f"this run has --batch {s.opts.batch} on {world}: training continues, but not the exact data order "
             f"and random streams of the original run")
+    if args.get("eq8") != s.opts.eq8:
+        log(f"note: {path} was trained with Eq. 8 read as {args.get('eq8', 'three generator passes (before --eq8)')!r}, "
+            f"this run continues with --eq8 {s.opts.eq8}")
     nets = s.nets
     load_state_dict_strict(nets.g_ema, require_key(ckpt, "g_ema", path), f"{path}['g_ema']")
     _load_with_missing(nets.g, require_key(ckpt, "g", path), ("embedder.",), f"{path}['g']")
