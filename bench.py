@@ -8,7 +8,8 @@ pair without caching (pSp + style embedding + stylized forward), one discriminat
 The networks are prepared as the inference scripts prepare them (inference.for_inference: channels_last,
 eval, optionally torch.compile). GFLOP/image of the generator comes from torch's FLOP counter.
 Training rows (--train): the four phases of one BlendGAN iteration (train.py's own functions) at
---train_size with --train_batch, the amortised iteration (R1 every 16, path length every 4), and one
+--train_size with --train_batch and Eq. 8 read as --train_eq8 (d_step and g_step: two generator passes
+each), the amortised iteration (R1 every 16, path length every 4), and one
 style-encoder SimCLR step (VGG in --dtype autocast when that is not float32, Gram products in float32).
 --plain adds rows for modules used as code written against the release uses them: built, `.eval()`,
 called, with no preparation (no for_inference), in float32 and under CPU/CUDA bfloat16 autocast; with
@@ -182,7 +183,7 @@ def bench_training(opts):
     device, size, n = opts.device, opts.train_size, opts.train_batch
     run = lambda fn: timed(fn, device, opts.warmup, opts.repeat)  # noqa: E731
     amp = opts.dtype != "float32"
-    topts = TrainOptions(ffhq_lmdb="-", size=size, batch=n, amp=amp, device=device)
+    topts = TrainOptions(ffhq_lmdb="-", size=size, batch=n, amp=amp, device=device, eq8=opts.train_eq8)
     nets = build_networks(topts, torch.device(device))
     g_optim, d_optim = make_optimizers(nets, topts)
     s = TrainState(topts, torch.device(device), nets, g_optim, d_optim, StyleQueue(topts.queue_size, 512, device))
@@ -193,7 +194,7 @@ def bench_training(opts):
               "g_step": lambda: g_step(s, b), "g_reg_step (path length)": lambda: g_reg_step(s),
               "style codes E_style(x_s)": lambda: encode_styles(s, x_s)}
     secs = {name: run(fn) for name, fn in phases.items()}
-    rows = [(f"train {size} px: {name}", sec, n) for name, sec in secs.items()]
+    rows = [(f"train {size} px, Eq. 8 '{topts.eq8}': {name}", sec, n) for name, sec in secs.items()]
     iteration = (secs["d_step"] + secs["g_step"] + secs["style codes E_style(x_s)"]
                  + secs["d_reg_step (R1)"] / topts.d_reg_every + secs["g_reg_step (path length)"] / topts.g_reg_every)
     rows.append((f"train {size} px: one iteration, lazy regularisers amortised", iteration, n))
@@ -233,6 +234,8 @@ def main(argv=None):
     p.add_argument("--train", action="store_true", help="also time the training phases")
     p.add_argument("--train_size", type=int, default=64)
     p.add_argument("--train_batch", type=int, default=8)
+    p.add_argument("--train_eq8", default="paper", choices=("paper", "conditional"),
+                   help="train.py's --eq8 for the training rows")
     opts = p.parse_args(argv)
     keep_freed_memory()  # as the inference scripts do
     print(f"# device={opts.device} dtype={opts.dtype} batch={opts.batch} compile={opts.compile} "

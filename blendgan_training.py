@@ -2,27 +2,37 @@
 
 Each iteration draws natural faces x_f (FFHQ), artistic faces x_s (AAHQ) and face codes z_f; the style
 encoder is frozen, z_s = E_style(x_s) (eval, no gradients). With G(z_f, z_s, i) the generator whose WBM
-indicator is i (i = n_latent: the natural face, i = 0: every layer blended):
+indicator is i (i = n_latent: the natural face, i = 0: every layer blended), each D step and each G step
+runs the generator TWICE: the natural face x_f^ = G(z_f, i = n_latent) and ONE stylized image x_s^, which
+Eq. 7 and Eq. 8 share (``generate_branch``, the one place the branches are made):
 
-  Eq. 6  D_face:          real x_f            vs  fake G(z_f, i = n_latent)
-  Eq. 7  D_style:         real x_s            vs  fake G(z_f, z_s, i = 0)
-  Eq. 8  D_style_latent:  real (x_s, z_s)     vs  fake (G(z_f, z_s^-, i = 0), z_s^-)
+  Eq. 6  D_face:          real x_f            vs  fake x_f^
+  Eq. 7  D_style:         real x_s            vs  fake x_s^
+  Eq. 8  D_style_latent:  real (x_s, z_s)     vs  fake (x_s^, z_s^-)
   Eq. 9  G minimises the sum of the three generator terms.
   Eq. 10 plus StyleGAN2's regularisers: lazy R1 on all three discriminators, path length on G.
 
 Every adversarial term is the non-saturating logistic loss: D minimises softplus(-D(real)) +
-softplus(D(fake)), G minimises softplus(-D(fake)).
+softplus(D(fake)), G minimises softplus(-D(fake)) on the same fake (pair) D saw: Eq. 9 is one min-max
+objective, G enters Eq. 6-8 only through the fake terms, and -log D(fake) is the usual non-saturating
+stand-in for log(1 - D(fake)).
 
-How Eq. 8 is read. z_s^- is a style code taken from an embedding queue (``StyleQueue``) of the style codes
-of earlier batches (``--queue_size``), drawn uniformly with replacement; on the very first iteration, with
-the queue still empty, the current batch's codes are drawn instead. The fake pair is the image generated
-WITH the queued code, judged together with that same code, and the real pair is an artistic image with its
-own code. The queue therefore only decides which style codes the fake pairs carry: codes of other real
-artistic images than the current batch, so that within a step the real and the fake pairs never share a
-code and D_style_latent has to judge whether image and code agree rather than recognise the batch's codes.
-G's D_style_latent term is the non-saturating loss on a fake pair made the same way (fresh z_f, a fresh
-draw from the queue). The current batch's codes enter the queue at the end of the iteration (gathered from
-every rank, so all ranks hold the same queue).
+z_s^- is a style code taken from an embedding queue (``StyleQueue``) of the style codes of earlier batches
+(``--queue_size``), drawn uniformly with replacement; on the very first iteration, with the queue still
+empty, the current batch's codes are drawn instead. The current batch's codes enter the queue at the end of
+the iteration (gathered from every rank, so all ranks hold the same queue). Two readings of Eq. 8, chosen
+with --eq8 (``EQ8_READINGS``), each with one stylized pass:
+
+- ``paper`` (the default, Eq. 7-8 as printed): x_s^ = G(z_f, z_s, 0) is Eq. 7's image, made from the batch's
+  own codes; Eq. 8 pairs that same x_s^ with a queue code z_s^-, a negative: the image does not belong to
+  that code. D_style_latent thus learns that real images carry their own code while generated images come
+  with foreign ones. G is scored on that pair, (x_s^, z_s^-): the minimax form of Eq. 9-10 written as the
+  non-saturating loss (G's only path into Eq. 8 is the fake pair; scoring it on another pair would change
+  the objective the paper writes down). This is the default because the paper defines x_s^ once, in Eq. 7,
+  and reuses the symbol in Eq. 8 with z_s^- as the negative code.
+- ``conditional`` (a projection-cGAN reading): x_s^ = G(z_f, z_s^-, 0), made from the queue code and judged
+  with it, (x_s^, z_s^-): D_style_latent judges whether image and code agree. The same image also serves as
+  Eq. 7's fake: queue codes are E_style of real AAHQ images, the distribution Eq. 7 averages over.
 
 Regularisers, as StyleGAN2 / rosinality's trainer: R1 = r1/2 * E||grad_x D(x)||^2 on real images every
 d_reg_every iterations (times d_reg_every), on D_face (x_f), D_style (x_s) and D_style_latent (x_s with
@@ -32,20 +42,29 @@ g_reg_every) with a batch shrunk by path_batch_shrink; its running mean is avera
 every rank keeps the same value. Both optimizers are Adam(0, 0.99) with lr 0.002 and the lazy
 regularisation correction (lr * c, betas ** c, c = every / (every + 1)). Style mixing (probability
 --mixing) applies to the face code. g_ema follows G with a half-life of ema_kimg thousand images (per step
-decay 0.5 ** (images per step / (ema_kimg * 1000)), rosinality's 0.5 ** (32 / 10000) at 32 images per
-step). The WBM weights (``add_weight``, the face weight 1 - alpha) are trained with G and clamped to [0, 1]
+decay 0.5 ** (images per step / (ema_kimg * 1000)); default 10, rosinality's 0.5 ** (32 / 10000) at 32
+images per step; when fine-tuning a tenth of the run's images, see ema_half_life_images). The WBM weights (``add_weight``, the face weight 1 - alpha) are trained with G and clamped to [0, 1]
 after every optimizer step (the paper's clamped alpha; the forward uses a clamped copy as well).
 
 One-shot fine-tuning (A.5): --finetune_style_img. The style encoder stays frozen, G and the three
 discriminators train; D_face still sees FFHQ while D_style and D_style_latent see only the reference
-image(s), cycled to fill the batch.
+image(s), cycled to fill the batch. g_ema's default half-life is a tenth of the run, so that the model
+users load has moved (the 10k-image default would leave ~93% of the start after 1000 x 1 images).
+Discriminators come from the start file when it holds them; otherwise D_face comes from --stylegan2_ckpt
+when given, and the log names every discriminator that starts fresh.
+
+Mixed precision (--amp): the adversarial phases under autocast, bfloat16 where supported (no loss
+scaling), float16 on GPUs without bfloat16, then with a GradScaler per optimizer (an overflowing step is
+skipped and the scale halves). R1 and the path length (double backward) stay float32. A non-finite
+(rank-averaged) loss skips that optimizer step; the run stops with NonFiniteLossError only when one phase
+stays non-finite for --nonfinite_patience consecutive steps or the weights are non-finite, and no
+checkpoint is written during such a run of bad steps (the last good one stays the newest).
 
 Distributed: torchrun starts one process per GPU; the trained modules are wrapped in DDP (G without its
 frozen style encoder, which DDP neither broadcasts nor reduces), each rank reads its share of the data,
 losses are averaged over ranks for logging and for the non-finite guard, and rank 0 alone writes files.
 """
 import copy
-import itertools
 import math
 import os
 import time
@@ -66,7 +85,7 @@ from dataset import MultiResolutionDataset, PairedLoader, infinite_loader
 from imageio_utils import read_image_rgb
 from model import Discriminator, Generator, ProjectionDiscriminator, guess_generator_config
 from prepare_data import resize_and_center_crop
-from trainutil import (CheckpointManager, ScalarLogger, accumulate_except, check_finite, default_device,
+from trainutil import (CheckpointManager, NonFiniteGuard, ScalarLogger, accumulate_except, default_device,
                        gather_rng_states, options_dict, resolve_resume, restore_rng_states, seed_everything,
                        write_config)
 
@@ -76,6 +95,8 @@ ARCH_OPTIONS = ("size", "style_dim", "n_mlp", "channel_multiplier")
 PATH_LENGTH_DECAY = 0.01  # running-mean rate of the path-length target (StyleGAN2)
 LATENT_AVG_SAMPLES = 4096  # z_f draws for the stored truncation centre (the release scripts' default)
 SAMPLE_WBM_INDEX = 6  # middle sample column: WBM indicator of generate_image_pairs.py's default
+DEFAULT_EMA_KIMG = 10.0  # g_ema half-life when training (rosinality's 0.5 ** (32 / 10000) at 32 images/step)
+FINETUNE_EMA_FRACTION = 10  # one-shot fine-tuning: g_ema's half-life is this fraction of the run's images
 TENSORBOARD_CELL = 256  # sample grids go to TensorBoard with cells of at most this size (the PNGs are full size)
 
 
@@ -108,7 +129,8 @@ class TrainOptions:
     d_reg_every: int = 16
     g_reg_every: int = 4
     mixing: float = 0.9
-    ema_kimg: float = 10.0
+    eq8: str = "paper"
+    ema_kimg: float = None
     flip: bool = True
     save_every: int = 10000
     sample_every: int = 1000
@@ -119,6 +141,7 @@ class TrainOptions:
     seed: int = 0
     device: str = None
     amp: bool = False
+    nonfinite_patience: int = 4
     num_workers: int = 4
     progress: bool = True
 
@@ -138,6 +161,18 @@ def resolve_defaults(opts):
     return opts
 
 
+def check_lmdb(what, path, size):
+    """ValueError naming the LMDB when it is unfinished, empty or lacks images at --size (before any model
+    is built)."""
+    try:
+        n = len(MultiResolutionDataset(path, None, size))
+    except Exception as e:  # lmdb.Error and dataset.py's ValueError alike: one line for the user
+        text = str(e) if path in str(e) else f"{path}: {e}"
+        raise ValueError(f"{what} {text} (--size {size})") from None
+    if n == 0:
+        raise ValueError(f"{what} {path}: holds no images")
+
+
 def validate_options(opts):
     """Raise ValueError with one clear message for the first invalid option (after resolve_defaults)."""
     size = opts.size
@@ -148,12 +183,15 @@ def validate_options(opts):
                 "path_batch_shrink": opts.path_batch_shrink, "d_reg_every": opts.d_reg_every,
                 "g_reg_every": opts.g_reg_every, "save_every": opts.save_every, "sample_every": opts.sample_every,
                 "log_every": opts.log_every, "keep_checkpoints": opts.keep_checkpoints, "n_sample": opts.n_sample,
-                "style_pool_size": opts.style_pool_size}
+                "style_pool_size": opts.style_pool_size,
+                "nonfinite_patience": opts.nonfinite_patience}
     for name, value in positive.items():
         if value < 1:
             raise ValueError(f"--{name} must be >= 1, got {value}")
+    if opts.eq8 not in EQ8_READINGS:
+        raise ValueError(f"--eq8 must be one of {', '.join(EQ8_READINGS)}, got {opts.eq8!r}")
     for name in ("lr", "ema_kimg"):
-        if getattr(opts, name) <= 0:
+        if getattr(opts, name) is not None and getattr(opts, name) <= 0:
             raise ValueError(f"--{name} must be > 0, got {getattr(opts, name)}")
     for name in ("r1", "path_regularize"):
         if getattr(opts, name) < 0:
@@ -187,6 +225,9 @@ def validate_options(opts):
         raise ValueError(f"--resume {opts.resume}: no such file (or pass 'latest')")
     if str(opts.device).startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {opts.device}: torch sees no GPU; use --device cpu")
+    check_lmdb("FFHQ_LMDB", opts.ffhq_lmdb, size)  # last: opens the LMDBs (before any model is built)
+    if not opts.finetune:
+        check_lmdb("AAHQ_LMDB", opts.aahq_lmdb, size)
     return opts
 
 
@@ -275,52 +316,86 @@ def path_length_penalty(fake_img, latents, mean_path_length, decay=PATH_LENGTH_D
 
 
 def d_adversarial_terms(d_face, d_style, d_style_latent, x_f, x_s, z_s, fakes):
-    """The discriminators' losses of Eq. 6-8, one at a time: yields (name, loss).
+    """The discriminators' losses of Eq. 6-8, one discriminator at a time: yields (name, {name: loss}).
 
     A generator, so that the training step can backward each term before the next one is computed (one
-    discriminator's activations in memory at a time). fakes: a Fakes.
+    discriminator's activations in memory at a time). fakes: a Fakes (the two generated batches).
     """
-    yield "d_face", d_logistic_loss(d_face(x_f), d_face(fakes.face))  # Eq. 6
-    yield "d_style", d_logistic_loss(d_style(x_s), d_style(fakes.style))  # Eq. 7
-    yield "d_style_latent", d_logistic_loss(d_style_latent(x_s, z_s),
-                                            d_style_latent(fakes.negative, fakes.z_negative))  # Eq. 8
+    yield "d_face", {"d_face": d_logistic_loss(d_face(x_f), d_face(fakes.face))}  # Eq. 6
+    yield "d_style", {"d_style": d_logistic_loss(d_style(x_s), d_style(fakes.style))}  # Eq. 7
+    yield "d_style_latent", {"d_style_latent": d_logistic_loss(d_style_latent(x_s, z_s),
+                                                               d_style_latent(fakes.style, fakes.z_pair))}  # Eq. 8
 
 
-def g_adversarial_terms(g, d_face, d_style, d_style_latent, z_f, inject_index, z_s, z_negative):
+def g_adversarial_terms(g, d_face, d_style, d_style_latent, codes, context=lambda branch: nullcontext()):
     """The generator's three terms of Eq. 9 (G's adversarial loss is their sum), one branch at a time.
 
-    Yields (name, loss): each branch is generated and scored only when asked for, so that the training step
-    can backward it before the next (a third of the generator's activations in memory). The branches and
-    their noise draws are those of generate_fakes, in the same order.
+    Yields (branch, {name: loss}) per generated branch (BRANCHES: the natural face, then the one stylized
+    image that Eq. 7 and Eq. 8 share), each generated and scored only when asked for, so that the training
+    step can backward it before the next (half of the generator's activations in memory). context(branch)
+    stays entered from that branch's forward until the consumer asks for the next one (its backward
+    included): DDP's no_sync.
     """
-    face, _ = g(z_f, inject_index=inject_index)
-    yield "g_face", g_nonsaturating_loss(d_face(face))
-    style, _ = g(z_f, inject_index=inject_index, z_embed=z_s, add_weight_index=0)
-    yield "g_style", g_nonsaturating_loss(d_style(style))
-    negative, _ = g(z_f, inject_index=inject_index, z_embed=z_negative, add_weight_index=0)
-    yield "g_style_latent", g_nonsaturating_loss(d_style_latent(negative, z_negative))
+    for branch in BRANCHES:
+        with context(branch):
+            image = generate_branch(g, codes, branch)
+            if branch == "face":
+                yield branch, {"g_face": g_nonsaturating_loss(d_face(image))}  # Eq. 6
+            else:
+                yield branch, {"g_style": g_nonsaturating_loss(d_style(image)),  # Eq. 7
+                               "g_style_latent": g_nonsaturating_loss(d_style_latent(image, codes.z_pair))}  # Eq. 8
 
 
 def adversarial_d_losses(d_face, d_style, d_style_latent, x_f, x_s, z_s, fakes):
     """{name: loss} of Eq. 6-8 on one batch (all three at once)."""
-    return dict(d_adversarial_terms(d_face, d_style, d_style_latent, x_f, x_s, z_s, fakes))
+    return {k: v for _, terms in d_adversarial_terms(d_face, d_style, d_style_latent, x_f, x_s, z_s, fakes)
+            for k, v in terms.items()}
 
 
-def adversarial_g_losses(g, d_face, d_style, d_style_latent, z_f, inject_index, z_s, z_negative):
+def adversarial_g_losses(g, d_face, d_style, d_style_latent, codes):
     """{name: loss} of Eq. 9's three generator terms (all three at once)."""
-    return dict(g_adversarial_terms(g, d_face, d_style, d_style_latent, z_f, inject_index, z_s, z_negative))
+    return {k: v for _, terms in g_adversarial_terms(g, d_face, d_style, d_style_latent, codes)
+            for k, v in terms.items()}
 
 
 # ---- sampling the generator -----------------------------------------------------------------------
 
+BRANCHES = ("face", "style")  # the two generator passes of every D and G step, in this order
+EQ8_READINGS = ("paper", "conditional")  # see the module docstring; the first is the default
+G_SYNC_BRANCH = "style"  # under DDP, G's gradients are reduced with this branch: it reaches every weight
+# (i = 0 blends the face code too, with weight 1 - alpha), the natural branch misses `embedding`/add_weight
+
+
+@dataclass
+class FakeCodes:
+    """The codes of one phase's generated batch.
+
+    z_f: G's face codes ([z] or [z1, z2] with style mixing) and inject the crossover layer (or None);
+    z_style [N, style_dim]: the code the stylized image is made from (z_s under ``paper``, z_s^- under
+    ``conditional``); z_pair [N, style_dim]: the code D_style_latent judges it with (z_s^- in both readings).
+    """
+
+    z_f: list
+    inject: int
+    z_style: torch.Tensor
+    z_pair: torch.Tensor
+
+
+def fake_codes(z_f, inject, z_s, z_negative, reading):
+    """FakeCodes for Eq. 8 read as ``reading`` (EQ8_READINGS) from the batch's z_s and queue codes z_s^-."""
+    if reading not in EQ8_READINGS:
+        raise ValueError(f"--eq8 must be one of {', '.join(EQ8_READINGS)}, got {reading!r}")
+    return FakeCodes(z_f, inject, z_s if reading == "paper" else z_negative, z_negative)
+
+
 @dataclass
 class Fakes:
-    """One batch of generated images: natural G(z_f), stylized G(z_f, z_s, 0), negative G(z_f, z_s^-, 0)."""
+    """One phase's generated batches: natural x_f^ = G(z_f), stylized x_s^ = G(z_f, z_style, 0), and the code
+    z_pair that Eq. 8 pairs x_s^ with."""
 
     face: torch.Tensor  # [N, 3, H, W]
     style: torch.Tensor  # [N, 3, H, W]
-    negative: torch.Tensor  # [N, 3, H, W]
-    z_negative: torch.Tensor  # [N, style_dim], the z_s^- the negatives were made with
+    z_pair: torch.Tensor  # [N, style_dim]
 
 
 def sample_face_codes(batch, style_dim, n_latent, mixing, device):
@@ -335,12 +410,23 @@ def sample_face_codes(batch, style_dim, n_latent, mixing, device):
     return [z1], None
 
 
-def generate_fakes(g, z_f, inject_index, z_s, z_negative):
-    """The three generated batches of one phase (fresh noise in every layer, as in training)."""
-    face, _ = g(z_f, inject_index=inject_index)  # i = n_latent: the natural face
-    style, _ = g(z_f, inject_index=inject_index, z_embed=z_s, add_weight_index=0)
-    negative, _ = g(z_f, inject_index=inject_index, z_embed=z_negative, add_weight_index=0)
-    return Fakes(face, style, negative, z_negative)
+def generate_branch(g, codes, branch):
+    """One generator pass of a phase (fresh noise in every layer, as in training): [N, 3, H, W].
+
+    "face": x_f^ = G(z_f, i = n_latent); "style": x_s^ = G(z_f, z_style, i = 0). The D step
+    (generate_fakes) and the G step (g_adversarial_terms) both generate here, in the order of BRANCHES.
+    """
+    if branch == "face":
+        return g(codes.z_f, inject_index=codes.inject)[0]
+    if branch == "style":
+        return g(codes.z_f, inject_index=codes.inject, z_embed=codes.z_style, add_weight_index=0)[0]
+    raise ValueError(f"unknown branch {branch!r}")
+
+
+def generate_fakes(g, codes):
+    """Both generated batches of a phase at once (the D step, under no_grad): a Fakes."""
+    images = {branch: generate_branch(g, codes, branch) for branch in BRANCHES}
+    return Fakes(images["face"], images["style"], codes.z_pair)
 
 
 # ---- networks -----------------------------------------------------------------------------------
@@ -484,17 +570,22 @@ def load_blendgan_start(nets, path, stylegan2_path, log):
     load_state_dict_strict(nets.g, sd, f"{path}['g_ema']", hint=guess_generator_config)
     if "g" in ckpt:
         _load_with_missing(nets.g, ckpt["g"], ("embedder.",), f"{path}['g']")
-    notes = []
+    sources, fresh = [], []
     for name, d in nets.discriminators().items():
         if name in ckpt:
             load_state_dict_strict(d, ckpt[name], f"{path}['{name}']")
+            sources.append(f"{name} from {path}")
         elif name == "d_face" and stylegan2_path:
             load_state_dict_strict(d, require_key(load_checkpoint(stylegan2_path), "d", stylegan2_path),
                                    f"{stylegan2_path}['d']")
-            notes.append(f"{name} from the StyleGAN2 checkpoint {stylegan2_path}")
+            sources.append(f"{name} from the StyleGAN2 checkpoint {stylegan2_path}")
         else:
-            notes.append(f"{name} fresh")
-    log(f"G and g_ema from {path}" + (f"; {path} has no discriminators for: " + ", ".join(notes) if notes else ""))
+            fresh.append(name)
+    message = "; ".join([f"G and g_ema from {path}"] + sources)
+    if fresh:
+        hint = "" if stylegan2_path or "d_face" not in fresh else " (--stylegan2_ckpt would give D_face)"
+        message += f"; {path} has no {', '.join(fresh)}: these discriminators START FRESH{hint}"
+    log(message)
     freeze(nets.g.embedder)
 
 
@@ -525,23 +616,40 @@ class TrainState:
             self.d_train = self.nets.discriminators()
         if self.mean_path_length is None:
             self.mean_path_length = torch.zeros((), device=self.device)
-        amp_on_cuda = self.opts.amp and self.device.type == "cuda"
+        self.amp_dtype = amp_dtype(self.device) if self.opts.amp else None
+        # float16 needs loss scaling (overflowing steps are skipped and the scale halves); bfloat16 does not.
+        scaled = self.amp_dtype == torch.float16
         if self.g_scaler is None:
-            self.g_scaler = torch.amp.GradScaler("cuda", enabled=amp_on_cuda)
+            self.g_scaler = torch.amp.GradScaler(self.device.type, enabled=scaled)
         if self.d_scaler is None:
-            self.d_scaler = torch.amp.GradScaler("cuda", enabled=amp_on_cuda)
+            self.d_scaler = torch.amp.GradScaler(self.device.type, enabled=scaled)
+        self.nonfinite = NonFiniteGuard(self.opts.nonfinite_patience)
 
     def autocast(self):
-        """Mixed precision for the adversarial phases with --amp (float16 on CUDA, bfloat16 on CPU)."""
-        if not self.opts.amp:
+        """Mixed precision for the adversarial phases with --amp (see amp_dtype); R1 and path length never."""
+        if self.amp_dtype is None:
             return nullcontext()
-        dtype = torch.float16 if self.device.type == "cuda" else torch.bfloat16
-        return torch.autocast(self.device.type, dtype=dtype)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def guard(self, losses):
-        """Mean over ranks of the losses (floats); stops the run on a NaN/inf before any weight changes."""
+    def step(self, phase, losses, optim, scaler, params):
+        """scaler: the phase's GradScaler, or None for the float32 regularisers."""
+        """Reduce the losses over ranks, then the optimizer step, unless they are non-finite.
+
+        A non-finite step is skipped (no weight or optimizer-state change; under float16 the loss scale
+        halves, as GradScaler does on overflow); NonFiniteGuard stops the run when it persists or the
+        weights are non-finite. Returns the reduced losses (floats).
+        """
         stats = distributed.reduce_dict(losses)
-        check_finite(stats, self.iteration + 1, self.last_checkpoint)
+        if self.nonfinite.check(phase, stats, self.iteration + 1, self.last_checkpoint, params):
+            if scaler is None:  # the float32 regularisers
+                optim.step()
+            else:
+                scaler.step(optim)  # GradScaler also skips the step when the scaled gradients overflowed
+                scaler.update()
+        else:
+            optim.zero_grad(set_to_none=True)
+            if scaler is not None and scaler.is_enabled():
+                scaler.update(scaler.get_scale() * scaler.get_backoff_factor())
         return stats
 
     @property
@@ -558,43 +666,46 @@ class Batch:
     z_s: torch.Tensor
 
 
-def _backward_each(s, terms, scaler, context=lambda k: nullcontext()):
-    """Compute the (name, loss) ``terms`` one by one under autocast, backward each before the next.
+def _backward_each(s, terms, scaler):
+    """Compute the (name, {loss name: loss}) ``terms`` one by one, forward under autocast, and backward each
+    sum before asking for the next.
 
-    The gradients add up in .grad, so the step sees the gradient of the sum. context(k): entered around
-    the k-th term's forward and backward (DDP's no_sync for all but the last term of one module).
-    Returns {name: detached loss}.
+    The gradients add up in .grad, so the step sees the gradient of the total. Returns {loss name: detached
+    loss}.
     """
     losses = {}
-    for k in itertools.count():
-        with context(k):
-            with s.autocast():
-                item = next(terms, None)
-            if item is None:
-                return losses
-            name, loss = item
-            scaler.scale(loss).backward()
-        losses[name] = loss.detach()
+    while True:
+        with s.autocast():
+            item = next(terms, None)
+        if item is None:
+            return losses
+        _, values = item
+        scaler.scale(sum(values.values())).backward()
+        losses.update({k: v.detach() for k, v in values.items()})
 
 
-def d_step(s, b):
-    """D_face, D_style, D_style_latent: one step on the sum of Eq. 6-8. Returns reduced losses."""
-    nets = s.nets
-    set_requires_grad(nets.g_trainable(), False)
-    set_requires_grad(nets.d_parameters(), True)
+def phase_codes(s, b):
+    """FakeCodes of one D or G step: fresh face codes, queue codes z_s^- (Eq. 8), read as --eq8 says."""
     batch = b.x_f.shape[0]
     z_f, inject = sample_face_codes(batch, s.opts.style_dim, s.n_latent, s.opts.mixing, s.device)
     z_negative = s.queue.sample(batch, fallback=b.z_s)
+    return fake_codes(z_f, inject, b.z_s, z_negative, s.opts.eq8)
+
+
+def d_step(s, b):
+    """D_face, D_style, D_style_latent: one step on the sum of Eq. 6-8 (two generator passes). Returns
+    reduced losses."""
+    nets = s.nets
+    set_requires_grad(nets.g_trainable(), False)
+    set_requires_grad(nets.d_parameters(), True)
+    codes = phase_codes(s, b)
     with torch.no_grad(), s.autocast():
-        fakes = generate_fakes(nets.g, z_f, inject, b.z_s, z_negative)
+        fakes = generate_fakes(nets.g, codes)
     s.d_optim.zero_grad(set_to_none=True)
     terms = d_adversarial_terms(s.d_train["d_face"], s.d_train["d_style"], s.d_train["d_style_latent"],
                                 b.x_f, b.x_s, b.z_s, fakes)
     losses = _backward_each(s, terms, s.d_scaler)  # three separate modules: each syncs on its own
-    stats = s.guard({**losses, "d_total": sum(losses.values())})
-    s.d_scaler.step(s.d_optim)
-    s.d_scaler.update()
-    return stats
+    return s.step("d", {**losses, "d_total": sum(losses.values())}, s.d_optim, s.d_scaler, nets.d_parameters())
 
 
 def d_reg_step(s, b):
@@ -612,32 +723,26 @@ def d_reg_step(s, b):
         # get no gradient at all and DDP would wait for them forever.
         (s.opts.r1 / 2 * s.opts.d_reg_every * penalty + 0 * pred.sum()).backward()
         penalties[name] = penalty.detach()
-    stats = s.guard(penalties)
-    s.d_optim.step()
-    return stats
+    return s.step("r1", penalties, s.d_optim, None, s.nets.d_parameters())
 
 
 def g_step(s, b):
-    """G: one step on the sum of the three non-saturating terms (Eq. 9). Returns reduced losses."""
+    """G: one step on the sum of the three non-saturating terms (Eq. 9), two generator passes. Returns
+    reduced losses."""
     nets = s.nets
     set_requires_grad(nets.d_parameters(), False)
     set_requires_grad(nets.g_trainable(), True)
-    batch = b.x_f.shape[0]
-    z_f, inject = sample_face_codes(batch, s.opts.style_dim, s.n_latent, s.opts.mixing, s.device)
-    z_negative = s.queue.sample(batch, fallback=b.z_s)
+    codes = phase_codes(s, b)
     s.g_optim.zero_grad(set_to_none=True)
-    # The discriminators are fixed here: their plain modules (no DDP gradient sync needed).
-    terms = g_adversarial_terms(s.g_train, nets.d_face, nets.d_style, nets.d_style_latent, z_f, inject, b.z_s,
-                                z_negative)
     ddp = s.g_train is not nets.g
 
-    def context(k):  # under DDP the gradients are reduced once, with the last branch (it uses every weight)
-        return s.g_train.no_sync() if ddp and k < 2 else nullcontext()
+    def context(branch):  # under DDP, G's gradients are reduced once, with G_SYNC_BRANCH
+        return s.g_train.no_sync() if ddp and branch != G_SYNC_BRANCH else nullcontext()
 
-    losses = _backward_each(s, terms, s.g_scaler, context)
-    stats = s.guard({**losses, "g_total": sum(losses.values())})
-    s.g_scaler.step(s.g_optim)
-    s.g_scaler.update()
+    # The discriminators are fixed here: their plain modules (no DDP gradient sync needed).
+    terms = g_adversarial_terms(s.g_train, nets.d_face, nets.d_style, nets.d_style_latent, codes, context)
+    losses = _backward_each(s, terms, s.g_scaler)
+    stats = s.step("g", {**losses, "g_total": sum(losses.values())}, s.g_optim, s.g_scaler, nets.g_trainable())
     clamp_wbm(nets.g)
     return stats
 
@@ -657,11 +762,12 @@ def g_reg_step(s):
     loss = s.opts.path_regularize * s.opts.g_reg_every * penalty + anchor
     s.g_optim.zero_grad(set_to_none=True)
     loss.backward()
-    stats = s.guard({"path_loss": penalty, "path_length": lengths.mean()})
-    s.g_optim.step()
+    stats = s.step("path", {"path_loss": penalty, "path_length": lengths.mean()}, s.g_optim, None,
+                   nets.g_trainable())
     clamp_wbm(nets.g)
-    s.mean_path_length = target
-    stats["mean_path_length"] = float(target)
+    if math.isfinite(stats["path_length"]):
+        s.mean_path_length = target
+    stats["mean_path_length"] = float(s.mean_path_length)
     return stats
 
 
@@ -678,9 +784,31 @@ def encode_styles(s, x_s):
         return s.nets.g.embedder(x_s).float()
 
 
+def ema_half_life_images(opts, world_size):
+    """g_ema's half-life in images: --ema_kimg thousand, else 10k (training) or a tenth of the run (fine-tuning).
+
+    One-shot fine-tuning sees ~1000 images: with the 10k-image half-life g_ema would end ~93% the starting
+    weights, and g_ema is what the checkpoint and the inference scripts use. A tenth of the run leaves
+    0.5 ** 10 < 0.1% of the start in g_ema while still averaging over the last steps.
+    """
+    if opts.ema_kimg is not None:
+        return opts.ema_kimg * 1000
+    if opts.finetune:
+        return opts.iter * opts.batch * world_size / FINETUNE_EMA_FRACTION
+    return DEFAULT_EMA_KIMG * 1000
+
+
 def ema_decay(opts, world_size):
-    """Per-step EMA decay for a half-life of ema_kimg thousand images."""
-    return 0.5 ** (opts.batch * world_size / (opts.ema_kimg * 1000))
+    """Per-step EMA decay for g_ema's half-life (ema_half_life_images)."""
+    return 0.5 ** (opts.batch * world_size / ema_half_life_images(opts, world_size))
+
+
+def amp_dtype(device):
+    """--amp's autocast dtype: bfloat16 on CPUs and on GPUs that support it (no loss scaling needed),
+    float16 on older GPUs (then with GradScaler)."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
 
 
 def random_flip(x):
@@ -843,6 +971,9 @@ def load_training_checkpoint(s, path, log=print):
         log(f"note: {path} was written with --batch {args.get('batch')} on {ckpt.get('world_size')} process(es), "
             f"this run has --batch {s.opts.batch} on {world}: training continues, but not the exact data order "
             f"and random streams of the original run")
+    if args.get("eq8") != s.opts.eq8:
+        log(f"note: {path} was trained with Eq. 8 read as {args.get('eq8', 'three generator passes (before --eq8)')!r}, "
+            f"this run continues with --eq8 {s.opts.eq8}")
     nets = s.nets
     load_state_dict_strict(nets.g_ema, require_key(ckpt, "g_ema", path), f"{path}['g_ema']")
     _load_with_missing(nets.g, require_key(ckpt, "g", path), ("embedder.",), f"{path}['g']")
@@ -929,6 +1060,13 @@ def setup(opts, log=print):
     return s, rng
 
 
+def run_budget(opts, world_size):
+    """The run's size as config.json and the first log line state it (--batch is per process)."""
+    global_batch = opts.batch * world_size
+    return {"global_batch": global_batch, "images_per_iteration": global_batch,
+            "total_images": global_batch * opts.iter, "ema_half_life_images": ema_half_life_images(opts, world_size)}
+
+
 def log_wbm(g):
     """WBM weights for the log: alpha_j = 1 - add_weight_j (the paper's style weight per layer)."""
     alpha = 1 - g.add_weight.detach().clamp(0, 1).view(-1).cpu()
@@ -938,14 +1076,21 @@ def log_wbm(g):
 def train(opts, log=None):
     """Run (or continue) a training run as ``opts`` says; returns the final TrainState.
 
-    Raises NonFiniteLossError when a loss becomes NaN/inf (the last written checkpoint is the good one).
+    Raises NonFiniteLossError when losses stay NaN/inf (see NonFiniteGuard; the last written checkpoint is
+    the good one).
     """
     resolve_defaults(opts)
     validate_options(opts)
     main = distributed.is_main()
     log = log or (print if main else (lambda *a, **k: None))
-    s, rng = setup(opts, log)
+    distributed.init_distributed(opts.device)  # (setup's call then finds the process group)
     rank, world = distributed.get_rank(), distributed.get_world_size()
+    budget = run_budget(opts, world)
+    log(f"global batch {budget['global_batch']} ({opts.batch} per process x {world} process(es)) = "
+        f"{budget['images_per_iteration']} images per iteration; {opts.iter} iterations = "
+        f"{budget['total_images']} images in all (the paper: 8 x 200000 = 1.6M); "
+        f"g_ema half-life {budget['ema_half_life_images']:g} images; Eq. 8 read as '{opts.eq8}'")
+    s, rng = setup(opts, log)
     if s.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     data = DataStream(opts, rank, world, s.iteration, s.device)
@@ -957,7 +1102,7 @@ def train(opts, log=None):
         seed_everything(opts.seed, rank)
 
     ckpts = CheckpointManager(opts.out_dir, keep=opts.keep_checkpoints)
-    write_config(opts.out_dir, opts, world_size=world, start_iteration=s.iteration)
+    write_config(opts.out_dir, opts, world_size=world, start_iteration=s.iteration, **budget)
     sample_z = torch.randn(opts.n_sample, opts.style_dim, generator=torch.Generator().manual_seed(opts.seed))
     sample_z = sample_z.to(s.device)
     sample_styles = data.sample_styles(opts.n_sample).to(s.device)
@@ -1004,7 +1149,8 @@ def train(opts, log=None):
                     scale = min(1.0, TENSORBOARD_CELL / opts.size)
                     small = F.interpolate(grid[None], scale_factor=scale, mode="area")[0] if scale < 1 else grid
                     logger.writer.add_image("samples", small, step)
-            if step % opts.save_every == 0 or step == opts.iter:
+            if (step % opts.save_every == 0 or step == opts.iter) and s.nonfinite.healthy:
+                # (during a run of skipped non-finite steps the last good checkpoint stays the newest)
                 rng_states = gather_rng_states()  # a collective: every rank takes part
                 s.last_checkpoint = ckpts.save(step, checkpoint_state(s, rng_states) if main else None)
     finally:

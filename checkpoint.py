@@ -1,11 +1,15 @@
 """The project's one checkpoint loader and writer.
 
 Every checkpoint is read with ``torch.load(..., weights_only=True)``: a checkpoint never runs code.
+Besides tensors and plain Python values, the load allows exactly the classes in ``SAFE_CLASSES``: plain
+data containers that the training files we start from are known to hold.
 Files in the zip format are memory-mapped, so a 1.5 GB generator is not read into memory twice.
-Errors are one line that names the file and the problem (``CheckpointError``).
+Errors are one line that names the file and the problem (``CheckpointError``), in plain text.
 """
+import argparse
 import os
 import pickle
+import re
 import zipfile
 
 import torch
@@ -13,8 +17,37 @@ import torch
 from fileio import atomic_path
 
 
+# Classes a weights-only load accepts on top of torch's defaults (tensors, containers, numbers, strings).
+# rosinality/stylegan2-pytorch's train.py saves {"g", "d", "g_ema", "g_optim", "d_optim", "args",
+# "ada_aug_p"} with ``args`` its argparse.Namespace (an attribute bag of command-line values; unpickling it
+# sets attributes and calls nothing); the optimizer states and ``ada_aug_p`` are plain values. The
+# release's files and pSp's (``opts`` is ``vars(opts)``, a dict) hold only default-allowed types.
+SAFE_CLASSES = (argparse.Namespace,)
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing, unreadable, or does not fit the model it is loaded into."""
+
+
+def _plain(text):
+    """torch's message without terminal colour codes, on one line."""
+    return " ".join(_ANSI.sub("", text).split())
+
+
+def _refused_globals(path, message):
+    """The globals (module.name) that made a weights-only load refuse ``path``, for the message.
+
+    Read from the file's pickle without running it (zip format); torch's own message is the fallback
+    (legacy format). Classes in SAFE_CLASSES are left out: they were allowed.
+    """
+    allowed = {f"{c.__module__}.{c.__qualname__}" for c in SAFE_CLASSES}
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # legacy (pre-zip) files: torch cannot list them
+        names = re.findall(r"GLOBAL ([\w.]+)", _plain(message))
+    return sorted(set(names) - allowed)
 
 
 def load_checkpoint(path, map_location="cpu", hint=None, expect_dict=True, mmap=True):
@@ -38,16 +71,26 @@ def load_checkpoint(path, map_location="cpu", hint=None, expect_dict=True, mmap=
     # mmap only works for the zip format; legacy (pre-1.6) files are read normally.
     mmap = mmap and zipfile.is_zipfile(path)
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        with torch.serialization.safe_globals(list(SAFE_CLASSES)):
+            ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "weights only" in str(e).lower() or "weights_only" in str(e):
-            raise CheckpointError(
-                f"checkpoint {path}: holds Python objects that a weights-only load refuses "
-                f"(checkpoints never run code here): {first}") from None
+            refused = _refused_globals(path, str(e))
+            allowed = ", ".join(f"{c.__module__}.{c.__qualname__}" for c in SAFE_CLASSES)
+            if refused:
+                raise CheckpointError(
+                    f"checkpoint {path}: refused: it needs the Python global {', '.join(refused)}, which a "
+                    f"checkpoint may not load because loading it could run code; only tensors, plain values and "
+                    f"{allowed} are read") from None
+            # No global to blame (e.g. an opcode the safe unpickler lacks): torch's reason, not its advice.
+            reason = re.search(r"Unpickler error:(.*?)(Check the documentation|$)", str(e), re.S)
+            reason = _plain(reason.group(1)) if reason and reason.group(1).strip() else type(e).__name__
+            raise CheckpointError(f"checkpoint {path}: not readable by the safe (weights-only) loader: {reason}; "
+                                  f"only tensors, plain values and {allowed} are read") from None
+        first = _plain(str(e).strip().splitlines()[0]) if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {path}: not a readable PyTorch checkpoint ({first})") from None
     except Exception as e:  # torch raises RuntimeError/EOFError/ValueError/... for damaged files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = _plain(str(e).strip().splitlines()[0]) if str(e).strip() else type(e).__name__
         raise CheckpointError(
             f"checkpoint {path}: not a readable PyTorch checkpoint, truncated or corrupt "
             f"({type(e).__name__}: {first})") from None

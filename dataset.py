@@ -4,8 +4,6 @@
 - `InfiniteSampler`, `infinite_loader`, `PairedLoader`: endless, per-rank shuffled batches; BlendGAN
   trains on natural faces (FFHQ) and artistic faces (AAHQ), both at 1024 px (supplementary material),
   drawn here from two LMDBs with independent shuffles.
-- `MultiViewDataset`: unlabeled images returned as several independently augmented views, for the
-  self-supervised (SimCLR-style, contrastive) training of the style encoder on the artistic dataset.
 """
 
 import io
@@ -13,7 +11,7 @@ import os
 
 import torch
 from PIL import Image
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from prepare_data import image_key, open_shared_lmdb, stored_length, stored_resolutions
 
@@ -149,27 +147,3 @@ class PairedLoader:
 
     def __next__(self):
         return next(self.natural), next(self.artistic)
-
-
-class MultiViewDataset(Dataset):
-    """Unlabeled images from one or several LMDBs, each returned as `n_views` independent augmentations.
-
-    `transform` should be random; with n_views=2 the two results form a positive pair for contrastive
-    (SimCLR-style) training of the style encoder.
-    """
-
-    def __init__(self, paths, transform, resolution=256, n_views=2):
-        if isinstance(paths, (str, os.PathLike)):
-            paths = [paths]
-        if n_views < 1:
-            raise ValueError('n_views must be at least 1')
-        self.images = ConcatDataset([MultiResolutionDataset(p, None, resolution) for p in paths])
-        self.transform = transform
-        self.n_views = n_views
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, index):
-        img = self.images[index]
-        return tuple(self.transform(img) for _ in range(self.n_views))

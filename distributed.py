@@ -144,15 +144,6 @@ def all_gather_with_grad(x):
     return torch.cat(parts, dim=0)
 
 
-def broadcast_object(obj, src=0):
-    """Rank ``src``'s picklable ``obj`` on every rank (returns ``obj`` itself on one process)."""
-    if not is_distributed():
-        return obj
-    holder = [obj if get_rank() == src else None]
-    dist.broadcast_object_list(holder, src=src)
-    return holder[0]
-
-
 def all_gather_object(obj):
     """[obj of rank 0, obj of rank 1, ...] on every rank ([obj] on one process)."""
     if not is_distributed():

@@ -14,8 +14,9 @@ import torch
 from tqdm import tqdm
 
 from inference import (DTYPES, Report, add_common_args, add_generator_args, add_photo_args, check_indicator,
-                       encode_faces, encode_styles, keep_freed_memory, list_inputs, load_aligner, load_blendgan,
-                       load_psp, read_input, release_freed_memory, resize, run_job, stem, validate_common)
+                       check_model_files, encode_faces, encode_styles, keep_freed_memory, list_inputs, load_aligner,
+                       load_blendgan, load_psp, read_input, release_freed_memory, resize, run_job, stem,
+                       validate_common)
 from video import HOLD_FRAMES, compose_frame, interpolation_alphas, sliding_window, write_mp4
 
 
@@ -74,6 +75,7 @@ def style_walks(face_paths, style_paths, n_styles, seed):
 
 @torch.no_grad()
 def gen_videos(opts):
+    check_model_files(opts, psp=True)  # every missing file in one message, before any work
     device, dtype = opts.device, DTYPES[opts.dtype]
     # One network at a time, as style_transfer_folder.py: G (memory-mapped) encodes the styles and is
     # dropped; pSp encodes every face and is dropped; a G without E_style renders the videos. So the

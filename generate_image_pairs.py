@@ -13,8 +13,9 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import load_checkpoint
-from inference import (DTYPES, Report, add_common_args, add_generator_args, check_indicator, encode_styles,
-                       keep_freed_memory, load_blendgan, read_input, run_job, validate_common, write_jpeg)
+from inference import (DTYPES, Report, add_common_args, add_generator_args, check_indicator, check_model_files,
+                       encode_styles, keep_freed_memory, load_blendgan, read_input, run_job, validate_common,
+                       write_jpeg)
 from utils import ten2img
 
 
@@ -39,6 +40,7 @@ def parse_args(argv=None):
 
 @torch.no_grad()
 def generate_pairs(opts):
+    check_model_files(opts)
     device, dtype = opts.device, DTYPES[opts.dtype]
     g, ckpt = load_blendgan(opts.ckpt, opts.size, opts.channel_multiplier, device, dtype, opts.compile)
     rng = torch.Generator().manual_seed(opts.seed)  # CPU draws: the same numbers on every device

@@ -18,6 +18,7 @@ from fileio import atomic_path
 from imageio_utils import UnreadableImageError, read_image_rgb
 from layers import channels_last_
 from model import Generator, guess_generator_config, infer_generator_config, n_latent_for
+from model_zoo import COMMAND, missing_files_message
 from utils import img2ten
 
 RELEASE_PAGE = "https://github.com/onion-liu/BlendGAN (README, 'Pretrained models')"
@@ -79,8 +80,24 @@ def validate_common(parser, opts):
 
 
 def missing_hint(flag, default_name):
-    return (f"pass it with {flag} or put it at pretrained_models/{default_name}; "
-            f"the release publishes it at {RELEASE_PAGE}")
+    return (f"get it with: {COMMAND} {default_name} (it writes pretrained_models/{default_name}), or pass "
+            f"another path with {flag} (the BlendGAN authors' file, {RELEASE_PAGE})")
+
+
+def check_files(*files):
+    """Every missing file of (path, flag, download_models.py name) in one CheckpointError line, before
+    any work starts."""
+    missing = [f for f in files if not os.path.isfile(f[0])]
+    if missing:
+        raise CheckpointError(missing_files_message(missing))
+
+
+def check_model_files(opts, psp=False):
+    """The scripts' first step: blendgan.pt (--ckpt) and, for photos, psp_encoder.pt (--psp_encoder_ckpt)."""
+    files = [(opts.ckpt, "--ckpt", "blendgan.pt")]
+    if psp:
+        files.append((opts.psp_encoder_ckpt, "--psp_encoder_ckpt", "psp_encoder.pt"))
+    check_files(*files)
 
 
 def for_inference(module, device, dtype, compile=False):
@@ -119,9 +136,8 @@ def load_blendgan(path, size=None, channel_multiplier=None, device="cpu", dtype=
 
 
 def check_psp_file(path):
-    """A missing pSp checkpoint as one line with where to get it (before any long work)."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path}: file not found; {missing_hint('--psp_encoder_ckpt', 'psp_encoder.pt')}")
+    """A missing pSp checkpoint as one line with how to get it (before any long work)."""
+    check_files((path, "--psp_encoder_ckpt", "psp_encoder.pt"))
 
 
 def load_psp(path, size, device="cpu", dtype=torch.float32, compile=False):
@@ -298,3 +314,32 @@ def write_jpeg(path, rgb):
     if not ok:
         raise RuntimeError(f"could not encode {path}")
     atomic_write_bytes(path, buf.tobytes())
+
+
+ALIGNED_SIDES = (256, 512, 1024)  # the release GUI takes a square image of these sides as an aligned face
+
+
+def image_size(path):
+    """(width, height) of an image file from its header, without decoding the pixels (a cheap check
+    before a large upload is decoded); UnreadableImageError when it is not an image."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError) as e:
+        raise UnreadableImageError(f"{path}: cannot decode image ({e})") from e
+
+
+def looks_aligned(width, height):
+    """The release GUI's rule: a square 256, 512 or 1024 px face photo is already FFHQ-aligned."""
+    return width == height and width in ALIGNED_SIDES
+
+
+def cpu_has_bf16():
+    """Whether oneDNN runs bfloat16 natively on this CPU (AVX512-BF16 / AMX). Without it, bfloat16
+    convolutions fall back to ATen's slow loops: ~10x slower than float32 (measured on an AVX2 CPU)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False

@@ -17,9 +17,12 @@ What differs from pSp's own trainer, and why:
 - Adam (pSp's default is Ranger, RAdam + Lookahead, which torch does not ship); same learning rate 1e-4.
 - The generator runs with its stored noise maps (randomize_noise=False), as every inference script of the
   release does; --randomize_noise trains with fresh noise as pSp.
-- LPIPS needs torchvision's ImageNet AlexNet (the ``lpips`` package ships only its linear layers) and the
-  identity loss needs the ArcFace IR-SE-50 file (model_ir_se50.pth); nothing is downloaded: without the
-  file the term is off, with one printed note, and config.json says so (``active_losses``).
+- LPIPS needs torchvision's ImageNet AlexNet (the ``lpips`` package ships only its linear layers), the
+  identity loss the ArcFace IR-SE-50 file (model_ir_se50.pth), and the encoder starts from that IR-SE-50
+  backbone as pSp's does. Nothing is downloaded, and a run never quietly trains with less: when a file is
+  missing it stops before building anything, naming each missing file, the flag that gives it and the one
+  that does without it on purpose (``--lpips_weight 0``, ``--id_weight 0``, ``--encoder_from_scratch``).
+  config.json records the terms that train (``active_losses``).
 
 Checkpoints (``DIR/checkpoints/NNNNNN.pt``, atomic, the last --keep kept) are loadable by PSPEncoder as they
 are: the release layout (top-level ``encoder.*`` weights and ``latent_avg``) plus the training state under
@@ -52,7 +55,7 @@ from checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict,
 from dataset import MultiResolutionDataset, infinite_loader
 from imageio_utils import read_image_rgb, save_image_atomic
 from inference import load_blendgan
-from psp_encoder.encoders import IR_SE_50_STAGES, ir_se50_trunk
+from psp_encoder.arcface import ID_INPUT_SIZE, load_arcface
 from psp_encoder.psp_encoders import ENCODER_INPUT_SIZE, LATENT_AVG, PSPEncoder, psp_state_dict_for_release
 from utils import img2ten, ten2img
 
@@ -68,9 +71,6 @@ FIXED_ON_RESUME = ("size", "encoder_input_size")
 # average-pooled to the 112 px input of ArcFace. Other image sizes use the same box scaled.
 ID_REFERENCE_SIZE = 256
 ID_CROP_BOX = (35, 223, 32, 220)  # top, bottom, left, right at ID_REFERENCE_SIZE
-ID_INPUT_SIZE = 112
-ID_EMBEDDING_DIM = 512
-ID_DROPOUT = 0.6  # the face-recognition training value; inactive in eval mode
 
 
 @dataclass
@@ -92,6 +92,7 @@ class PSPTrainOptions:
     lpips_alexnet: str = None  # torchvision AlexNet file (alexnet-owt-7be5be79.pth); default: torch hub cache
     id_weights: str = None  # ArcFace IR-SE-50 file (pSp's model_ir_se50.pth)
     encoder_backbone: str = None  # IR-SE-50 file to start the encoder's input layer and body from
+    encoder_from_scratch: bool = False  # start the encoder from random weights on purpose (no backbone file)
     latent_avg_samples: int = 100_000  # face codes averaged for latent_avg (pSp: 1e5)
     encoder_input_size: int = ENCODER_INPUT_SIZE[0]  # the release always pools to 256; smaller only for tests
     randomize_noise: bool = False  # fresh noise maps per forward (pSp) instead of the stored ones (inference)
@@ -159,44 +160,38 @@ def validate(options):
             problems.append(f"--{flag} {path}: file not found")
     if options.resume not in (None, "", "latest") and not os.path.isfile(options.resume):
         problems.append(f"--resume {options.resume}: file not found")
+    if options.encoder_from_scratch and options.encoder_backbone:
+        problems.append("--encoder_from_scratch and --encoder_backbone contradict each other: pass one")
+    # A resumed run takes its encoder from the checkpoint; --resume latest without one is checked in train.
+    return problems + missing_files(options, fresh_start=not options.resume)
+
+
+def missing_files(options, fresh_start):
+    """The weights files a run with ``options`` needs and was not given: one problem line per file, naming
+    the file, the flag that gives it and the flag that does without it on purpose.
+
+    A run never quietly trains L2-only or from a random encoder because a file was not at hand. Paths
+    given but absent are reported by validate ("file not found"); this covers files not given at all.
+    fresh_start: the encoder starts from new weights (no checkpoint to resume), so it needs its backbone.
+    """
+    from model_zoo import ALEXNET_URL, hub_cache_path  # where the project's one LPIPS loader (metrics.py) looks
+
+    problems = []
+    alexnet = os.path.basename(ALEXNET_URL)
+    if options.lpips_weight > 0 and options.lpips_alexnet is None and not os.path.isfile(hub_cache_path(ALEXNET_URL)):
+        problems.append(f"the LPIPS loss (--lpips_weight {options.lpips_weight}) needs torchvision's AlexNet weights "
+                        f"{alexnet}, neither given with --lpips_alexnet nor at {hub_cache_path(ALEXNET_URL)} (nothing "
+                        f"is downloaded): pass --lpips_alexnet {alexnet}, or --lpips_weight 0 to train without LPIPS")
+    if options.id_weight > 0 and options.id_weights is None:
+        problems.append(f"the identity loss (--id_weight {options.id_weight}) needs pSp's ArcFace weights "
+                        "model_ir_se50.pth: pass --id_weights model_ir_se50.pth, or --id_weight 0 to train without it")
+    if fresh_start and options.encoder_backbone is None and not options.encoder_from_scratch:
+        problems.append("the encoder starts from pSp's IR-SE-50 backbone model_ir_se50.pth: pass --encoder_backbone "
+                        "model_ir_se50.pth, or --encoder_from_scratch to start from random weights on purpose")
     return problems
 
 
 # ---- losses -------------------------------------------------------------------------------------
-
-class ArcFaceIRSE50(nn.Module):
-    """ArcFace face-recognition network (IR-SE-50) of pSp's identity loss: [N, 3, 112, 112] -> [N, 512], unit norm.
-
-    The stem and the 24 IR-SE units are the encoder's (psp_encoder.encoders), so the key names are those of
-    model_ir_se50.pth: ``input_layer.*``, ``body.*`` and ``output_layer.{0,3,4}.*`` (BatchNorm2d, then
-    Dropout and flatten, Linear(512*7*7 -> 512), BatchNorm1d).
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.input_layer, self.body, in_channels = ir_se50_trunk()
-        spatial = ID_INPUT_SIZE // 2 ** len(IR_SE_50_STAGES)  # 7
-        self.output_layer = nn.Sequential(
-            nn.BatchNorm2d(in_channels),
-            nn.Dropout(ID_DROPOUT),
-            nn.Flatten(),
-            nn.Linear(in_channels * spatial * spatial, ID_EMBEDDING_DIM),
-            nn.BatchNorm1d(ID_EMBEDDING_DIM),
-        )
-
-    def forward(self, x):  # x [N, 3, 112, 112]
-        x = self.body(self.input_layer(x))  # [N, 512, 7, 7]
-        return F.normalize(self.output_layer(x), dim=1)  # [N, 512]
-
-
-def load_arcface(path):
-    """ArcFaceIRSE50 with the weights of ``path`` (strict), in eval mode and frozen."""
-    ckpt = load_checkpoint(path, hint="pSp's model_ir_se50.pth (ArcFace IR-SE-50)")
-    with torch.device("meta"):
-        net = ArcFaceIRSE50()
-    load_state_dict_strict(net, ckpt, f"--id_weights {path}", assign=True)
-    return net.eval().requires_grad_(False)
-
 
 def id_crop(x):
     """The face region of aligned faces x [N, 3, S, S] (pSp's box scaled to S), pooled to [N, 3, 112, 112]."""
@@ -255,25 +250,23 @@ def reconstruction_losses(losses, x, y_hat, codes, latent_avg):
     return total, stats
 
 
-def build_losses(options, device, log):
-    """Losses with the networks that are available; prints one note per term that is switched off."""
+def build_losses(options, device):
+    """The loss terms of ``options`` with the networks they need; ValueError naming every missing file."""
+    problems = missing_files(options, fresh_start=False)
+    if problems:
+        raise ValueError("; ".join(problems))
     weights = {name: float(getattr(options, f"{name}_weight")) for name in LOSS_NAMES}
     lpips_model = arcface = None
     if weights["lpips"] > 0:
         # The project's one LPIPS loader (metrics.py): the package's linear layers + torchvision's AlexNet.
-        from metrics import ALEXNET_URL, hub_cache_path, load_lpips
+        from metrics import load_lpips
+        from model_zoo import ALEXNET_URL, hub_cache_path, pretrained_file
 
-        path = options.lpips_alexnet or hub_cache_path(ALEXNET_URL)
-        if os.path.isfile(path):
-            lpips_model = load_lpips(path, allow_download=False).to(device).eval().requires_grad_(False)
-        else:
-            log(f"note: LPIPS loss is OFF: torchvision's AlexNet weights ({os.path.basename(ALEXNET_URL)}) are "
-                f"neither given with --lpips_alexnet nor at {path}; nothing is downloaded. Pass the file to use it.")
+        path = pretrained_file("LPIPS AlexNet backbone", ALEXNET_URL, options.lpips_alexnet or hub_cache_path(ALEXNET_URL),
+                               "--lpips_alexnet", allow_download=False)
+        lpips_model = load_lpips(path).to(device).eval().requires_grad_(False)
     if weights["id"] > 0:
-        if options.id_weights is None:
-            log("note: identity loss is OFF: no --id_weights given (pSp's ArcFace model_ir_se50.pth).")
-        else:
-            arcface = load_arcface(options.id_weights).to(device)
+        arcface = load_arcface(options.id_weights).to(device)
     return Losses(weights, lpips_model, arcface)
 
 
@@ -485,6 +478,9 @@ def _train(options, device, log):
     manager = trainutil.CheckpointManager(options.out_dir, options.keep)
     resume = trainutil.resolve_resume(options.resume, options.out_dir)
     if options.resume == "latest" and resume is None:
+        problems = missing_files(options, fresh_start=True)
+        if problems:  # before the generator is built: the run would start without its backbone
+            raise ValueError("; ".join(problems))
         log(f"--resume latest: no checkpoint in {options.out_dir}/checkpoints yet, starting from scratch")
     ckpt = load_training_checkpoint(resume, options) if resume else None
     if ckpt is not None and options.size is None:
@@ -508,10 +504,8 @@ def _train(options, device, log):
             psp.latent_avg).contiguous()  # [n_styles, 512]
     psp.to(device)
     latent_avg = psp.latent_avg
-    losses = build_losses(options, device, log)
+    losses = build_losses(options, device)
     active = losses.active()
-    if not active:
-        raise ValueError("no loss term is active (the weighted ones lack their networks, see the notes above)")
     # The fused kernel (CPU and CUDA): one pass over the ~120-270M parameters instead of several.
     optimizer = torch.optim.Adam(psp.parameters(), lr=options.lr, betas=(options.beta1, options.beta2), fused=True)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16 and device.type == "cuda")

@@ -312,10 +312,17 @@ def build_models(options, load_vgg=True):
     return encoder, projector
 
 
+def gram_dim_no_rng():
+    """gram_dim() counted on the meta device: it builds VGG layers, whose random initialisation would
+    otherwise advance the global generator each time a checkpoint or config.json is written."""
+    with torch.device("meta"):
+        return gram_dim()
+
+
 def style_encoder_config(options):
     """What a user of the weights needs to rebuild E_style (StyleEncoder's arguments)."""
     return {"style_dim": options.style_dim, "n_mlp": options.n_mlp, "pool_size": options.style_pool_size,
-            "proj_layers": options.proj_layers, "gram_dim": gram_dim()}
+            "proj_layers": options.proj_layers, "gram_dim": gram_dim_no_rng()}
 
 
 def load_training_checkpoint(path, options):
@@ -380,13 +387,10 @@ def _train(options, device):
         encoder.embedder.to(memory_format=torch.channels_last)
     head = SimCLRHead(encoder.embedder_mlp, projector).train()
     optimizer = torch.optim.Adam(head.parameters(), lr=options.lr, betas=(float(options.beta1), float(options.beta2)))
-    step, samples_seen = 0, 0
+    step, samples_seen, rng = 0, 0, None
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
-        step, samples_seen = int(ckpt["step"]), int(ckpt["samples_seen"])
-        trainutil.restore_rng_states(ckpt.get("rng"), options.seed)
-    else:
-        trainutil.seed_everything(options.seed, rank)
+        step, samples_seen, rng = int(ckpt["step"]), int(ckpt["samples_seen"]), ckpt.get("rng")
     del ckpt
     model = head
     if world > 1:
@@ -404,7 +408,7 @@ def _train(options, device):
               f"x {options.batch}, {options.iter} iterations, device {device}, amp {options.amp}"
               + (f", resuming at step {step} from {resume}" if resume else ""), flush=True)
     trainutil.write_config(options.out_dir, options, world_size=world, global_batch=global_batch,
-                           gram_dim=gram_dim(), torch_version=torch.__version__)
+                           gram_dim=gram_dim_no_rng(), torch_version=torch.__version__)
 
     last_checkpoint = resume
     history = []
@@ -417,7 +421,14 @@ def _train(options, device):
     logger = trainutil.ScalarLogger(os.path.join(options.out_dir, "logs"))
     tick, tick_step = time.perf_counter(), step
     try:
-        batches = iter(loader)
+        batches = iter(loader)  # creating the iterator draws a base seed from the global generator
+        # The random streams start (or continue from the checkpoint) here, right before the first step:
+        # what ran since the weights were seeded (the loader's iterator draws a seed) must not shift them,
+        # or a resumed run would drift from an uninterrupted one. Writing a checkpoint draws nothing.
+        if rng is not None:
+            trainutil.restore_rng_states(rng, options.seed)
+        else:
+            trainutil.seed_everything(options.seed, rank)
         while step < options.iter:
             views = next(batches).to(device, non_blocking=True)  # [B, 2, 3, S, S]
             loss, acc = contrastive_loss(model, encoder, views, options.temperature, amp_dtype, channels_last)

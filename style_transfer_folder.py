@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from inference import (DTYPES, Report, add_common_args, add_generator_args, add_photo_args, check_indicator,
-                       check_psp_file, encode_faces, encode_styles, keep_freed_memory, list_inputs,
+                       check_model_files, encode_faces, encode_styles, keep_freed_memory, list_inputs,
                        load_aligner, load_blendgan, load_psp, read_input, release_freed_memory, resize, run_job,
                        stem, validate_common, write_jpeg)
 from utils import ten2img
@@ -53,7 +53,7 @@ def style_transfer(opts):
     # One network at a time, each dropped when its part is done, so that E_style's 1.25 GB layer, the
     # 1 GB pSp encoder and the 1024 px activations are never in memory together (peak RSS: README).
     # The generator is memory-mapped: in float32 loading it reads little more than what is used.
-    check_psp_file(opts.psp_encoder_ckpt)
+    check_model_files(opts, psp=True)  # every missing file in one message, before any work
     g = load_blendgan(opts.ckpt, opts.size, opts.channel_multiplier, device, dtype)[0]
     size = g.size
     report = Report()

@@ -2,7 +2,8 @@
 
     python train.py FFHQ_LMDB AAHQ_LMDB --out_dir runs/blendgan --style_encoder_ckpt style_encoder.pt \
         --stylegan2_ckpt stylegan2-ffhq-config-f.pt --size 1024 --batch 8 --iter 200000
-    torchrun --nproc_per_node=4 train.py FFHQ_LMDB AAHQ_LMDB ...          (one process per GPU)
+    torchrun --nproc_per_node=4 train.py FFHQ_LMDB AAHQ_LMDB --batch 2 ...   (one process per GPU; the
+        paper's global batch 8 = 4 x 2)
     python train.py FFHQ_LMDB --finetune_style_img ref.jpg --blendgan_ckpt blendgan.pt --out_dir runs/ft
 
 Writes DIR/checkpoints/NNNNNN.pt, DIR/samples/NNNNNN.png, DIR/logs/ (TensorBoard + scalars.jsonl) and
@@ -12,7 +13,7 @@ import argparse
 import sys
 
 import trainutil
-from blendgan_training import TrainOptions, resolve_defaults, train, validate_options
+from blendgan_training import EQ8_READINGS, TrainOptions, resolve_defaults, train, validate_options
 
 
 def build_parser():
@@ -48,7 +49,8 @@ def build_parser():
                    help="the style encoder's input pooling (the release uses 256; smaller only for quick tests)")
     t = p.add_argument_group("training")
     t.add_argument("--batch", type=int, default=None,
-                   help="batch size PER GPU/process, as rosinality's trainer (default 8; 1 when fine-tuning)")
+                   help="batch size PER GPU/process, as rosinality's trainer (default 8; 1 when fine-tuning); the "
+                        "paper's global batch is 8, i.e. --batch 2 on 4 GPUs")
     t.add_argument("--iter", type=int, default=None, help="total iterations (default 200000; 1000 when fine-tuning)")
     t.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate (before the lazy-reg correction)")
     t.add_argument("--queue_size", type=int, default=d.queue_size,
@@ -60,14 +62,25 @@ def build_parser():
                    help="the path-length batch is batch // this")
     t.add_argument("--g_reg_every", type=int, default=d.g_reg_every, help="lazy path-length interval")
     t.add_argument("--mixing", type=float, default=d.mixing, help="style-mixing probability of the face code")
-    t.add_argument("--ema_kimg", type=float, default=d.ema_kimg,
-                   help="half-life of g_ema in thousands of images (10: rosinality's 0.5 ** (32 / 10000) at 32 "
-                        "images per step)")
+    t.add_argument("--eq8", choices=EQ8_READINGS, default=d.eq8,
+                   help="D_style_latent's fake pair (one stylized pass either way): 'paper' = Eq. 7's image "
+                        "G(z_f, z_s) with a queue code z_s^- as the negative, as printed; 'conditional' = "
+                        "(G(z_f, z_s^-), z_s^-), a projection-cGAN pair, that image also being Eq. 7's fake")
+    t.add_argument("--ema_kimg", type=float, default=None,
+                   help="half-life of g_ema (what checkpoints and the inference scripts use) in thousands of "
+                        "images. Default: 10 when training (rosinality's 0.5 ** (32 / 10000) at 32 images per "
+                        "step); when fine-tuning a tenth of the run's images (100 images for 1000 x 1), so that "
+                        "g_ema keeps < 0.1%% of the starting weights")
     t.add_argument("--no_flip", dest="flip", action="store_false", help="no random horizontal flips of real images")
     t.add_argument("--seed", type=int, default=d.seed, help="random seed (each rank derives its own streams)")
     t.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present); one GPU per process")
     t.add_argument("--amp", action="store_true",
-                   help="mixed precision for the adversarial phases (float16 on CUDA, bfloat16 on CPU)")
+                   help="mixed precision for the adversarial phases: bfloat16 (CPU, and GPUs that support it), "
+                        "else float16 with loss scaling (overflowing steps skipped); R1 and path length stay "
+                        "float32")
+    t.add_argument("--nonfinite_patience", type=int, default=d.nonfinite_patience,
+                   help="a NaN/inf loss skips that step; the run stops after this many consecutive ones (or at "
+                        "once when the weights are non-finite), keeping the last good checkpoint")
     t.add_argument("--num_workers", type=int, default=d.num_workers, help="data-loading processes per rank")
     o = p.add_argument_group("output")
     o.add_argument("--save_every", type=int, default=d.save_every, help="checkpoint interval (iterations)")

@@ -2,8 +2,11 @@
 
     python train_psp.py FFHQ_LMDB --ckpt runs/blendgan/checkpoints/NNNNNN.pt --out_dir runs/psp \\
         --lpips_alexnet alexnet-owt-7be5be79.pth --id_weights model_ir_se50.pth --encoder_backbone model_ir_se50.pth
-    torchrun --nproc_per_node=4 train_psp.py FFHQ_LMDB --ckpt blendgan.pt --out_dir DIR    # 4 GPUs, DDP
-    python train_psp.py FFHQ_LMDB --ckpt blendgan.pt --out_dir DIR --resume latest       # continue exactly
+    torchrun --nproc_per_node=4 train_psp.py ...the same arguments...                # 4 GPUs, DDP
+    python train_psp.py ...the same arguments... --resume latest                    # continue exactly
+
+A missing LPIPS / ArcFace / backbone file stops the run before it starts, naming the file, its flag and the
+flag that does without it (--lpips_weight 0, --id_weight 0, --encoder_from_scratch).
 
 The generator (the checkpoint's g_ema) is frozen at indicator i = n_latent (natural faces); only the encoder
 learns, with pSp's losses (L2, LPIPS, identity, W-norm). Writes DIR/checkpoints/NNNNNN.pt (loadable by
@@ -36,19 +39,22 @@ def parse_args(argv=None):
     p.add_argument("--beta2", type=float, default=d.beta2, help="Adam beta2")
     p.add_argument("--l2_weight", type=float, default=d.l2_weight, help="weight of the pixel-wise L2 loss")
     p.add_argument("--lpips_weight", type=float, default=d.lpips_weight,
-                   help="weight of LPIPS (AlexNet, v0.1); needs --lpips_alexnet or the file in the torch hub cache")
+                   help="weight of LPIPS (AlexNet, v0.1); needs --lpips_alexnet or the file in the torch hub cache "
+                        "(0: no LPIPS)")
     p.add_argument("--id_weight", type=float, default=d.id_weight,
-                   help="weight of the ArcFace identity loss; needs --id_weights")
+                   help="weight of the ArcFace identity loss; needs --id_weights (0: no identity loss)")
     p.add_argument("--w_norm_weight", type=float, default=d.w_norm_weight,
                    help="weight of the W-norm regulariser ||w - latent_avg||")
     p.add_argument("--lpips_alexnet", default=None,
-                   help="torchvision AlexNet weights (alexnet-owt-7be5be79.pth); without it and without the file in "
-                        "the torch hub cache, LPIPS is off (nothing is downloaded)")
+                   help="torchvision AlexNet weights (alexnet-owt-7be5be79.pth); default: the torch hub cache "
+                        "(nothing is downloaded; without the file the run stops unless --lpips_weight 0)")
     p.add_argument("--id_weights", default=None,
-                   help="ArcFace IR-SE-50 weights (pSp's model_ir_se50.pth); without it the identity loss is off")
+                   help="ArcFace IR-SE-50 weights (pSp's model_ir_se50.pth); required unless --id_weight 0")
     p.add_argument("--encoder_backbone", default=None,
                    help="IR-SE-50 weights to start the encoder's stem and body from (model_ir_se50.pth, or a pSp "
-                        "checkpoint); default: from scratch")
+                        "checkpoint); required for a new run unless --encoder_from_scratch")
+    p.add_argument("--encoder_from_scratch", action="store_true",
+                   help="start the encoder from random weights on purpose (pSp starts from the IR-SE-50 backbone)")
     p.add_argument("--latent_avg_samples", type=int, default=d.latent_avg_samples,
                    help="face codes averaged for latent_avg (the generator's mean latent)")
     p.add_argument("--encoder_input_size", type=int, default=d.encoder_input_size,

@@ -8,7 +8,8 @@
 - ``write_json`` / ``write_config``: atomic JSON (``DIR/config.json``).
 - ``ScalarLogger``: TensorBoard scalars plus one JSON line per call in ``logs/scalars.jsonl``;
   a no-op off rank 0.
-- ``check_finite``: stops a run on a NaN/inf loss with a clear ``NonFiniteLossError``.
+- ``check_finite``: stops a run on a NaN/inf loss with a clear ``NonFiniteLossError``;
+  ``NonFiniteGuard``: skips a few non-finite steps first (mixed precision).
 - ``default_device``, ``rank_seed``, ``seed_everything`` (per-rank seeding), ``accumulate`` (EMA,
   e.g. ``g_ema``).
 
@@ -266,6 +267,20 @@ class NonFiniteLossError(RuntimeError):
     """A loss became NaN or infinite; the run stops and the last written checkpoint stays the good one."""
 
 
+def _resume_hint(last_checkpoint):
+    return (f"the last good checkpoint is {last_checkpoint} (continue with --resume {last_checkpoint})"
+            if last_checkpoint else "no checkpoint was written before it")
+
+
+def _first_non_finite(losses):
+    """(name, value) of the first NaN/inf among {name: tensor or number}, or None."""
+    for name, value in losses.items():
+        v = float(value.detach()) if torch.is_tensor(value) else float(value)
+        if not math.isfinite(v):
+            return name, v
+    return None
+
+
 def check_finite(losses, step, last_checkpoint=None):
     """Raise NonFiniteLossError naming the loss, the step and the checkpoint to resume from.
 
@@ -273,13 +288,51 @@ def check_finite(losses, step, last_checkpoint=None):
     updated from a bad loss, and with values every rank agrees on (e.g. the global loss) so that all
     ranks stop together. Tensors on a GPU make this a synchronisation point.
     """
-    for name, value in losses.items():
-        v = float(value.detach()) if torch.is_tensor(value) else float(value)
-        if not math.isfinite(v):
-            where = (f"the last good checkpoint is {last_checkpoint} (continue with --resume {last_checkpoint})"
-                     if last_checkpoint else "no checkpoint was written before it")
-            raise NonFiniteLossError(f"step {step}: loss '{name}' is {v}; training stopped, {where}. "
-                                     "Lower --lr, use --amp off, or check the data.")
+    bad = _first_non_finite(losses)
+    if bad is not None:
+        name, v = bad
+        raise NonFiniteLossError(f"step {step}: loss '{name}' is {v}; training stopped, {_resume_hint(last_checkpoint)}. "
+                                 "Lower --lr, use --amp off, or check the data.")
+
+
+class NonFiniteGuard:
+    """check_finite that tolerates a few bad steps: a non-finite loss skips that optimizer step; the run stops
+    when one phase's losses stay non-finite for ``patience`` consecutive steps, or at once when the weights
+    themselves are non-finite.
+
+    check(phase, losses, step, last_checkpoint, params) -> True when the step may go ahead. Use values every
+    rank agrees on (reduced losses), so that all ranks skip and stop together. ``healthy``: no phase is in a
+    run of bad steps (e.g. the moment to write a checkpoint).
+    """
+
+    def __init__(self, patience=4):
+        if patience < 1:
+            raise ValueError(f"patience must be >= 1, got {patience}")
+        self.patience = patience
+        self.bad_steps = {}  # phase -> consecutive non-finite steps
+
+    @property
+    def healthy(self):
+        return not any(self.bad_steps.values())
+
+    def check(self, phase, losses, step, last_checkpoint=None, params=()):
+        bad = _first_non_finite(losses)
+        if bad is None:
+            self.bad_steps[phase] = 0
+            return True
+        name, v = bad
+        count = self.bad_steps.get(phase, 0) + 1
+        self.bad_steps[phase] = count
+        with torch.no_grad():
+            weights_bad = any(not bool(torch.isfinite(p).all()) for p in params)
+        if weights_bad:
+            why = f"loss '{name}' is {v} and the weights are no longer finite"
+        elif count >= self.patience:
+            why = f"loss '{name}' is {v}, non-finite for {count} consecutive steps"
+        else:
+            return False
+        raise NonFiniteLossError(f"step {step}: {why}; training stopped, {_resume_hint(last_checkpoint)}. "
+                                 "Lower --lr, use --amp off, or check the data.")
 
 
 def default_device():

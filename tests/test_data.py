@@ -13,7 +13,7 @@ from PIL import Image
 from torchvision import transforms
 
 import prepare_data
-from dataset import InfiniteSampler, MultiResolutionDataset, MultiViewDataset, PairedLoader
+from dataset import InfiniteSampler, MultiResolutionDataset, PairedLoader
 from imageio_utils import UnreadableImageError, list_images, read_image_rgb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -377,16 +377,3 @@ def test_paired_loader_independent_shuffles(numbered_lmdbs):
     assert twin_a[:, 0, 0, 0].tolist() != twin_b[:, 0, 0, 0].tolist()
     again = PairedLoader(natural, artistic, batch_size=3, seed=7)
     assert next(again)[0][:, 0, 0, 0].tolist() == nat_ids[:3]
-
-
-def test_multi_view_dataset(numbered_lmdbs):
-    flip = transforms.Compose([transforms.RandomHorizontalFlip(), transforms.PILToTensor()])
-    dataset = MultiViewDataset(numbered_lmdbs, flip, resolution=4, n_views=2)
-    assert len(dataset) == 15
-    view_a, view_b = dataset[7]  # index 7 is the second LMDB's image 1
-    assert view_a.shape == view_b.shape == (3, 4, 4)
-    assert (view_a[0] == 1).all() and (view_b[1] == 200).all()
-    batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=5, num_workers=0)))
-    assert len(batch) == 2 and batch[0].shape == (5, 3, 4, 4)
-    with pytest.raises(ValueError):
-        MultiViewDataset(numbered_lmdbs[0], flip, resolution=8)

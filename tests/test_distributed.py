@@ -34,7 +34,6 @@ def test_single_process_is_rank_zero_of_one(no_torchrun):
     m = distributed.reduce_mean(x)
     assert torch.equal(m, x) and not m.requires_grad
     assert distributed.reduce_dict({"a": torch.tensor(2.5), "b": 3}) == {"a": 2.5, "b": 3.0}
-    assert distributed.broadcast_object({"k": 1}) == {"k": 1}
     assert distributed.all_gather_object(7) == [7]
     distributed.barrier()
     distributed.cleanup()
@@ -85,7 +84,6 @@ def _worker(rank, world, port, out_dir):
         "grad": (grad / world).tolist(),
         "mean": distributed.reduce_mean(torch.tensor(float(rank))).item(),
         "dict": distributed.reduce_dict({"x": torch.tensor(float(rank + 1)), "y": 2.0 * rank}),
-        "bcast": distributed.broadcast_object({"from": rank} if rank == 0 else None),
         "objs": distributed.all_gather_object(rank * 10),
     }
     distributed.barrier()
@@ -117,7 +115,6 @@ def test_two_gloo_processes(tmp_path):
         assert torch.allclose(torch.tensor(res["grad"]), weight.grad, atol=1e-6)
         assert res["mean"] == pytest.approx(0.5)
         assert res["dict"] == pytest.approx({"x": 1.5, "y": 1.0})
-        assert res["bcast"] == {"from": 0}
         assert res["objs"] == [0, 10]
 
 

@@ -11,21 +11,32 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict, save_checkpoint
+from conftest import reference_file
 from layers import channels_last_
 from model import Discriminator, Generator, ProjectionDiscriminator, guess_generator_config, wbm_face_weight
 from style_encoder import VGG19_TAPS, Projector, StyleEncoder, gram_dim
 
-SCHEMA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "official_checkpoint_schema.json")
-SCHEMA = os.environ.get("BLENDGAN_SCHEMA", SCHEMA)
-
 
 def schema_rows(name):
-    if not os.path.isfile(SCHEMA):
-        pytest.skip(f"schema not found at {SCHEMA}")
-    with open(SCHEMA) as f:
+    with open(reference_file("official_checkpoint_schema.json", env="BLENDGAN_SCHEMA")) as f:
         mod = json.load(f)["modules"][name]
     rows = [r for group in mod["groups"].values() for r in group]
     return mod, rows
+
+
+def test_missing_reference_skips_locally_and_fails_under_ci(monkeypatch, tmp_path):
+    missing = str(tmp_path / "absent.json")
+    monkeypatch.setenv("BLENDGAN_SCHEMA", missing)
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="absent.json"):
+        reference_file("official_checkpoint_schema.json", env="BLENDGAN_SCHEMA")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match=f"{missing} is missing.*CI=true"):
+        reference_file("official_checkpoint_schema.json", env="BLENDGAN_SCHEMA")
+    present = tmp_path / "present.json"
+    present.write_text("{}")
+    monkeypatch.setenv("BLENDGAN_SCHEMA", str(present))
+    assert reference_file("official_checkpoint_schema.json", env="BLENDGAN_SCHEMA") == str(present)
 
 
 @pytest.mark.parametrize("name,build", [

@@ -35,6 +35,7 @@ import psp_training as pt
 import train_psp
 from checkpoint import CheckpointError, load_checkpoint
 from inference import load_psp
+from psp_encoder.arcface import ArcFaceIRSE50, load_arcface
 from psp_encoder.encoders import GradualStyleEncoder
 from psp_encoder.psp_encoders import PSPEncoder, psp_state_dict_for_release, read_psp_checkpoint
 from trainutil import read_jsonl
@@ -100,7 +101,7 @@ def random_alexnet_features(path):
 def random_arcface(path):
     """A model_ir_se50.pth-layout file with random weights and realistic BatchNorm statistics."""
     torch.manual_seed(3)
-    net = pt.ArcFaceIRSE50()
+    net = ArcFaceIRSE50()
     with torch.no_grad():
         for m in net.modules():
             if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
@@ -139,7 +140,7 @@ def options(assets, out_dir, **kw):
                 iter=2, lr=3e-4, lpips_weight=0.8, lpips_alexnet=assets["alexnet"], id_weight=0.0,
                 w_norm_weight=0.005, latent_avg_samples=1000, encoder_input_size=SIZE, sample_every=4, n_sample=3,
                 sample_style_img=STYLE_IMG, save_every=4, keep=3, log_every=1, device="cpu", num_workers=0,
-                progress=False)
+                progress=False, encoder_from_scratch=True)
     base.update(kw)
     return pt.PSPTrainOptions(**base)
 
@@ -154,10 +155,10 @@ def cli_args(opts):
                         "--save_every", str(opts.save_every), "--keep", str(opts.keep), "--log_every",
                         str(opts.log_every), "--device", "cpu", "--num_workers", "0", "--amp", opts.amp,
                         "--no_progress"]
-    for flag in ("lpips_alexnet", "id_weights", "resume", "sample_style_img"):
+    for flag in ("lpips_alexnet", "id_weights", "encoder_backbone", "resume", "sample_style_img"):
         if getattr(opts, flag):
             args += [f"--{flag}", getattr(opts, flag)]
-    return args
+    return args + (["--encoder_from_scratch"] if opts.encoder_from_scratch else [])
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +201,7 @@ def test_id_crop_is_psps_box_scaled_to_the_image():
 
 def test_arcface_has_the_model_ir_se50_layout_and_identity_loss_is_one_minus_cosine(assets):
     with torch.device("meta"):
-        sd = pt.ArcFaceIRSE50().state_dict()
+        sd = ArcFaceIRSE50().state_dict()
     shapes = {k: tuple(v.shape) for k, v in sd.items()}
     assert shapes["input_layer.0.weight"] == (64, 3, 3, 3) and shapes["input_layer.2.weight"] == (64,)
     assert "body.0.shortcut_layer.0.weight" not in shapes  # 64 -> 64: a strided max-pool, no weights
@@ -214,7 +215,7 @@ def test_arcface_has_the_model_ir_se50_layout_and_identity_loss_is_one_minus_cos
     stem_body = {k: tuple(v.shape) for k, v in encoder.items() if k.startswith(("input_layer.", "body."))}
     assert stem_body == {k: v for k, v in shapes.items() if k.startswith(("input_layer.", "body."))}
 
-    net = pt.load_arcface(assets["arcface"])
+    net = load_arcface(assets["arcface"])
     assert not net.training and not any(p.requires_grad for p in net.parameters())
     with torch.no_grad():
         emb = net(torch.rand(1, 3, 112, 112) * 2 - 1)
@@ -240,7 +241,7 @@ def test_arcface_has_the_model_ir_se50_layout_and_identity_loss_is_one_minus_cos
         bad = assets["root"] / "not_arcface.pth"
         torch.save({k: v for k, v in torch.load(assets["arcface"], weights_only=True).items()
                     if not k.startswith("output_layer.")}, bad)
-        pt.load_arcface(str(bad))
+        load_arcface(str(bad))
 
 
 def lpips_reference(alexnet_file):
@@ -256,9 +257,9 @@ def lpips_reference(alexnet_file):
     return ref.eval()
 
 
-def test_loss_terms_against_the_lpips_package_and_explicit_formulas(assets, tmp_path, monkeypatch, capsys):
+def test_loss_terms_against_the_lpips_package_and_explicit_formulas(assets, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))  # no AlexNet in the hub cache
-    losses = pt.build_losses(options(assets, tmp_path), "cpu", print)
+    losses = pt.build_losses(options(assets, tmp_path), "cpu")
     assert losses.active() == ["l2", "lpips", "w_norm"]
     g = torch.Generator().manual_seed(6)
     x = torch.rand(3, 3, SIZE, SIZE, generator=g) * 2 - 1
@@ -274,11 +275,11 @@ def test_loss_terms_against_the_lpips_package_and_explicit_formulas(assets, tmp_
     assert total.item() == pytest.approx(l2 + 0.8 * ref_lpips + 0.005 * stats["w_norm"].item(), rel=1e-5)
     assert stats["total"].item() == total.item()
 
-    # Without the files, LPIPS and the identity loss are off, each with a note; L2 and W-norm are still logged.
-    off = pt.build_losses(options(assets, tmp_path, lpips_alexnet=None, id_weight=0.1), "cpu", print)
-    out = capsys.readouterr().out
-    assert "LPIPS loss is OFF" in out and "--lpips_alexnet" in out
-    assert "identity loss is OFF" in out and "--id_weights" in out
+    # Without their files LPIPS and the identity loss do not quietly switch off; turned off on purpose (weight
+    # 0) they are gone from the total while L2 and W-norm are still logged.
+    with pytest.raises(ValueError, match="--lpips_alexnet.*--lpips_weight 0.*--id_weights.*--id_weight 0"):
+        pt.build_losses(options(assets, tmp_path, lpips_alexnet=None, id_weight=0.1), "cpu")
+    off = pt.build_losses(options(assets, tmp_path, lpips_alexnet=None, lpips_weight=0.0), "cpu")
     assert off.active() == ["l2", "w_norm"]
     total, stats = pt.reconstruction_losses(off, x, y_hat, codes, avg)
     assert set(stats) == {"l2", "w_norm", "total"}
@@ -472,11 +473,12 @@ def test_non_finite_loss_stops_before_any_update(assets, trained, tmp_path, monk
 def test_command_line_run_with_identity_loss_bf16_and_the_notes(assets, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))  # no AlexNet in the hub cache
     run = options(assets, tmp_path / "run", iter=1, batch=1, id_weight=0.1, id_weights=assets["arcface"],
-                  lpips_alexnet=None, amp="bf16", sample_style_img=None, n_sample=1, sample_every=1, save_every=1)
+                  lpips_alexnet=None, lpips_weight=0.0, amp="bf16", sample_style_img=None, n_sample=1, sample_every=1,
+                  save_every=1, encoder_from_scratch=False, encoder_backbone=assets["arcface"])
     with fast_cpu():
         assert train_psp.main(cli_args(run)) == 0
     out = capsys.readouterr().out
-    assert "LPIPS loss is OFF" in out and "losses l2 + id + w_norm" in out
+    assert "losses l2 + id + w_norm" in out and f"from {assets['arcface']}" in out
     (record,) = read_jsonl(tmp_path / "run" / "logs" / "scalars.jsonl")
     assert "loss/lpips" not in record and 0 <= record["metrics/id_similarity"] <= 1
     assert record["loss/total"] == pytest.approx(record["loss/l2"] + 0.1 * record["loss/id"]
@@ -508,6 +510,44 @@ def test_cli_validates_options(assets, trained, tmp_path, capsys):
         pt.load_training_checkpoint(ckpt, options(assets, tmp_path, encoder_input_size=64))
     with pytest.raises(CheckpointError, match="not a pSp training checkpoint"):
         pt.load_training_checkpoint(result.export, options(assets, tmp_path))
+
+
+def test_missing_weight_files_stop_the_run_before_it_starts(assets, tmp_path, monkeypatch, capsys):
+    """No quiet L2-only run from scratch: each missing file is named with its flag and the flag that does
+    without it; each of those flags removes exactly its problem."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))  # no AlexNet in the hub cache
+    bare = cli_args(options(assets, tmp_path / "run", lpips_alexnet=None, id_weight=0.1, encoder_from_scratch=False))
+    expected = {"lpips": ("alexnet-owt-7be5be79.pth", "--lpips_alexnet", "--lpips_weight 0"),
+                "id": ("model_ir_se50.pth", "--id_weights", "--id_weight 0"),
+                "backbone": ("--encoder_backbone model_ir_se50.pth", "--encoder_from_scratch")}
+    switches = {"lpips": ["--lpips_weight", "0"], "id": ["--id_weight", "0"], "backbone": ["--encoder_from_scratch"]}
+
+    def error_line(argv):  # argparse prints the usage (which lists every flag), then one "error: ..." line
+        with pytest.raises(SystemExit):
+            train_psp.parse_args(argv)
+        last = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "error: " in last
+        return last
+
+    err = error_line(bare)
+    assert all(text in err for texts in expected.values() for text in texts), err
+    for name, switch in switches.items():
+        err = error_line(bare + switch)
+        assert expected[name][-1] not in err  # this one is off on purpose ...
+        assert all(expected[other][-1] in err for other in switches if other != name)  # ... the others still named
+    opts = train_psp.parse_args(bare + [flag for switch in switches.values() for flag in switch])
+    assert (opts.lpips_weight, opts.id_weight, opts.encoder_from_scratch) == (0.0, 0.0, True)
+    assert "contradict" in error_line(bare + ["--encoder_from_scratch", "--encoder_backbone", assets["arcface"]])
+
+    # Resuming from a checkpoint needs no backbone (the encoder comes from the checkpoint) ...
+    resumed = options(assets, tmp_path / "run", encoder_from_scratch=False, resume=assets["ckpt"])
+    assert pt.validate(resumed) == []
+    # ... but --resume latest without a checkpoint is a new run: it stops before the generator is built.
+    monkeypatch.setattr(pt, "load_blendgan", lambda *a, **k: pytest.fail("the generator was built"))
+    latest = options(assets, tmp_path / "run", encoder_from_scratch=False, resume="latest")
+    assert train_psp.main(cli_args(latest)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "--encoder_from_scratch" in err
 
 
 DRIVER = """

@@ -319,6 +319,12 @@ def test_resume_continues_exactly(assets, tmp_path, capsys):
                            _weights(tmp_path / "resumed" / "checkpoints" / "000002.pt")[0]["E.embedder_mlp.0.weight"])
     for sa, sb in zip(ckpt_a["optimizer"]["state"].values(), ckpt_b["optimizer"]["state"].values()):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    # exact means exact: the random states saved after the resume are those of the uninterrupted run
+    (ra,), (rb,) = ckpt_a["rng"], ckpt_b["rng"]
+    assert ra.keys() == rb.keys() and {"python", "numpy", "torch"} <= set(ra)
+    assert torch.equal(ra["torch"], rb["torch"])
+    assert torch.equal(ra["python"]["state"], rb["python"]["state"]) and ra["python"]["gauss"] == rb["python"]["gauss"]
+    assert torch.equal(ra["numpy"]["keys"], rb["numpy"]["keys"]) and ra["numpy"]["pos"] == rb["numpy"]["pos"]
     la = [r["loss/nt_xent"] for r in read_jsonl(tmp_path / "straight" / "logs" / "scalars.jsonl")]
     lb = [r["loss/nt_xent"] for r in read_jsonl(tmp_path / "resumed" / "logs" / "scalars.jsonl")]
     assert la == lb

@@ -1,0 +1,142 @@
+"""checkpoint.py, the one safe loader: files rosinality/stylegan2-pytorch's train.py writes load (their
+``args`` is an argparse.Namespace) and start G, g_ema and D_face; pickles that call a function are refused
+with a plain one-line message naming the file and the global.
+"""
+import argparse
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import blendgan_training as bt
+import model
+from checkpoint import SAFE_CLASSES, CheckpointError, load_checkpoint
+
+SIZE = 8
+STYLE_DIM = 16
+NARROW = {4: 512, 8: 32}
+
+
+@pytest.fixture(autouse=True)
+def narrow(monkeypatch):
+    """Thin networks (the 4x4 layers keep their 512 channels), one thread: the machine is shared."""
+    monkeypatch.setattr(model, "stylegan2_channels", lambda channel_multiplier: dict(NARROW))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class RunsCode:
+    """Unpickling this calls ``os.system`` (what a malicious checkpoint does)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def rosinality_args(path):
+    """The Namespace rosinality's train.py builds (parser defaults plus the fields it sets itself)."""
+    return argparse.Namespace(path=path, arch="stylegan2", iter=800000, batch=16, n_sample=64, size=SIZE, r1=10.0,
+                              path_regularize=2.0, path_batch_shrink=2, d_reg_every=16, g_reg_every=4, mixing=0.9,
+                              ckpt=None, lr=0.002, channel_multiplier=2, wandb=False, local_rank=0, augment=False,
+                              augment_p=0.0, ada_target=0.6, ada_length=500000, ada_every=256, distributed=False,
+                              latent=STYLE_DIM, n_mlp=2, start_iter=0)
+
+
+def optimizer_state(module):
+    """An Adam state dict after one step (with per-parameter moments), as rosinality's g_optim/d_optim."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=0.002, betas=(0.0, 0.99))
+    sum(p.square().sum() for p in params).backward()
+    opt.step()
+    module.zero_grad(set_to_none=True)
+    return opt.state_dict()
+
+
+def save_rosinality_training_file(path):
+    """A file saved the way rosinality's train.py saves one: plain torch.save of the dict with a Namespace.
+
+    Its generators are StyleGAN2 generators: no style encoder, style mapping or WBM weights.
+    """
+    def synthesis_only(g):
+        return {k: v for k, v in g.state_dict().items() if not k.startswith(bt.BLENDGAN_ONLY_KEYS)}
+
+    torch.manual_seed(21)
+    g = model.Generator(SIZE, STYLE_DIM, 2, load_pretrained_vgg=False, style_pool_size=32)
+    torch.manual_seed(22)
+    g_ema = model.Generator(SIZE, STYLE_DIM, 2, load_pretrained_vgg=False, style_pool_size=32)
+    torch.manual_seed(23)
+    d = model.Discriminator(SIZE)
+    ckpt = {"g": synthesis_only(g), "d": d.state_dict(), "g_ema": synthesis_only(g_ema),
+            "g_optim": optimizer_state(g), "d_optim": optimizer_state(d), "args": rosinality_args("lmdb/ffhq"),
+            "ada_aug_p": 0.0}
+    torch.save(ckpt, path)
+    return ckpt
+
+
+def test_rosinality_training_file_starts_g_g_ema_and_d_face(tmp_path):
+    path = str(tmp_path / "010000.pt")
+    saved = save_rosinality_training_file(path)
+    loaded = load_checkpoint(path)
+    assert isinstance(loaded["args"], argparse.Namespace) and vars(loaded["args"]) == vars(saved["args"])
+    assert loaded["ada_aug_p"] == 0.0
+    assert loaded["g_optim"]["param_groups"][0]["betas"] == (0.0, 0.99)
+
+    opts = SimpleNamespace(size=SIZE, style_dim=STYLE_DIM, n_mlp=2, channel_multiplier=1, style_pool_size=32)
+    torch.manual_seed(5)
+    nets = bt.build_networks(opts, "cpu")
+    fresh_embedding = {k: v.clone() for k, v in nets.g.embedding.state_dict().items()}
+    messages = []
+    bt.load_stylegan2(nets, path, messages.append)
+
+    for own, part in ((nets.g, "g"), (nets.g_ema, "g_ema"), (nets.d_face, "d")):
+        sd = own.state_dict()
+        assert saved[part], part
+        for k, v in saved[part].items():
+            assert torch.equal(sd[k], v), f"{part}.{k} does not start from the file"
+    # g and g_ema came from their own entries (the file's two generators differ)
+    assert not torch.equal(nets.g.style[1].weight, nets.g_ema.style[1].weight)
+    for k, v in fresh_embedding.items():  # the style mapping is not in the file: fresh and the same in both
+        assert torch.equal(nets.g.embedding.state_dict()[k], v)
+        assert torch.equal(nets.g_ema.embedding.state_dict()[k], v)
+    assert any(path in m for m in messages)
+
+
+def check_refusal(path, global_name):
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(path)
+    message = str(e.value)
+    assert path in message and global_name in message
+    assert "\x1b" not in message and "\n" not in message
+    assert "weights_only=False" not in message.replace(" ", "") and "weights_only" not in message
+    return message
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_pickle_that_calls_a_function_is_refused(tmp_path, legacy):
+    marker = tmp_path / "ran"
+    path = str(tmp_path / "evil.pt")
+    # Inside a Namespace and beside real training entries: allowing Namespace opens no way to run code.
+    payload = {"g": {"w": torch.ones(2)}, "args": argparse.Namespace(lr=0.002, hook=RunsCode(marker))}
+    torch.save(payload, path, _use_new_zipfile_serialization=not legacy)
+    message = check_refusal(path, f"{os.system.__module__}.system")
+    assert "argparse.Namespace" not in message.split("global", 1)[1].split(",")[0]  # not blamed: it is allowed
+    assert not marker.exists()
+
+
+def test_unknown_class_is_refused_by_name(tmp_path):
+    path = str(tmp_path / "obj.pt")
+    torch.save({"opts": SimpleNamespace(lr=0.1)}, path)
+    check_refusal(path, "types.SimpleNamespace")
+
+
+def test_only_plain_data_classes_are_allowed():
+    """Every allowed class is one whose unpickling only sets attributes: no __reduce__ / __setstate__ of its own."""
+    assert SAFE_CLASSES == (argparse.Namespace,)
+    for cls in SAFE_CLASSES:
+        assert cls.__reduce__ is object.__reduce__ and cls.__reduce_ex__ is object.__reduce_ex__
+        assert not hasattr(cls, "__setstate__")
