@@ -65,6 +65,7 @@ frozen style encoder, which DDP neither broadcasts nor reduces), each rank reads
 losses are averaged over ranks for logging and for the non-finite guard, and rank 0 alone writes files.
 """
 import copy
+import inspect
 import math
 import os
 import time
@@ -1020,7 +1021,9 @@ def wrap_ddp(nets, device):
     ids = [device.index] if device.type == "cuda" else None
     encoder = [f"embedder.{k}" for k in nets.g.embedder.state_dict()]
     DDP._set_params_and_buffers_to_ignore_for_model(nets.g, encoder)
-    kwargs = dict(device_ids=ids, forward_sync_buffers=False)
+    # forward_sync_buffers replaces the deprecated broadcast_buffers in recent torch; older ones know only the latter
+    sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+    kwargs = {"device_ids": ids, sync: False}
     g_train = DDP(nets.g, **kwargs)
     d_train = {name: DDP(d, **kwargs) for name, d in nets.discriminators().items()}
     return g_train, d_train
