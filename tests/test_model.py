@@ -494,6 +494,29 @@ def test_discriminators_shapes_and_projection_formula():
     assert d(torch.randn(3, 3, 32, 32)).shape == (3, 1)
 
 
+
+def test_minibatch_stddev_is_finite_in_float16():
+    """Under float16 autocast (--amp on GPUs without bfloat16) a group of identical samples has variance 0;
+    the statistic must then be sqrt(1e-8) with a finite gradient, as in float64 (in float16 the 1e-8
+    vanished and every D backward gave NaN)."""
+    from model import minibatch_stddev
+
+    torch.manual_seed(3)
+    base = torch.randn(2, 6, 2, 2)
+    z64 = torch.cat([base[:1].expand(2, -1, -1, -1), base[1:].expand(2, -1, -1, -1)]).double()  # groups [0,2], [1,3]
+    z64[1] += torch.randn(6, 2, 2).double()  # one group with a spread, one (samples 0 and 2) without
+    z16 = z64.half().requires_grad_()
+    ref = z64.clone().requires_grad_()
+    out16, out64 = minibatch_stddev(z16, group_size=2), minibatch_stddev(ref, group_size=2)
+    assert out16.dtype == torch.float16 and out16.shape == (4, 7, 2, 2)
+    assert torch.allclose(out16.double(), out64, rtol=2e-3, atol=2e-3)
+    w = torch.randn_like(out64)
+    (out16.float() * w.float()).sum().backward()
+    (out64 * w).sum().backward()
+    assert torch.isfinite(z16.grad).all()
+    assert torch.allclose(z16.grad.double(), ref.grad, rtol=1e-2, atol=1e-2)
+
+
 def test_ddp_gradients_arrive_in_the_buckets_layout():
     """Issue #13 8c: under DDP, train.py warned "grad strides do not match bucket view strides" (channels_last
     activations give [out, in, 1, 1] weight gradients channels_last strides) and that broadcast_buffers is
