@@ -503,8 +503,8 @@ def test_minibatch_stddev_is_finite_in_float16():
 
     torch.manual_seed(3)
     base = torch.randn(2, 6, 2, 2)
-    z64 = torch.cat([base[:1].expand(2, -1, -1, -1), base[1:].expand(2, -1, -1, -1)]).double()  # groups [0,2], [1,3]
-    z64[1] += torch.randn(6, 2, 2).double()  # one group with a spread, one (samples 0 and 2) without
+    z64 = torch.cat([base, base]).double()  # groups (samples 0, 2) and (1, 3): identical pairs
+    z64[3] += torch.randn(6, 2, 2).double()  # group (1, 3) gets a spread, group (0, 2) keeps variance 0
     z16 = z64.half().requires_grad_()
     ref = z64.clone().requires_grad_()
     out16, out64 = minibatch_stddev(z16, group_size=2), minibatch_stddev(ref, group_size=2)
