@@ -38,15 +38,14 @@ def vgg19_features(last_index):
 
 
 def gram_dim(taps=VGG19_TAPS):
-    """Length of the concatenated Gram embedding: sum of C^2 over the tapped layers (610,304 for VGG-19)."""
-    feats = vgg19_features(max(taps.values()))
-    dim, ch = 0, 3
-    for i, m in enumerate(feats):
-        if isinstance(m, nn.Conv2d):
-            ch = m.out_channels
-        if i in taps.values():
-            dim += ch * ch
-    return dim
+    """Length of the concatenated Gram embedding: sum of C^2 over the tapped layers (610,304 for VGG-19).
+
+    Counted from VGG19_CFG (no layers built, so no random numbers drawn)."""
+    channels, ch = [], 3  # output channels of each module of vgg19_features, by index
+    for v in VGG19_CFG:
+        ch = ch if v == "M" else v
+        channels += [ch] if v == "M" else [ch, ch]  # max-pool | conv, relu
+    return sum(channels[i] ** 2 for i in taps.values())
 
 
 def imagenet_vgg19_state_dict(vgg_ckpt=None):
@@ -156,9 +155,6 @@ class StyleEncoder(nn.Module):
         if missing:
             raise RuntimeError(f"VGG-19 weights lack {len(missing)} keys of the feature extractor, e.g. {missing[:3]}")
         layers.load_state_dict(sd)
-
-    def vgg_parameters(self):
-        return self.embedder.parameters()
 
     def forward(self, image):
         gram = self.embedder(image)  # [N, gram_dim], float32 whatever the network's dtype

@@ -312,17 +312,10 @@ def build_models(options, load_vgg=True):
     return encoder, projector
 
 
-def gram_dim_no_rng():
-    """gram_dim() counted on the meta device: it builds VGG layers, whose random initialisation would
-    otherwise advance the global generator each time a checkpoint or config.json is written."""
-    with torch.device("meta"):
-        return gram_dim()
-
-
 def style_encoder_config(options):
     """What a user of the weights needs to rebuild E_style (StyleEncoder's arguments)."""
     return {"style_dim": options.style_dim, "n_mlp": options.n_mlp, "pool_size": options.style_pool_size,
-            "proj_layers": options.proj_layers, "gram_dim": gram_dim_no_rng()}
+            "proj_layers": options.proj_layers, "gram_dim": gram_dim()}
 
 
 def load_training_checkpoint(path, options):
@@ -408,7 +401,7 @@ def _train(options, device):
               f"x {options.batch}, {options.iter} iterations, device {device}, amp {options.amp}"
               + (f", resuming at step {step} from {resume}" if resume else ""), flush=True)
     trainutil.write_config(options.out_dir, options, world_size=world, global_batch=global_batch,
-                           gram_dim=gram_dim_no_rng(), torch_version=torch.__version__)
+                           gram_dim=gram_dim(), torch_version=torch.__version__)
 
     last_checkpoint = resume
     history = []

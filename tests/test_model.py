@@ -63,6 +63,10 @@ def test_state_dict_matches_release_schema(name, build):
 def test_gram_dim_is_derived():
     assert gram_dim() == 610304 == 64 ** 2 + 128 ** 2 + 256 ** 2 + 512 ** 2 + 512 ** 2
     assert gram_dim({"relu1_2": 3, "relu2_2": 8}) == 64 ** 2 + 128 ** 2
+    # counted without building layers: no random numbers drawn (exact resume of the trainers' RNG state)
+    state = torch.get_rng_state()
+    gram_dim()
+    assert torch.equal(state, torch.get_rng_state())
     with torch.device("meta"):
         enc = StyleEncoder(512, 4, load_pretrained_vgg=False)
     assert tuple(enc.embedder_mlp[0].weight.shape) == (512, 610304)
