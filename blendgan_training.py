@@ -86,7 +86,7 @@ from dataset import MultiResolutionDataset, PairedLoader, infinite_loader
 from imageio_utils import read_image_rgb
 from model import Discriminator, Generator, ProjectionDiscriminator, guess_generator_config
 from prepare_data import resize_and_center_crop
-from trainutil import (CheckpointManager, NonFiniteGuard, ScalarLogger, accumulate_except, default_device,
+from trainutil import (CheckpointManager, NonFiniteGuard, ScalarLogger, accumulate, default_device,
                        gather_rng_states, options_dict, resolve_resume, restore_rng_states, seed_everything,
                        write_config)
 
@@ -828,7 +828,7 @@ def train_iteration(s, b):
     if s.opts.path_regularize > 0 and it % s.opts.g_reg_every == 0:
         stats.update(g_reg_step(s))
     # The shared frozen style encoder is left out (it would only be blended with itself).
-    accumulate_except(s.nets.g_ema, s.nets.g, ema_decay(s.opts, distributed.get_world_size()), skip=("embedder.",))
+    accumulate(s.nets.g_ema, s.nets.g, ema_decay(s.opts, distributed.get_world_size()), skip=("embedder.",))
     s.queue.push(distributed.all_gather_with_grad(b.z_s))
     s.iteration += 1
     return stats

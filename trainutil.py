@@ -341,36 +341,19 @@ def default_device():
 
 
 @torch.no_grad()
-def accumulate(ema_model, model, decay=0.999, buffers=False):
-    """ema = decay * ema + (1 - decay) * model, parameter by parameter (``g_ema`` from ``g``).
+def accumulate(ema_model, model, decay=0.999, skip=()):
+    """ema = decay * ema + (1 - decay) * model, parameter by parameter (``g_ema`` from ``g``); decay 0 copies.
 
-    decay 0 copies the weights. buffers=True also copies the buffers (e.g. noise maps). DDP
-    wrappers are unwrapped; both models must have the same parameter names.
-    """
-    ema_params = dict(unwrap(ema_model).named_parameters())
-    params = dict(unwrap(model).named_parameters())
-    if ema_params.keys() != params.keys():
-        raise ValueError("accumulate: the two models have different parameters")
-    for name, p in params.items():
-        ema_params[name].lerp_(p.detach().to(ema_params[name].dtype), 1.0 - decay)
-    if buffers:
-        ema_buffers = dict(unwrap(ema_model).named_buffers())
-        for name, b in unwrap(model).named_buffers():
-            ema_buffers[name].copy_(b)
-
-
-@torch.no_grad()
-def accumulate_except(ema_model, model, decay=0.999, skip=()):
-    """accumulate() over the parameters whose names start with none of the prefixes in ``skip``.
-
-    For a frozen sub-module the two models share (BlendGAN's 1.25 GB style encoder ``embedder.``): it
-    would only be blended with itself, at the cost of a pass over all its weights every step.
+    Parameters whose names start with a prefix in ``skip`` are left alone: a frozen sub-module the two
+    models share (BlendGAN's 1.25 GB style encoder ``embedder.``) would only be blended with itself, at
+    the cost of a pass over all its weights every step. DDP wrappers are unwrapped; both models must
+    have the same parameter names.
     """
     skip = tuple(skip)
     ema_params = {k: v for k, v in unwrap(ema_model).named_parameters() if not k.startswith(skip)}
     params = {k: v for k, v in unwrap(model).named_parameters() if not k.startswith(skip)}
     if ema_params.keys() != params.keys():
-        raise ValueError("accumulate_except: the two models have different parameters")
+        raise ValueError("accumulate: the two models have different parameters")
     for name, p in params.items():
         ema_params[name].lerp_(p.detach().to(ema_params[name].dtype), 1.0 - decay)
 
