@@ -255,8 +255,8 @@ def minibatch_stddev(x, group_size=4, n_feat=1):
     group = min(batch, group_size)
     while batch % group:
         group -= 1
-    # In float32: in float16 the 1e-8 vanishes, a zero variance gives sqrt'(0) = inf and NaN gradients.
-    y = x.view(group, -1, n_feat, channel // n_feat, height, width).float()
+    # At least float32: in float16 the 1e-8 vanishes, a zero variance gives sqrt'(0) = inf and NaN gradients.
+    y = x.view(group, -1, n_feat, channel // n_feat, height, width).to(torch.promote_types(x.dtype, torch.float32))
     y = torch.sqrt(y.var(0, unbiased=False) + 1e-8)
     y = y.mean([2, 3, 4], keepdim=True).squeeze(2)  # [batch/group, n_feat, 1, 1]
     y = y.repeat(group, 1, height, width).to(x.dtype)

@@ -570,7 +570,8 @@ def test_a_hundred_iterations_learn_in_the_right_direction(narrow, data, tmp_pat
         assert ranks["end"][k] > ranks["start"][k] and ranks["end"][k] > 0.5, (name, ranks)
     alpha = 1 - s.nets.g_ema.add_weight.clamp(0, 1)
     assert float((1 - start.nets.g_ema.add_weight).abs().max()) == 0 and float(alpha.max()) > 0.02
-    assert closeness["end"] > closeness["start"] + 0.05, closeness
+    # the cosine starts high (random VGG Gram codes of any two images are alike): ask the gap to 1 to shrink
+    assert 1 - closeness["end"] < 0.75 * (1 - closeness["start"]), closeness
 
     log = read_jsonl(os.path.join(opts.out_dir, "logs", "scalars.jsonl"))
     assert [r["step"] for r in log] == list(range(1, n_iter + 1))

@@ -249,10 +249,11 @@ def test_stream_batches_split_over_ranks_and_resume():
 
 def test_short_run_learns_and_writes_a_generator_compatible_checkpoint(assets, tmp_path):
     # A.1's lr 0.002 is for batches of 256; with 8 images a smaller step learns steadily.
-    opts = options(assets, tmp_path / "run", batch=8, iter=20, lr=0.0002, save_every=15, keep=2)
+    n_iter = 30
+    opts = options(assets, tmp_path / "run", batch=8, iter=n_iter, lr=0.0002, save_every=15, keep=2)
     result = se.train(opts)
     losses = [h["loss"] for h in result.history]
-    assert len(losses) == 20
+    assert len(losses) == n_iter
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.2
 
     # Held-out views (positions the run never drew) of all 30 images: NT-Xent and positive retrieval
@@ -267,12 +268,12 @@ def test_short_run_learns_and_writes_a_generator_compatible_checkpoint(assets, t
         before = se.contrastive_loss(initial, result.encoder, views, opts.temperature)
         after = se.contrastive_loss(trained, result.encoder, views, opts.temperature)
     assert after[0] < before[0] - 0.4
-    assert after[1] > max(before[1] + 0.08, 0.2)  # chance: 1 / 59
+    assert after[1] >= max(before[1] + 0.08, 0.2)  # chance: 1 / 59; 0.08 ~ 5 more of the 60 views
 
     ckpts = sorted(os.listdir(tmp_path / "run" / "checkpoints"))
-    assert ckpts == ["000015.pt", "000020.pt"]
-    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "000020.pt")
-    assert ckpt["step"] == 20 and ckpt["samples_seen"] == 160 and ckpt["global_batch"] == 8
+    assert ckpts == ["000015.pt", f"{n_iter:06d}.pt"]
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / f"{n_iter:06d}.pt")
+    assert ckpt["step"] == n_iter and ckpt["samples_seen"] == 8 * n_iter and ckpt["global_batch"] == 8
     assert ckpt["kind"] == se.CHECKPOINT_KIND and ckpt["options"]["temperature"] == opts.temperature
     assert ckpt["optimizer"]["state"] and len(ckpt["rng"]) == 1
     export = load_checkpoint(result.export)
@@ -290,7 +291,7 @@ def test_short_run_learns_and_writes_a_generator_compatible_checkpoint(assets, t
                    if k.startswith("embedder."))  # VGG-19 stayed frozen
 
     records = read_jsonl(tmp_path / "run" / "logs" / "scalars.jsonl")
-    assert [r["step"] for r in records] == list(range(1, 21))
+    assert [r["step"] for r in records] == list(range(1, n_iter + 1))
     assert records[-1]["loss/nt_xent"] == pytest.approx(losses[-1])
     assert {"metrics/positive_top1", "lr", "speed/images_per_s"} <= set(records[0])
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "run" / "logs"))
