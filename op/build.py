@@ -151,6 +151,9 @@ def stale_lock_reason(path, now=None):
     now = time.time() if now is None else now
     try:
         age = now - os.path.getmtime(path)
+    except OSError:  # gone meanwhile: take it again
+        return None
+    try:
         with open(path) as f:
             holder = json.load(f)
     except FileNotFoundError:
@@ -254,8 +257,14 @@ def load_extension(name, strict=False, verbose=False, check=True):
         warnings.warn(f"[op.build] could not build CUDA extension {name!r}, using the PyTorch reference "
                       f"instead ({type(err).__name__}: {err})", RuntimeWarning, stacklevel=2)
     if module is not None and check:
+        import torch
+
         try:
-            reason = self_check(name, module)
+            # The first CUDA op call often comes under no_grad / inference_mode / autocast; the check needs
+            # gradients and full precision whatever the caller's mode.
+            with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cuda", enabled=False), \
+                    torch.autocast("cpu", enabled=False):
+                reason = self_check(name, module)
         except Exception as err:  # a kernel that crashes is as unusable as a wrong one
             reason = f"the check raised {type(err).__name__}: {err}"
         if reason is not None:

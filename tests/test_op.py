@@ -538,6 +538,26 @@ def test_wrong_kernels_fall_back_to_the_reference_with_one_warning(monkeypatch, 
     assert not os.listdir(next(iter(os.scandir(tmp_path))).path)  # the build lock was released
 
 
+@pytest.mark.parametrize("caller_mode", ["no_grad", "inference_mode", "autocast"])
+def test_self_check_runs_with_gradients_whatever_the_callers_mode(monkeypatch, tmp_path, caller_mode):
+    """The first CUDA op call usually comes from a forward under no_grad / inference_mode / autocast: right
+    kernels must still pass the check (it takes gradients and gradients of gradients in float32)."""
+    from op.check_cuda import self_check
+
+    monkeypatch.delenv(op.build.NO_CUDA_OPS_ENV, raising=False)
+    monkeypatch.setenv(op.build.CUDA_OPS_ENV, "auto")
+    monkeypatch.setenv(op.build.BUILD_DIR_ENV, str(tmp_path))
+    monkeypatch.setattr(op.build, "_CACHE", {})
+    monkeypatch.setattr(op.build, "compile_extension", lambda name, verbose=False: EmulatedUpFirDn2dExtension)
+    monkeypatch.setattr(op.build, "self_check", lambda name, module: self_check(name, module, "cpu"))
+    mode = {"no_grad": torch.no_grad(), "inference_mode": torch.inference_mode(),
+            "autocast": torch.autocast("cpu", dtype=torch.bfloat16)}[caller_mode]
+    with warnings.catch_warnings(record=True) as caught, mode:
+        warnings.simplefilter("always")
+        chosen = op.build.select_impl("auto", "upfirdn2d", (FakeCudaTensor(),))
+    assert chosen is EmulatedUpFirDn2dExtension and not caught, [str(w.message) for w in caught]
+
+
 def test_cuda_ops_env_values(monkeypatch):
     monkeypatch.delenv(op.build.NO_CUDA_OPS_ENV, raising=False)
     for value, mode in (("", "auto"), ("auto", "auto"), ("REF", "ref"), ("cuda", "cuda")):
