@@ -24,9 +24,10 @@ import torch
 
 from checkpoint import CheckpointError
 from imageio_utils import UnreadableImageError
-from inference import (DTYPES, Report, add_generator_args, check_model_files, cpu_has_bf16, default_device,
-                       encode_faces, encode_styles, image_size, list_inputs, load_aligner, load_blendgan, load_psp, looks_aligned, read_input, resize,
-                       validate_common)
+from inference import (DTYPES, Report, add_generator_args, check_model_files, default_device, encode_faces,
+                       encode_styles, image_size, list_inputs, load_aligner, load_blendgan, load_psp, looks_aligned,
+                       read_input, resize, validate_common)
+from op.precision import cpu_native_lowp
 from utils import ten2img
 from video import compose_frame, interpolation_alphas, sliding_window, write_mp4
 
@@ -59,7 +60,7 @@ def parse_args(argv=None):
                         "else float32)")
     p.set_defaults(batch=1, theta=None)  # what validate_common checks besides device and dtype
     opts = p.parse_args(argv)
-    opts.dtype = opts.dtype or ("bfloat16" if opts.device == "cpu" and cpu_has_bf16() else "float32")
+    opts.dtype = opts.dtype or ("bfloat16" if opts.device == "cpu" and cpu_native_lowp("bfloat16") else "float32")
     validate_common(p, opts)
     return opts
 

@@ -28,6 +28,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from blendgan_training import EQ8_READINGS
 from inference import DTYPES, default_device, for_inference, keep_freed_memory
 from model import Discriminator, Generator
 
@@ -234,7 +235,7 @@ def main(argv=None):
     p.add_argument("--train", action="store_true", help="also time the training phases")
     p.add_argument("--train_size", type=int, default=64)
     p.add_argument("--train_batch", type=int, default=8)
-    p.add_argument("--train_eq8", default="paper", choices=("paper", "conditional"),
+    p.add_argument("--train_eq8", default=EQ8_READINGS[0], choices=EQ8_READINGS,
                    help="train.py's --eq8 for the training rows")
     opts = p.parse_args(argv)
     keep_freed_memory()  # as the inference scripts do

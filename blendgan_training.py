@@ -84,14 +84,13 @@ import distributed
 from checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict, require_key
 from dataset import MultiResolutionDataset, PairedLoader, infinite_loader
 from imageio_utils import read_image_rgb
-from model import Discriminator, Generator, ProjectionDiscriminator, guess_generator_config
+from model import BLENDGAN_ONLY_KEYS, Discriminator, Generator, ProjectionDiscriminator, guess_generator_config
 from prepare_data import resize_and_center_crop
 from trainutil import (CheckpointManager, NonFiniteGuard, ScalarLogger, accumulate, default_device,
                        gather_rng_states, options_dict, resolve_resume, restore_rng_states, seed_everything,
                        write_config)
 
 CHECKPOINT_FORMAT = "blendgan-train-1"
-BLENDGAN_ONLY_KEYS = ("embedder.", "embedding.", "add_weight")  # generator keys a StyleGAN2 file lacks
 ARCH_OPTIONS = ("size", "style_dim", "n_mlp", "channel_multiplier")
 PATH_LENGTH_DECAY = 0.01  # running-mean rate of the path-length target (StyleGAN2)
 LATENT_AVG_SAMPLES = 4096  # z_f draws for the stored truncation centre (the release scripts' default)
@@ -633,12 +632,12 @@ class TrainState:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def step(self, phase, losses, optim, scaler, params):
-        """scaler: the phase's GradScaler, or None for the float32 regularisers."""
         """Reduce the losses over ranks, then the optimizer step, unless they are non-finite.
 
         A non-finite step is skipped (no weight or optimizer-state change; under float16 the loss scale
         halves, as GradScaler does on overflow); NonFiniteGuard stops the run when it persists or the
-        weights are non-finite. Returns the reduced losses (floats).
+        weights are non-finite. scaler: the phase's GradScaler, or None for the float32 regularisers.
+        Returns the reduced losses (floats).
         """
         stats = distributed.reduce_dict(losses)
         if self.nonfinite.check(phase, stats, self.iteration + 1, self.last_checkpoint, params):

@@ -334,12 +334,3 @@ def image_size(path):
 def looks_aligned(width, height):
     """The release GUI's rule: a square 256, 512 or 1024 px face photo is already FFHQ-aligned."""
     return width == height and width in ALIGNED_SIDES
-
-
-def cpu_has_bf16():
-    """Whether oneDNN runs bfloat16 natively on this CPU (AVX512-BF16 / AMX). Without it, bfloat16
-    convolutions fall back to ATen's slow loops: ~10x slower than float32 (measured on an AVX2 CPU)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False

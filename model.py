@@ -21,6 +21,10 @@ __all__ = [  # the release's model.py namespace: code written against it imports
     "EqualConv2d", "EqualLinear", "ModulatedConv2d", "NoiseInjection", "PixelNorm", "ResBlock", "StyledConv",
     "ToRGB", "Upsample", "make_kernel"]
 
+# Generator keys that a plain StyleGAN2 file (rosinality's layout) lacks: the style encoder, the style
+# mapping MLP and the WBM weights.
+BLENDGAN_ONLY_KEYS = ("embedder.", "embedding.", "add_weight")
+
 
 def stylegan2_channels(channel_multiplier):
     """Feature maps per resolution of StyleGAN2 config-f (channel_multiplier 2)."""

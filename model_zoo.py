@@ -181,11 +181,10 @@ def check_psp(ckpt, output_size):
 
 def check_stylegan2(ckpt, size, style_dim, n_mlp, channel_multiplier):
     """rosinality's layout {g_ema, latent_avg, g, d}: generators without BlendGAN's style branch."""
-    from model import Discriminator
+    from model import BLENDGAN_ONLY_KEYS, Discriminator
 
-    blendgan_only = ("embedder.", "embedding.", "add_weight")  # as blendgan_training.BLENDGAN_ONLY_KEYS
     g = {k: v for k, v in generator_layout(size, style_dim, n_mlp, channel_multiplier).items()
-         if not k.startswith(blendgan_only)}
+         if not k.startswith(BLENDGAN_ONLY_KEYS)}
     compare_layout(require_key(ckpt, "g_ema", "file"), g, f"g_ema (expected a StyleGAN2 generator, {size} px)")
     if "g" in ckpt:
         compare_layout(ckpt["g"], g, "g")

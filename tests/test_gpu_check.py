@@ -40,6 +40,14 @@ def test_cpu_tiny_run_writes_a_complete_report(tmp_path):
     assert "4.6" in md and "210" in md  # the paper's numbers beside ours
 
 
+def test_gpu_limits_fit_eight_minutes_and_the_build_comes_first():
+    assert sum(gpu_check.GPU["limits"].values()) <= 8 * 60
+    assert [name for name, _ in gpu_check.STEPS][0] == "build"
+    assert set(gpu_check.GPU["limits"]) == set(gpu_check.CPU_TINY["limits"]) == {name for name, _ in gpu_check.STEPS}
+    result = gpu_check.step_build(gpu_check.CPU_TINY, "cpu", None)
+    assert result["ok"] and result["output"].startswith("skipped")
+
+
 def test_unknown_step_is_one_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "gpu_check.py"), str(tmp_path), "--cpu-tiny",
                            "--steps", "op_check,warp_drive"], cwd=ROOT, capture_output=True, text=True, timeout=120)
