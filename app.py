@@ -161,12 +161,11 @@ class BlendGANDemo:
         return z_f.to(self.device, self.dtype), z_s.to(self.device, self.dtype)
 
     @torch.no_grad()
-    def random_face(self, seed, truncation):
+    def random_face(self, seed):
         self.check_ready()
         with self.lock:
             w = self.g.get_latent(self.random_codes(seed)[0])  # [1, 512]
-        face = ("random", w, None)
-        return ("random", w, self.generate(face, None, None, None, truncation))
+        return ("random", w, None)  # no thumbnail: the page shows the natural render, made anyway
 
     def random_style(self, seed):
         self.check_ready()
@@ -264,7 +263,8 @@ def build_demo(demo):
         session = {**session, "face": face, "face_label": label}
         progress(0.6, desc="generating")
         full, blended, natural = demo.render(session, index, theta, truncation)
-        return session, face[2], full, blended, natural, status_line(session)
+        preview = face[2] if face[2] is not None else natural
+        return session, preview, full, blended, natural, status_line(session)
 
     def new_style(session, style, label, index, theta, truncation, progress):
         session = {**session, "style": style, "style_label": label}
@@ -285,7 +285,7 @@ def build_demo(demo):
 
     @user_errors
     def random_face(seed, session, index, theta, truncation, progress=gr.Progress()):
-        face = demo.random_face(seed, truncation)
+        face = demo.random_face(seed)
         return (*new_face(session, face, f"random (seed {int(seed)})", index, theta, truncation, progress), seed + 1)
 
     @user_errors
