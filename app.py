@@ -259,50 +259,39 @@ def build_demo(demo):
             return f"Now choose a {'face' if face is None else 'style'}."
         return f"Face: {session['face_label']} · style: {session['style_label']}."
 
-    def new_face(session, face, label, index, theta, truncation, progress):
-        session = {**session, "face": face, "face_label": label}
+    def choose(session, kind, item, label, index, theta, truncation, progress):
+        """Put a face or a style (``kind``) in the session and render; its preview is its thumbnail or, when
+        drawn at random, the render that shows it (the natural face / the full style)."""
+        session = {**session, kind: item, f"{kind}_label": label}
         progress(0.6, desc="generating")
         full, blended, natural = demo.render(session, index, theta, truncation)
-        preview = face[2] if face[2] is not None else natural
+        thumbnail = item[-1]  # face (kind, code, thumbnail), style (z_s, thumbnail)
+        preview = thumbnail if thumbnail is not None else (natural if kind == "face" else full)
         return session, preview, full, blended, natural, status_line(session)
 
-    def new_style(session, style, label, index, theta, truncation, progress):
-        session = {**session, "style": style, "style_label": label}
-        progress(0.6, desc="generating")
-        full, blended, natural = demo.render(session, index, theta, truncation)
-        preview = style[1] if style[1] is not None else full
-        return session, preview, full, blended, natural, status_line(session)
+    def handlers(kind, encode, draw, paths, desc):
+        """The upload, gallery-pick and random-draw callbacks of ``kind`` ('face' or 'style')."""
 
-    @user_errors
-    def upload_face(path, session, index, theta, truncation, progress=gr.Progress()):
-        progress(0.1, desc="aligning and encoding the face (pSp)")
-        face = demo.face_from_photo(path)
-        return new_face(session, face, os.path.basename(path), index, theta, truncation, progress)
+        @user_errors
+        def upload(path, session, index, theta, truncation, progress=gr.Progress()):
+            progress(0.1, desc=desc)
+            return choose(session, kind, encode(path), os.path.basename(path), index, theta, truncation, progress)
 
-    @user_errors
-    def pick_face(session, index, theta, truncation, evt: gr.SelectData, progress=gr.Progress()):
-        return upload_face(face_paths[evt.index], session, index, theta, truncation, progress)
+        @user_errors
+        def pick(session, index, theta, truncation, evt: gr.SelectData, progress=gr.Progress()):
+            return upload(paths[evt.index], session, index, theta, truncation, progress)
 
-    @user_errors
-    def random_face(seed, session, index, theta, truncation, progress=gr.Progress()):
-        face = demo.random_face(seed)
-        return (*new_face(session, face, f"random (seed {int(seed)})", index, theta, truncation, progress), seed + 1)
+        @user_errors
+        def draw_random(seed, session, index, theta, truncation, progress=gr.Progress()):
+            label = f"random (seed {int(seed)})"
+            return (*choose(session, kind, draw(seed), label, index, theta, truncation, progress), seed + 1)
 
-    @user_errors
-    def upload_style(path, session, index, theta, truncation, progress=gr.Progress()):
-        progress(0.1, desc="encoding the style")
-        style = demo.style_from_image(path)
-        return new_style(session, style, os.path.basename(path), index, theta, truncation, progress)
+        return upload, pick, draw_random
 
-    @user_errors
-    def pick_style(session, index, theta, truncation, evt: gr.SelectData, progress=gr.Progress()):
-        return upload_style(style_paths[evt.index], session, index, theta, truncation, progress)
-
-    @user_errors
-    def random_style(seed, session, index, theta, truncation, progress=gr.Progress()):
-        style = demo.random_style(seed)
-        return (*new_style(session, style, f"random (seed {int(seed)})", index, theta, truncation, progress),
-                seed + 1)
+    upload_face, pick_face, random_face = handlers("face", demo.face_from_photo, demo.random_face, face_paths,
+                                                   "aligning and encoding the face (pSp)")
+    upload_style, pick_style, random_style = handlers("style", demo.style_from_image, demo.random_style, style_paths,
+                                                      "encoding the style")
 
     @user_errors
     def rerender(session, index, theta, truncation):
