@@ -1,6 +1,8 @@
 """Benchmarks: median wall time of inference passes and training phases, after warm-up; prints a table.
 
-    python bench.py --sizes 256,1024 --batch 1 --device cpu --dtype float32 [--compile] [--train]
+    python bench.py --sizes 256,1024 --batch 1,16 --device cpu --dtype float32,bfloat16 [--compile] [--train]
+
+Every size x batch x dtype combination runs in one process (one start, one build of the CUDA ops).
 
 Inference rows (per size): generator forward (natural face, i = n_latent, and stylized, i = 6, from a
 given style code), one style embedding (VGG-19 Gram + MLP), one pSp encoding, one full style-transfer
@@ -18,6 +20,7 @@ Generator runs beside it in the same process.
 Weights are random (timings do not depend on them). Speed is measured here, never asserted in tests.
 """
 import argparse
+import functools
 import importlib
 import os
 import resource
@@ -57,6 +60,7 @@ def generator_gflop(g, z):
     return counter.get_total_flops() / z.shape[0] / 1e9
 
 
+@functools.lru_cache(maxsize=None)  # once per size and dtype, whatever the batches
 def low_precision_psnr(size, dtype, device, seed=0):
     """PSNR (dB, images clamped to [-1, 1]) of the `dtype` generator's stylized i=6 images against
     float32, on 4 face/style codes. Weights: the constructor's random initialisation with trained-like
@@ -77,10 +81,10 @@ def low_precision_psnr(size, dtype, device, seed=0):
 
 
 def bench_inference(size, opts):
-    """[(what, seconds per call, images per call)] for one output size."""
+    """Yields (what, seconds per call, images per call) for one output size, each row as soon as it is
+    timed (a run killed at its time limit still shows the rows before)."""
     device, dtype, n = opts.device, DTYPES[opts.dtype], opts.batch
     run = lambda fn: timed(fn, device, opts.warmup, opts.repeat)  # noqa: E731
-    rows = []
     g = Generator(size, 512, 8, channel_multiplier=2, load_pretrained_vgg=False)
     g = for_inference(g, device, dtype, opts.compile)
     z = torch.randn(n, 512, device=device, dtype=dtype)
@@ -90,22 +94,22 @@ def bench_inference(size, opts):
     if dtype != torch.float32:
         print(f"# {size} px: {opts.dtype} vs float32 image, PSNR {low_precision_psnr(size, dtype, device):.1f} dB", flush=True)
     with torch.no_grad():
-        rows.append(("G forward, natural", run(lambda: g([z], randomize_noise=False)), n))
-        rows.append(("G forward, stylized i=6", run(
-            lambda: g([z], z_embed=z_s, add_weight_index=6, randomize_noise=False)), n))
-        rows.append(("style embedding", run(lambda: g.get_z_embed(img)), n))
+        yield ("G forward, natural", run(lambda: g([z], randomize_noise=False)), n)
+        yield ("G forward, stylized i=6", run(
+            lambda: g([z], z_embed=z_s, add_weight_index=6, randomize_noise=False)), n)
+        yield ("style embedding", run(lambda: g.get_z_embed(img)), n)
         if opts.psp:
             from psp_encoder.psp_encoders import PSPEncoder
 
             psp = for_inference(PSPEncoder(None, output_size=size), device, dtype, opts.compile)
-            rows.append(("pSp encoding", run(lambda: psp(img)), n))
+            yield ("pSp encoding", run(lambda: psp(img)), n)
 
             def pair():
                 codes = psp(img)  # [N, n_latent, 512]
                 return g([codes], input_is_latent=True, z_embed=g.get_z_embed(img), add_weight_index=6,
                          randomize_noise=False)
 
-            rows.append(("style-transfer pair (pSp + embedding + G)", run(pair), n))
+            yield ("style-transfer pair (pSp + embedding + G)", run(pair), n)
             del psp
     del g
     d = for_inference(Discriminator(size, channel_multiplier=2), device, dtype)
@@ -114,8 +118,7 @@ def bench_inference(size, opts):
         x = img.detach().requires_grad_(True)
         d(x).sum().backward()
 
-    rows.append(("D forward+backward", run(d_step), n))
-    return rows
+    yield ("D forward+backward", run(d_step), n)
 
 
 def release_generator_class(release_dir):
@@ -149,15 +152,14 @@ def bench_plain(size, opts):
     makers = [("plain", Generator)]
     if opts.release_dir:
         makers.append(("release", release_generator_class(opts.release_dir)))
-    rows = []
     for who, make in makers:
         torch.manual_seed(0)
         g = make(size, 512, 8, channel_multiplier=2, load_pretrained_vgg=False).eval().to(device)
         for amp in (False, True):
             dt = "bfloat16 autocast" if amp else "float32"
             with torch.no_grad(), torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=amp):
-                rows.append((f"{who} G stylized i=6, {dt}", run(
-                    lambda: g([z], z_embed=z_s, add_weight_index=6, randomize_noise=False)), n))
+                yield (f"{who} G stylized i=6, {dt}", run(
+                    lambda: g([z], z_embed=z_s, add_weight_index=6, randomize_noise=False)), n)
         del g
     enc = StyleEncoder(512, 4, load_pretrained_vgg=False).eval().to(device)
     encoders = [("style embedding", enc)]
@@ -169,8 +171,7 @@ def bench_plain(size, opts):
         for amp in (False, True):
             dt = "bfloat16 autocast" if amp else "float32"
             with torch.no_grad(), torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=amp):
-                rows.append((f"plain {what}, {dt}", run(lambda: net(img)), n))
-    return rows
+                yield (f"plain {what}, {dt}", run(lambda: net(img)), n)
 
 
 def bench_training(opts):
@@ -194,18 +195,20 @@ def bench_training(opts):
     phases = {"d_step": lambda: d_step(s, b), "d_reg_step (R1)": lambda: d_reg_step(s, b),
               "g_step": lambda: g_step(s, b), "g_reg_step (path length)": lambda: g_reg_step(s),
               "style codes E_style(x_s)": lambda: encode_styles(s, x_s)}
-    secs = {name: run(fn) for name, fn in phases.items()}
-    rows = [(f"train {size} px, Eq. 8 '{topts.eq8}': {name}", sec, n) for name, sec in secs.items()]
+    secs = {}
+    for name, fn in phases.items():
+        secs[name] = run(fn)
+        yield (f"train {size} px, Eq. 8 '{topts.eq8}': {name}", secs[name], n)
     iteration = (secs["d_step"] + secs["g_step"] + secs["style codes E_style(x_s)"]
                  + secs["d_reg_step (R1)"] / topts.d_reg_every + secs["g_reg_step (path length)"] / topts.g_reg_every)
-    rows.append((f"train {size} px: one iteration, lazy regularisers amortised", iteration, n))
+    yield (f"train {size} px: one iteration, lazy regularisers amortised", iteration, n)
     del s, nets, g_optim, d_optim
 
     encoder = StyleEncoder(512, 4, load_pretrained_vgg=False).to(device)
     encoder.embedder.to(memory_format=torch.channels_last)
     head = SimCLRHead(encoder.embedder_mlp, Projector(512, 2).to(device))
     optim = torch.optim.Adam(head.parameters(), lr=1e-4)
-    views = torch.rand(n, 2, 3, 256, 256, device=device) * 2 - 1  # [B, 2 views, 3, 256, 256]
+    views = torch.rand(opts.simclr_batch or n, 2, 3, 256, 256, device=device) * 2 - 1  # [B, 2 views, 3, 256, 256]
     amp_dtype = DTYPES[opts.dtype] if amp else None
 
     def style_step():
@@ -214,16 +217,19 @@ def bench_training(opts):
         loss.backward()
         optim.step()
 
-    rows.append(("train E_style: SimCLR step (2 views, 256 px)", run(style_step), n))
-    return rows
+    yield (f"train E_style: SimCLR step (batch {views.shape[0]}, 2 views, 256 px)", run(style_step), views.shape[0])
+
+
+def comma_list(text, kind=str):
+    return [kind(x) for x in text.split(",") if x]
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="256,1024", help="comma-separated output sizes ('' for none)")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", default="1", help="comma-separated batch sizes, each timed in turn")
     p.add_argument("--device", default=default_device())
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--dtype", default="float32", help=f"comma-separated, of {', '.join(sorted(DTYPES))}")
     p.add_argument("--compile", action="store_true", help="torch.compile the generator and pSp (as --compile)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeat", type=int, default=5)
@@ -233,28 +239,45 @@ def main(argv=None):
     p.add_argument("--release_dir", default=None,
                    help="with --plain: a checkout of the official BlendGAN repository, timed beside ours")
     p.add_argument("--train", action="store_true", help="also time the training phases")
-    p.add_argument("--train_size", type=int, default=64)
-    p.add_argument("--train_batch", type=int, default=8)
+    p.add_argument("--train_size", default="64", help="comma-separated training sizes")
+    p.add_argument("--train_batch", default="8", help="comma-separated, one batch per --train_size")
+    p.add_argument("--simclr_batch", type=int, default=None,
+                   help="batch of the style-encoder SimCLR row (default: the training batch)")
     p.add_argument("--train_eq8", default=EQ8_READINGS[0], choices=EQ8_READINGS,
                    help="train.py's --eq8 for the training rows")
     opts = p.parse_args(argv)
+    dtypes, batches = comma_list(opts.dtype), comma_list(opts.batch, int)
+    train_runs = list(zip(comma_list(opts.train_size, int), comma_list(opts.train_batch, int)))
+    if len(train_runs) != len(comma_list(opts.train_size)) or len(train_runs) != len(comma_list(opts.train_batch)):
+        p.error(f"--train_size {opts.train_size} and --train_batch {opts.train_batch}: one batch per size")
+    if set(dtypes) - set(DTYPES):
+        p.error(f"--dtype {opts.dtype}: each of {', '.join(sorted(DTYPES))}")
     keep_freed_memory()  # as the inference scripts do
-    print(f"# device={opts.device} dtype={opts.dtype} batch={opts.batch} compile={opts.compile} "
-          f"threads={torch.get_num_threads()} torch={torch.__version__}")
-    print("| size | what | median s | images/s |\n| --- | --- | --- | --- |")
+    cuda = opts.device.startswith("cuda")
+    print(f"# device={opts.device} compile={opts.compile} threads={torch.get_num_threads()} torch={torch.__version__}")
+    print("| size | dtype | batch | what | median s | images/s |\n| --- | --- | --- | --- | --- | --- |")
 
-    def show(size, rows):
+    def show(size, config, rows):
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         for what, sec, n in rows:
-            print(f"| {size} | {what} | {sec:.3f} | {n / sec:.2f} |", flush=True)
+            print(f"| {size} | {config.dtype} | {config.batch} | {what} | {sec:.3f} | {n / sec:.2f} |", flush=True)
+        if cuda:
+            peak = torch.cuda.max_memory_allocated() / 1024 ** 3
+            print(f"# peak CUDA memory {peak:.2f} GB (size {size}, dtype {config.dtype}, batch {config.batch})")
 
-    for size in [int(s) for s in opts.sizes.split(",") if s]:
-        show(size, bench_inference(size, opts))
-        if opts.plain:
-            show(size, bench_plain(size, opts))
-    if opts.train:
-        show(opts.train_size, bench_training(opts))
-    if opts.device.startswith("cuda"):
-        print(f"# peak CUDA memory {torch.cuda.max_memory_allocated() / 1024 ** 3:.2f} GB")
+    for dtype in dtypes:
+        for size in comma_list(opts.sizes, int):
+            for batch in batches:
+                config = argparse.Namespace(**dict(vars(opts), dtype=dtype, batch=batch))
+                show(size, config, bench_inference(size, config))
+                if opts.plain:
+                    show(size, config, bench_plain(size, config))
+        if opts.train:
+            for size, batch in train_runs:
+                config = argparse.Namespace(**dict(vars(opts), dtype=dtype, batch=batch, train_size=size,
+                                                   train_batch=batch))
+                show(size, config, bench_training(config))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
     print(f"# peak RSS {rss:.2f} GB")
     return 0

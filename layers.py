@@ -14,10 +14,14 @@ from op import precision
 
 
 class PixelNorm(nn.Module):
-    """x / sqrt(mean(x^2 over dim 1) + 1e-8): first layer of each mapping MLP."""
+    """x / sqrt(mean(x^2 over dim 1) + 1e-8): first layer of each mapping MLP.
+
+    Computed in at least float32: in float16 a small code's x^2 and the 1e-8 both flush to zero and
+    0 * rsqrt(0) is NaN (a float16 style transfer gave NaN images on a GPU this way)."""
 
     def forward(self, x):
-        return x * torch.rsqrt(torch.mean(x ** 2, dim=1, keepdim=True) + 1e-8)
+        x32 = x.float()
+        return (x32 * torch.rsqrt(torch.mean(x32 ** 2, dim=1, keepdim=True) + 1e-8)).to(x.dtype)
 
 
 def make_kernel(k):
@@ -147,11 +151,14 @@ class ModulatedConv2d(nn.Module):
         # sum_(i,k) (W s)^2 = s^2 @ sum_k W^2: the demodulation without per-sample weights.
         demod = None
         if self.demodulate:
-            demod = torch.rsqrt(precision.matmul(s.pow(2), w.pow(2).sum([2, 3]).t()) + self.eps)  # [B, out]
+            # float32, autocast or not: in float16 the sum overflows for large styles and the 1e-8 flushes
+            # to zero.
+            with torch.autocast(s.device.type, enabled=False):
+                demod = torch.rsqrt(s.float().pow(2) @ w.float().pow(2).sum([2, 3]).t() + self.eps)  # [B, out]
         if batch == 1:
             # One sample: scale the [out, in, k, k] weight instead of two full-size activations (1.7x
             # faster per layer at 1024 px on CPU).
-            w = w * s.view(1, -1, 1, 1)
+            w = w.float() * s.float().view(1, -1, 1, 1)  # [out, in, k, k], scaled in float32
             if demod is not None:
                 w = w * demod.view(-1, 1, 1, 1)
             return self._conv(x, w.to(x.dtype))
@@ -170,8 +177,8 @@ class ModulatedConv2d(nn.Module):
         batch, in_channel, height, width = x.shape
         weight = self.scale * self.weight * s.view(batch, 1, in_channel, 1, 1)  # [B, out, in, k, k]
         if self.demodulate:
-            demod = torch.rsqrt(weight.pow(2).sum([2, 3, 4]) + self.eps)
-            weight = weight * demod.view(batch, self.out_channel, 1, 1, 1)
+            demod = torch.rsqrt(weight.float().pow(2).sum([2, 3, 4]) + self.eps)  # float32, as above
+            weight = weight * demod.to(weight.dtype).view(batch, self.out_channel, 1, 1, 1)
         k = self.kernel_size
         x = x.reshape(1, batch * in_channel, height, width)
         if self.upsample:

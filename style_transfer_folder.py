@@ -89,7 +89,12 @@ def style_transfer(opts):
         s_idx = torch.tensor([s for _, s in chunk])
         out, _ = g([codes[f_idx]], z_embed=z_embeds[s_idx], add_weight_index=opts.add_weight_index,
                    theta=opts.theta, input_is_latent=True, randomize_noise=False)
-        for (f, s), result in zip(chunk, ten2img(out)):
+        finite = torch.isfinite(out).flatten(1).all(1).tolist()  # [N]: an overflow gives NaN/inf pixels
+        for (f, s), result, ok in zip(chunk, ten2img(out), finite):
+            if not ok:
+                report.skip(out_path(f, s), f"non-finite values in the {opts.dtype} image (overflow?): "
+                                            "not written; try --dtype float32")
+                continue
             write_jpeg(out_path(f, s), np.concatenate([face_thumbs[f], style_thumbs[s], result], axis=1))
             report.written += 1
     return report

@@ -92,11 +92,6 @@ def linear(x, weight, bias=None):
     return lowp_safe(F.linear, x, weight, bias)
 
 
-def matmul(a, b):
-    """a @ b, low-precision safe on the CPU (lowp_safe)."""
-    return lowp_safe(torch.matmul, a, b)
-
-
 class Conv2d(nn.Conv2d):
     """nn.Conv2d (same arguments, parameters and state-dict keys) whose convolution is low-precision
     safe on the CPU: for the VGG-19 of the style encoder and the IR-SE-50 of pSp."""

@@ -55,19 +55,31 @@ def test_unknown_step_is_one_clear_error(tmp_path):
 
 
 def test_bench_table_parser_and_markdown():
-    text = ("# device=cuda\n| size | what | median s | images/s |\n| --- | --- | --- | --- |\n"
-            "| 1024 | G forward, natural | 0.012 | 83.33 |\n| 64 | train 64 px: d_step | 1.500 | 5.33 |\n"
-            "# peak CUDA memory 1.25 GB\n# peak RSS 3.50 GB\n")
+    text = ("# device=cuda\n| size | dtype | batch | what | median s | images/s |\n| --- | --- | --- | --- | --- | --- |\n"
+            "| 1024 | float16 | 16 | G forward, natural | 0.012 | 83.33 |\n"
+            "| 64 | bfloat16 | 2 | train 64 px: d_step | 1.500 | 5.33 |\n"
+            "# peak CUDA memory 1.25 GB (size 1024, dtype float16, batch 16)\n# peak RSS 3.50 GB\n")
     assert gpu_check.table_rows(text) == [
-        dict(size=1024, what="G forward, natural", seconds=0.012, images_per_s=83.33),
-        dict(size=64, what="train 64 px: d_step", seconds=1.5, images_per_s=5.33)]
-    assert gpu_check.peak_memory(text) == {"CUDA memory": 1.25, "RSS": 3.5}
+        dict(size=1024, dtype="float16", batch=16, what="G forward, natural", seconds=0.012, images_per_s=83.33),
+        dict(size=64, dtype="bfloat16", batch=2, what="train 64 px: d_step", seconds=1.5, images_per_s=5.33)]
+    assert gpu_check.peak_memory(text) == [
+        dict(what="peak CUDA memory (GB)", gb=1.25, size=1024, dtype="float16", batch=16),
+        dict(what="peak RSS (GB)", gb=3.5)]
     report = dict(mode="gpu", started="now", total_seconds=12.0, environment=dict(device="cuda", gpu="X"),
                   steps=[dict(name="bench_g", ok=True, seconds=10.0, output="tail text",
-                              rows=[dict(gpu_check.table_rows(text)[0], batch=1, dtype="float16", compile=False)]),
+                              rows=[dict(gpu_check.table_rows(text)[0], compile=False)]),
                          dict(name="ddp", ok=False, seconds=2.0, output="boom", ddp_warnings=["x"])])
     md = gpu_check.markdown(report)
     assert "| bench_g | ok | 10.0 |" in md and "| ddp | FAILED | 2.0 |" in md
-    assert "| size | what | seconds | images_per_s | batch | dtype | compile |" in md
-    assert "| 1024 | G forward, natural | 0.012 | 83.33 | 1 | float16 | False |" in md
+    assert "| size | dtype | batch | what | seconds | images_per_s | compile |" in md
+    assert "| 1024 | float16 | 16 | G forward, natural | 0.012 | 83.33 | False |" in md
     assert "- ddp_warnings: ['x']" in md and "boom" in md
+
+
+def test_steps_keep_the_callers_pythonpath(monkeypatch):
+    """Packages carried to a bare GPU machine are found through PYTHONPATH (the first run there lost them:
+    the steps' PYTHONPATH was the repository alone and every bench.py failed on `import lmdb`)."""
+    monkeypatch.setenv("PYTHONPATH", "/carried/site")
+    ok, _, out = gpu_check.run([sys.executable, "-c", "import os; print(os.environ['PYTHONPATH'])"], 60)
+    assert ok and out.strip() == os.pathsep.join([ROOT, "/carried/site"])
+

@@ -211,6 +211,45 @@ def test_bad_inputs_are_named_and_skipped(ckpts, tmp_path, capsys):
     assert not (tmp_path / "none").exists() or not os.listdir(tmp_path / "none")
 
 
+def test_non_finite_output_is_named_and_not_written(ckpts, tmp_path, capsys, monkeypatch):
+    """A float16 overflow gives NaN pixels (seen on a GPU before PixelNorm / demodulation were computed in
+    float32): such an image is not written as garbage; it is named with the reason and the batch goes on."""
+    ckpt, psp_ckpt = ckpts
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    for name in sorted(os.listdir(FACES))[:2]:
+        shutil.copy(os.path.join(FACES, name), faces / name)
+    real_load = style_transfer_folder.load_blendgan
+
+    def load_poisoned(*args, **kwargs):
+        g, *rest = real_load(*args, **kwargs)
+        forward = g.forward
+
+        def first_image_nan(*a, **kw):
+            img, latents = forward(*a, **kw)
+            img = img.clone()
+            img[0, 0, 0, 0] = float("nan")
+            return img, latents
+
+        g.forward = first_image_nan
+        return (g, *rest)
+
+    monkeypatch.setattr(style_transfer_folder, "load_blendgan", load_poisoned)
+    style = os.path.join(STYLES, sorted(os.listdir(STYLES))[0])
+    out = tmp_path / "out"
+    code = run_main(style_transfer_folder, ["--ckpt", ckpt, "--psp_encoder_ckpt", psp_ckpt, "--input_img_path", faces,
+                                            "--style_img_path", style, "--outdir", out, "--device", "cpu",
+                                            "--batch", "2"])
+    err = capsys.readouterr()
+    stem = os.path.splitext(os.path.basename(style))[0]
+    first, second = (os.path.splitext(n)[0] for n in sorted(os.listdir(faces)))
+    assert code == 0
+    assert os.listdir(out) == [f"{second}_v_{stem}.jpg"]
+    assert f"{first}_v_{stem}.jpg: non-finite values in the float32 image" in err.err
+    assert "1 stylized faces written, 1 input(s) skipped" in err.out
+    assert read_rgb(str(out / f"{second}_v_{stem}.jpg")).shape == (SIZE, 3 * SIZE, 3)
+
+
 def test_missing_checkpoint_is_one_clear_line(tmp_path):
     r = subprocess.run([sys.executable, "generate_image_pairs.py", "--ckpt", str(tmp_path / "nope.pt"), "--pics", "1",
                         "--outdir", str(tmp_path / "o"), "--device", "cpu"], cwd=ROOT, capture_output=True, text=True)

@@ -521,6 +521,53 @@ def test_minibatch_stddev_is_finite_in_float16():
     assert torch.allclose(z16.grad.double(), ref.grad, rtol=1e-2, atol=1e-2)
 
 
+def test_pixel_norm_of_a_small_float16_code_is_finite():
+    """GPU check 2026-11-28: the float16 style transfer wrote NaN images. A small style code's x^2 and the
+    1e-8 both flushed to zero in float16 and PixelNorm gave 0 * rsqrt(0); now as float64 does."""
+    from layers import PixelNorm
+
+    x64 = torch.randn(3, 16, dtype=torch.float64) * 1e-5
+    out = PixelNorm()(x64.half())
+    ref = x64 * torch.rsqrt(x64.pow(2).mean(1, keepdim=True) + 1e-8)
+    assert out.dtype == torch.float16 and out.shape == (3, 16)
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out.double(), ref, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("fused,batch", [(False, 1), (False, 2), (True, 2)])
+def test_float16_modulated_conv_demodulates_like_float64(fused, batch):
+    """Large styles (|s| ~ 500): s^2 and the demodulation sum overflow float16. The demodulation is
+    computed in float32 in every path (one sample, a batch, the grouped convolution)."""
+    from layers import ModulatedConv2d
+
+    torch.manual_seed(0)
+    conv = ModulatedConv2d(8, 4, 3, style_dim=8, fused=fused)
+    x, style = torch.randn(batch, 8, 6, 6), torch.randn(batch, 8) * 1500
+    ref = conv.double()(x.double(), style.double())
+    assert ref.abs().max() > 0.5  # demodulated: unit-scale outputs whatever the style's size
+    out = conv.half()(x.half(), style.half())
+    assert out.dtype == torch.float16 and out.shape == ref.shape == (batch, 4, 6, 6)
+    assert torch.isfinite(out).all()
+    assert (out.double() - ref).norm() <= 1e-2 * ref.norm()
+
+
+def test_float16_generator_with_a_small_style_code_matches_float32():
+    """The whole stylized forward in float16 with a small style code (a style image far from the
+    training styles gives one): finite and close to float32."""
+    g = small_generator(size=32)
+    z, z_embed = torch.randn(2, 16), torch.randn(2, 16) * 1e-5
+    imgs = []
+    for dtype in (torch.float32, torch.float16):
+        g = channels_last_(g.to(dtype))
+        with torch.no_grad():
+            imgs.append(g([z.to(dtype)], z_embed=z_embed.to(dtype), add_weight_index=2,
+                          randomize_noise=False)[0].float())
+    assert imgs[1].shape == imgs[0].shape == (2, 3, 32, 32)
+    assert torch.isfinite(imgs[1]).all()
+    psnr = 10 * torch.log10(4 / (imgs[1].clamp(-1, 1) - imgs[0].clamp(-1, 1)).pow(2).mean())
+    assert psnr > 30, psnr
+
+
 def test_ddp_gradients_arrive_in_the_buckets_layout():
     """Issue #13 8c: under DDP, train.py warned "grad strides do not match bucket view strides" (channels_last
     activations give [out, in, 1, 1] weight gradients channels_last strides) and that broadcast_buffers is
