@@ -72,25 +72,24 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
-from fileio import atomic_path
-
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
 import distributed
 from checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict, require_key
-from dataset import MultiResolutionDataset, PairedLoader, infinite_loader
+from dataset import MultiResolutionDataset, PairedLoader, infinite_loader, random_flip, to_tensor
 from imageio_utils import read_image_rgb
 from model import BLENDGAN_ONLY_KEYS, Discriminator, Generator, ProjectionDiscriminator, guess_generator_config
 from prepare_data import resize_and_center_crop
-from trainutil import (CheckpointManager, NonFiniteGuard, ScalarLogger, accumulate, default_device,
-                       gather_rng_states, options_dict, resolve_resume, restore_rng_states, seed_everything,
-                       write_config)
+from trainutil import (CheckpointManager, NonFiniteGuard, ScalarLogger, accumulate, checkpoint_tag, default_device,
+                       gather_rng_states, load_tagged_checkpoint, options_dict, require_valid, resolve_resume,
+                       restore_rng_states, seed_everything, write_config)
+from utils import save_grid, tile_rows
 
-CHECKPOINT_FORMAT = "blendgan-train-1"
+CHECKPOINT_KIND = "blendgan_training"  # trainutil.checkpoint_tag, as the other trainers
+CHECKPOINT_VERSION = 1
+LEGACY_TAG = ("format", "blendgan-train-1")  # how files written before the common tag say the same
 ARCH_OPTIONS = ("size", "style_dim", "n_mlp", "channel_multiplier")
 PATH_LENGTH_DECAY = 0.01  # running-mean rate of the path-length target (StyleGAN2)
 LATENT_AVG_SAMPLES = 4096  # z_f draws for the stored truncation centre (the release scripts' default)
@@ -161,23 +160,24 @@ def resolve_defaults(opts):
     return opts
 
 
-def check_lmdb(what, path, size):
-    """ValueError naming the LMDB when it is unfinished, empty or lacks images at --size (before any model
-    is built)."""
+def lmdb_problem(what, path, size):
+    """The problem with an LMDB that is unfinished, empty or lacks images at --size (None when usable),
+    found before any model is built."""
     try:
         n = len(MultiResolutionDataset(path, None, size))
     except Exception as e:  # lmdb.Error and dataset.py's ValueError alike: one line for the user
         text = str(e) if path in str(e) else f"{path}: {e}"
-        raise ValueError(f"{what} {text} (--size {size})") from None
-    if n == 0:
-        raise ValueError(f"{what} {path}: holds no images")
+        return f"{what} {text} (--size {size})"
+    return f"{what} {path}: holds no images" if n == 0 else None
 
 
-def validate_options(opts):
-    """Raise ValueError with one clear message for the first invalid option (after resolve_defaults)."""
+def validate(opts):
+    """Clear messages for impossible options (after resolve_defaults); returns a list of problems (empty
+    when fine), as the other trainers' validate."""
+    problems = []
     size = opts.size
     if size < 8 or 2 ** int(math.log2(size)) != size:
-        raise ValueError(f"--size must be a power of two >= 8, got {size}")
+        problems.append(f"--size must be a power of two >= 8, got {size}")
     positive = {"batch": opts.batch, "iter": opts.iter, "style_dim": opts.style_dim, "n_mlp": opts.n_mlp,
                 "channel_multiplier": opts.channel_multiplier, "queue_size": opts.queue_size,
                 "path_batch_shrink": opts.path_batch_shrink, "d_reg_every": opts.d_reg_every,
@@ -185,50 +185,43 @@ def validate_options(opts):
                 "log_every": opts.log_every, "keep_checkpoints": opts.keep_checkpoints, "n_sample": opts.n_sample,
                 "style_pool_size": opts.style_pool_size,
                 "nonfinite_patience": opts.nonfinite_patience}
-    for name, value in positive.items():
-        if value < 1:
-            raise ValueError(f"--{name} must be >= 1, got {value}")
+    problems += [f"--{name} must be >= 1, got {value}" for name, value in positive.items() if value < 1]
     if opts.eq8 not in EQ8_READINGS:
-        raise ValueError(f"--eq8 must be one of {', '.join(EQ8_READINGS)}, got {opts.eq8!r}")
-    for name in ("lr", "ema_kimg"):
-        if getattr(opts, name) is not None and getattr(opts, name) <= 0:
-            raise ValueError(f"--{name} must be > 0, got {getattr(opts, name)}")
-    for name in ("r1", "path_regularize"):
-        if getattr(opts, name) < 0:
-            raise ValueError(f"--{name} must be >= 0, got {getattr(opts, name)}")
+        problems.append(f"--eq8 must be one of {', '.join(EQ8_READINGS)}, got {opts.eq8!r}")
+    problems += [f"--{name} must be > 0, got {getattr(opts, name)}" for name in ("lr", "ema_kimg")
+                 if getattr(opts, name) is not None and getattr(opts, name) <= 0]
+    problems += [f"--{name} must be >= 0, got {getattr(opts, name)}" for name in ("r1", "path_regularize")
+                 if getattr(opts, name) < 0]
     if not 0 <= opts.mixing <= 1:
-        raise ValueError(f"--mixing is a probability in [0, 1], got {opts.mixing}")
+        problems.append(f"--mixing is a probability in [0, 1], got {opts.mixing}")
     if opts.num_workers < 0:
-        raise ValueError(f"--num_workers must be >= 0, got {opts.num_workers}")
-    if not os.path.isdir(opts.ffhq_lmdb):
-        raise ValueError(f"FFHQ_LMDB {opts.ffhq_lmdb}: no such folder (make it with prepare_data.py)")
+        problems.append(f"--num_workers must be >= 0, got {opts.num_workers}")
+    lmdbs = [("FFHQ_LMDB", opts.ffhq_lmdb)]
     if opts.finetune:
-        for path in opts.finetune_style_img:
-            if not os.path.isfile(path):
-                raise ValueError(f"--finetune_style_img {path}: no such file")
+        problems += [f"--finetune_style_img {path}: no such file" for path in opts.finetune_style_img
+                     if not os.path.isfile(path)]
         if opts.blendgan_ckpt is None and opts.resume is None:
-            raise ValueError("one-shot fine-tuning (--finetune_style_img) starts from a trained BlendGAN: "
-                             "pass --blendgan_ckpt (the release's blendgan.pt is enough)")
+            problems.append("one-shot fine-tuning (--finetune_style_img) starts from a trained BlendGAN: "
+                            "pass --blendgan_ckpt (the release's blendgan.pt is enough)")
+    elif opts.aahq_lmdb is None:
+        problems.append("AAHQ_LMDB (the artistic faces) is required unless --finetune_style_img is given")
     else:
-        if opts.aahq_lmdb is None:
-            raise ValueError("AAHQ_LMDB (the artistic faces) is required unless --finetune_style_img is given")
-        if not os.path.isdir(opts.aahq_lmdb):
-            raise ValueError(f"AAHQ_LMDB {opts.aahq_lmdb}: no such folder (make it with prepare_data.py)")
+        lmdbs.append(("AAHQ_LMDB", opts.aahq_lmdb))
+    missing = [(what, path) for what, path in lmdbs if not os.path.isdir(path)]
+    problems += [f"{what} {path}: no such folder (make it with prepare_data.py)" for what, path in missing]
     if opts.style_encoder_ckpt is None and opts.blendgan_ckpt is None and opts.resume is None:
-        raise ValueError("--style_encoder_ckpt is required (the frozen style encoder E_style), unless the "
-                         "generator comes from --blendgan_ckpt or --resume")
-    for flag in ("style_encoder_ckpt", "stylegan2_ckpt", "blendgan_ckpt", "vgg_ckpt"):
-        path = getattr(opts, flag)
-        if path is not None and not os.path.isfile(path):
-            raise ValueError(f"--{flag} {path}: no such file")
+        problems.append("--style_encoder_ckpt is required (the frozen style encoder E_style), unless the "
+                        "generator comes from --blendgan_ckpt or --resume")
+    problems += [f"--{flag} {getattr(opts, flag)}: no such file"
+                 for flag in ("style_encoder_ckpt", "stylegan2_ckpt", "blendgan_ckpt", "vgg_ckpt")
+                 if getattr(opts, flag) is not None and not os.path.isfile(getattr(opts, flag))]
     if opts.resume not in (None, "latest") and not os.path.isfile(opts.resume):
-        raise ValueError(f"--resume {opts.resume}: no such file (or pass 'latest')")
+        problems.append(f"--resume {opts.resume}: no such file (or pass 'latest')")
     if str(opts.device).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {opts.device}: torch sees no GPU; use --device cpu")
-    check_lmdb("FFHQ_LMDB", opts.ffhq_lmdb, size)  # last: opens the LMDBs (before any model is built)
-    if not opts.finetune:
-        check_lmdb("AAHQ_LMDB", opts.aahq_lmdb, size)
-    return opts
+        problems.append(f"--device {opts.device}: torch sees no GPU; use --device cpu")
+    if not problems:  # last: opens the LMDBs (before any model is built)
+        problems += [p for what, path in lmdbs if (p := lmdb_problem(what, path, size))]
+    return problems
 
 
 # ---- the style-code queue -----------------------------------------------------------------------
@@ -344,18 +337,6 @@ def g_adversarial_terms(g, d_face, d_style, d_style_latent, codes, context=lambd
             else:
                 yield branch, {"g_style": g_nonsaturating_loss(d_style(image)),  # Eq. 7
                                "g_style_latent": g_nonsaturating_loss(d_style_latent(image, codes.z_pair))}  # Eq. 8
-
-
-def adversarial_d_losses(d_face, d_style, d_style_latent, x_f, x_s, z_s, fakes):
-    """{name: loss} of Eq. 6-8 on one batch (all three at once)."""
-    return {k: v for _, terms in d_adversarial_terms(d_face, d_style, d_style_latent, x_f, x_s, z_s, fakes)
-            for k, v in terms.items()}
-
-
-def adversarial_g_losses(g, d_face, d_style, d_style_latent, codes):
-    """{name: loss} of Eq. 9's three generator terms (all three at once)."""
-    return {k: v for _, terms in g_adversarial_terms(g, d_face, d_style, d_style_latent, codes)
-            for k, v in terms.items()}
 
 
 # ---- sampling the generator -----------------------------------------------------------------------
@@ -811,12 +792,6 @@ def amp_dtype(device):
     return torch.bfloat16
 
 
-def random_flip(x):
-    """Horizontal flip of each image with probability 1/2 (global RNG: restored on resume)."""
-    flip = torch.rand(x.shape[0], device=x.device) < 0.5
-    return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
-
-
 def train_iteration(s, b):
     """One iteration: D, lazy R1, G, lazy path length, EMA, queue. Returns the merged stats."""
     it = s.iteration
@@ -834,12 +809,6 @@ def train_iteration(s, b):
 
 
 # ---- data ---------------------------------------------------------------------------------------
-
-def to_tensor(img):
-    """PIL RGB -> [3, H, W] float32 in [-1, 1]."""
-    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float()
-    return x / 127.5 - 1
-
 
 def read_reference_images(paths, size):
     """--finetune_style_img files -> [R, 3, size, size] in [-1, 1] (shorter side resized, centre-cropped)."""
@@ -901,17 +870,7 @@ def sample_grid(g_ema, z_f, style_images, wbm_index=SAMPLE_WBM_INDEX):
     natural, _ = g_ema([z_f], randomize_noise=False)
     middle, _ = g_ema([z_f], z_embed=z_s, add_weight_index=wbm_index, randomize_noise=False)
     full, _ = g_ema([z_f], z_embed=z_s, add_weight_index=0, randomize_noise=False)
-    rows = torch.stack([style_images, natural, middle, full], dim=1)  # [N, 4, 3, H, W]
-    n, cols, c, h, w = rows.shape
-    grid = rows.permute(2, 0, 3, 1, 4).reshape(c, n * h, cols * w)  # [3, N*H, 4*W]
-    return (grid.float().clamp(-1, 1) + 1) / 2
-
-
-def save_png(tensor01, path):
-    """[3, H, W] in [0, 1] -> PNG, written atomically."""
-    arr = (tensor01.mul(255).round().clamp(0, 255).byte().permute(1, 2, 0).cpu().numpy())
-    with atomic_path(path, suffix=".png") as tmp:
-        Image.fromarray(arr).save(tmp, format="PNG")
+    return tile_rows(torch.stack([style_images, natural, middle, full], dim=1))  # [N, 4, 3, H, W] -> [3, N*H, 4*W]
 
 
 @torch.no_grad()
@@ -937,7 +896,7 @@ def checkpoint_state(s, rng_states):
     """
     nets = s.nets
     return {
-        "format": CHECKPOINT_FORMAT,
+        **checkpoint_tag(CHECKPOINT_KIND, CHECKPOINT_VERSION),
         "g": _generator_state_without_encoder(nets.g),
         "g_ema": nets.g_ema.state_dict(),
         "latent_avg": latent_avg(nets.g_ema, s.opts.seed),
@@ -957,10 +916,8 @@ def checkpoint_state(s, rng_states):
 
 def load_training_checkpoint(s, path, log=print):
     """Restore a checkpoint_state() file into ``s`` (networks, optimizers, queue, counters). Returns its RNG states."""
-    ckpt = load_checkpoint(path)
-    if ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"checkpoint {path}: not a train.py checkpoint (format {ckpt.get('format')!r}); "
-                              "to start from a released generator use --blendgan_ckpt")
+    ckpt = load_tagged_checkpoint(path, CHECKPOINT_KIND, "train.py",
+                                  "; to start from a released generator use --blendgan_ckpt", aliases=(LEGACY_TAG,))
     args = require_key(ckpt, "args", path)
     for name in ARCH_OPTIONS + ("style_pool_size", "queue_size"):
         if name in args and args[name] != getattr(s.opts, name):
@@ -1035,6 +992,12 @@ def setup(opts, log=print):
     DDP then checks that by broadcasting rank 0's.
     """
     device = distributed.init_distributed(opts.device)
+    world = distributed.get_world_size()
+    budget = run_budget(opts, world)
+    log(f"global batch {budget['global_batch']} ({opts.batch} per process x {world} process(es)) = "
+        f"{budget['images_per_iteration']} images per iteration; {opts.iter} iterations = "
+        f"{budget['total_images']} images in all (the paper: 8 x 200000 = 1.6M); "
+        f"g_ema half-life {budget['ema_half_life_images']:g} images; Eq. 8 read as '{opts.eq8}'")
     seed_everything(opts.seed, 0)  # identical initial weights on every rank
     nets = build_networks(opts, device)
     resume_path = resolve_resume(opts.resume, opts.out_dir)
@@ -1081,18 +1044,11 @@ def train(opts, log=None):
     Raises NonFiniteLossError when losses stay NaN/inf (see NonFiniteGuard; the last written checkpoint is
     the good one).
     """
-    resolve_defaults(opts)
-    validate_options(opts)
+    require_valid(validate(resolve_defaults(opts)))
     main = distributed.is_main()
     log = log or (print if main else (lambda *a, **k: None))
-    distributed.init_distributed(opts.device)  # (setup's call then finds the process group)
-    rank, world = distributed.get_rank(), distributed.get_world_size()
-    budget = run_budget(opts, world)
-    log(f"global batch {budget['global_batch']} ({opts.batch} per process x {world} process(es)) = "
-        f"{budget['images_per_iteration']} images per iteration; {opts.iter} iterations = "
-        f"{budget['total_images']} images in all (the paper: 8 x 200000 = 1.6M); "
-        f"g_ema half-life {budget['ema_half_life_images']:g} images; Eq. 8 read as '{opts.eq8}'")
     s, rng = setup(opts, log)
+    rank, world = distributed.get_rank(), distributed.get_world_size()
     if s.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     data = DataStream(opts, rank, world, s.iteration, s.device)
@@ -1104,7 +1060,7 @@ def train(opts, log=None):
         seed_everything(opts.seed, rank)
 
     ckpts = CheckpointManager(opts.out_dir, keep=opts.keep_checkpoints)
-    write_config(opts.out_dir, opts, world_size=world, start_iteration=s.iteration, **budget)
+    write_config(opts.out_dir, opts, world_size=world, start_iteration=s.iteration, **run_budget(opts, world))
     sample_z = torch.randn(opts.n_sample, opts.style_dim, generator=torch.Generator().manual_seed(opts.seed))
     sample_z = sample_z.to(s.device)
     sample_styles = data.sample_styles(opts.n_sample).to(s.device)
@@ -1146,7 +1102,7 @@ def train(opts, log=None):
                 window_time, window_iters, sums, counts = 0.0, 0, {}, {}
             if main and (step % opts.sample_every == 0 or step == opts.iter):
                 grid = sample_grid(s.nets.g_ema, sample_z, sample_styles)
-                save_png(grid, os.path.join(opts.out_dir, "samples", f"{step:06d}.png"))
+                save_grid(grid, os.path.join(opts.out_dir, "samples", f"{step:06d}.png"))
                 if logger.writer is not None:  # cells of at most 256 px in the event file
                     scale = min(1.0, TENSORBOARD_CELL / opts.size)
                     small = F.interpolate(grid[None], scale_factor=scale, mode="area")[0] if scale < 1 else grid

@@ -1,6 +1,7 @@
 """Datasets over the LMDBs written by prepare_data.py (and by rosinality's stylegan2-pytorch).
 
 - `MultiResolutionDataset`: one resolution of one LMDB, images decoded with PIL, then `transform`.
+- `to_tensor` (the trainers' transform, the inference conversion) and `random_flip` (their augmentation).
 - `InfiniteSampler`, `infinite_loader`, `PairedLoader`: endless, per-rank shuffled batches; BlendGAN
   trains on natural faces (FFHQ) and artistic faces (AAHQ), both at 1024 px (supplementary material),
   drawn here from two LMDBs with independent shuffles.
@@ -9,11 +10,30 @@
 import io
 import os
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from prepare_data import image_key, open_shared_lmdb, stored_length, stored_resolutions
+from utils import img2ten
+
+
+def to_tensor(img):
+    """PIL RGB -> [3, H, W] float32 in [-1, 1], the conversion the inference scripts use (utils.img2ten)."""
+    return img2ten(np.asarray(img))[0]
+
+
+def random_flip(x, p=0.5, generator=None):
+    """Flip each image of x [N, 3, H, W] horizontally with probability p. The draws come from `generator`
+    (a CPU torch.Generator) when given, else from the global RNG of x's device."""
+    if p <= 0:
+        return x
+    if generator is None:
+        u = torch.rand(x.shape[0], device=x.device)
+    else:
+        u = torch.rand(x.shape[0], generator=generator).to(x.device)
+    return torch.where((u < p).view(-1, 1, 1, 1), x.flip(3), x)  # [N, 3, H, W]
 
 
 class MultiResolutionDataset(Dataset):

@@ -13,6 +13,11 @@ from op import FusedLeakyReLU, fused_leaky_relu, upfirdn2d
 from op import precision
 
 
+def at_least_float32(t):
+    """t in float32 when its dtype is narrower (float16, bfloat16), else t itself (float64 stays)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 class PixelNorm(nn.Module):
     """x / sqrt(mean(x^2 over dim 1) + 1e-8): first layer of each mapping MLP.
 
@@ -20,7 +25,7 @@ class PixelNorm(nn.Module):
     0 * rsqrt(0) is NaN (a float16 style transfer gave NaN images on a GPU this way)."""
 
     def forward(self, x):
-        x32 = x.float()
+        x32 = at_least_float32(x)
         return (x32 * torch.rsqrt(torch.mean(x32 ** 2, dim=1, keepdim=True) + 1e-8)).to(x.dtype)
 
 
@@ -154,11 +159,12 @@ class ModulatedConv2d(nn.Module):
             # float32, autocast or not: in float16 the sum overflows for large styles and the 1e-8 flushes
             # to zero.
             with torch.autocast(s.device.type, enabled=False):
-                demod = torch.rsqrt(s.float().pow(2) @ w.float().pow(2).sum([2, 3]).t() + self.eps)  # [B, out]
+                s32, w32 = at_least_float32(s), at_least_float32(w)
+                demod = torch.rsqrt(s32.pow(2) @ w32.pow(2).sum([2, 3]).t() + self.eps)  # [B, out]
         if batch == 1:
             # One sample: scale the [out, in, k, k] weight instead of two full-size activations (1.7x
             # faster per layer at 1024 px on CPU).
-            w = w.float() * s.float().view(1, -1, 1, 1)  # [out, in, k, k], scaled in float32
+            w = at_least_float32(w) * at_least_float32(s).view(1, -1, 1, 1)  # [out, in, k, k], >= float32
             if demod is not None:
                 w = w * demod.view(-1, 1, 1, 1)
             return self._conv(x, w.to(x.dtype))
@@ -177,7 +183,7 @@ class ModulatedConv2d(nn.Module):
         batch, in_channel, height, width = x.shape
         weight = self.scale * self.weight * s.view(batch, 1, in_channel, 1, 1)  # [B, out, in, k, k]
         if self.demodulate:
-            demod = torch.rsqrt(weight.float().pow(2).sum([2, 3, 4]) + self.eps)  # float32, as above
+            demod = torch.rsqrt(at_least_float32(weight).pow(2).sum([2, 3, 4]) + self.eps)  # >= float32, as above
             weight = weight * demod.to(weight.dtype).view(batch, self.out_channel, 1, 1, 1)
         k = self.kernel_size
         x = x.reshape(1, batch * in_channel, height, width)

@@ -13,7 +13,7 @@ from torch import nn
 
 from layers import (
     Blur, ConstantInput, ConvLayer, EqualConv2d, EqualLinear, ModulatedConv2d, NoiseInjection, PixelNorm,
-    ResBlock, StyledConv, ToRGB, Upsample, channels_last_, make_kernel)
+    ResBlock, StyledConv, ToRGB, Upsample, at_least_float32, channels_last_, make_kernel)
 from style_encoder import StyleEncoder
 
 __all__ = [  # the release's model.py namespace: code written against it imports these from here
@@ -260,7 +260,7 @@ def minibatch_stddev(x, group_size=4, n_feat=1):
     while batch % group:
         group -= 1
     # At least float32: in float16 the 1e-8 vanishes, a zero variance gives sqrt'(0) = inf and NaN gradients.
-    y = x.view(group, -1, n_feat, channel // n_feat, height, width).to(torch.promote_types(x.dtype, torch.float32))
+    y = at_least_float32(x.view(group, -1, n_feat, channel // n_feat, height, width))
     y = torch.sqrt(y.var(0, unbiased=False) + 1e-8)
     y = y.mean([2, 3, 4], keepdim=True).squeeze(2)  # [batch/group, n_feat, 1, 1]
     y = y.repeat(group, 1, height, width).to(x.dtype)

@@ -45,19 +45,18 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 from torch.utils.data import ConcatDataset
 
 import distributed
 import trainutil
 from checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict, require_key, save_checkpoint
-from dataset import MultiResolutionDataset, infinite_loader
-from imageio_utils import read_image_rgb, save_image_atomic
+from dataset import MultiResolutionDataset, infinite_loader, random_flip, to_tensor
+from imageio_utils import read_image_rgb
 from inference import load_blendgan
 from psp_encoder.arcface import ID_INPUT_SIZE, load_arcface
 from psp_encoder.psp_encoders import ENCODER_INPUT_SIZE, LATENT_AVG, PSPEncoder, psp_state_dict_for_release
-from utils import img2ten, ten2img
+from utils import img2ten, save_grid, tile_rows
 
 CHECKPOINT_KIND = "blendgan_psp_training"
 CHECKPOINT_VERSION = 1
@@ -252,18 +251,16 @@ def reconstruction_losses(losses, x, y_hat, codes, latent_avg):
 
 def build_losses(options, device):
     """The loss terms of ``options`` with the networks they need; ValueError naming every missing file."""
-    problems = missing_files(options, fresh_start=False)
-    if problems:
-        raise ValueError("; ".join(problems))
+    trainutil.require_valid(missing_files(options, fresh_start=False))
     weights = {name: float(getattr(options, f"{name}_weight")) for name in LOSS_NAMES}
     lpips_model = arcface = None
     if weights["lpips"] > 0:
         # The project's one LPIPS loader (metrics.py): the package's linear layers + torchvision's AlexNet.
         from metrics import load_lpips
-        from model_zoo import ALEXNET_URL, hub_cache_path, pretrained_file
+        from model_zoo import ALEXNET_URL, pretrained_file
 
-        path = pretrained_file("LPIPS AlexNet backbone", ALEXNET_URL, options.lpips_alexnet or hub_cache_path(ALEXNET_URL),
-                               "--lpips_alexnet", allow_download=False)
+        path = pretrained_file("LPIPS AlexNet backbone", ALEXNET_URL, options.lpips_alexnet, "--lpips_alexnet",
+                               allow_download=False)  # the given file, else the hub cache; never a download
         lpips_model = load_lpips(path).to(device).eval().requires_grad_(False)
     if weights["id"] > 0:
         arcface = load_arcface(options.id_weights).to(device)
@@ -274,9 +271,6 @@ def build_losses(options, device):
 
 def face_dataset(paths, size):
     """The faces of one or several LMDBs at ``size``, each [3, size, size] in [-1, 1] (the inference conversion)."""
-    def to_tensor(img):
-        return img2ten(np.asarray(img))[0]
-
     parts = []
     for path in paths:
         try:
@@ -284,15 +278,6 @@ def face_dataset(paths, size):
         except ValueError as e:
             raise ValueError(f"{e} (--size {size}: the LMDB must hold faces at this resolution)") from None
     return ConcatDataset(parts)
-
-
-def random_flip(x, p, seed, rank, step):
-    """Flip each face of x [N, 3, H, W] horizontally with probability p; the draws depend on (seed, rank, step) only."""
-    if p <= 0:
-        return x
-    generator = torch.Generator().manual_seed(trainutil.rank_seed(seed, rank, step))
-    flip = (torch.rand(x.shape[0], generator=generator) < p).to(x.device)  # [N]
-    return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
 # ---- models -------------------------------------------------------------------------------------
@@ -375,11 +360,8 @@ def sync_buffers(module):
 
 def load_training_checkpoint(path, options):
     """Read a checkpoint of this trainer, checking that it fits ``options``."""
-    ckpt = load_checkpoint(path)
-    if ckpt.get("kind") != CHECKPOINT_KIND:
-        raise CheckpointError(f"checkpoint {path}: not a pSp training checkpoint (kind {ckpt.get('kind')!r}, "
-                              f"expected {CHECKPOINT_KIND!r}); to start the encoder from weights use "
-                              "--encoder_backbone")
+    ckpt = trainutil.load_tagged_checkpoint(path, CHECKPOINT_KIND, "pSp training",
+                                            "; to start the encoder from weights use --encoder_backbone")
     saved = require_key(ckpt, "options", path)
     differ = [f"--{k} {saved.get(k)} (this run: {getattr(options, k)})" for k in FIXED_ON_RESUME
               if getattr(options, k) is not None and saved.get(k) != getattr(options, k)]
@@ -396,7 +378,7 @@ def checkpoint_state(psp, optimizer, scaler, step, options, generator_info, rng)
     """
     state = psp_state_dict_for_release(psp)
     state.update({
-        "kind": CHECKPOINT_KIND, "version": CHECKPOINT_VERSION, "step": step,
+        **trainutil.checkpoint_tag(CHECKPOINT_KIND, CHECKPOINT_VERSION), "step": step,
         "world_size": distributed.get_world_size(), "optimizer": optimizer.state_dict(),
         "grad_scaler": scaler.state_dict(), "options": trainutil.options_dict(options),
         "generator": generator_info, "rng": rng,
@@ -425,16 +407,7 @@ def sample_grid(psp, g, x, z_embed, index):
                   add_weight_index=index)
     recon = F.adaptive_avg_pool2d(recon.float(), size)
     styled = F.adaptive_avg_pool2d(styled.float(), size)
-    rows = torch.stack([x.float(), recon, styled], dim=1)  # [N, 3, 3, S, S]
-    n, cols, c, h, w = rows.shape
-    grid = rows.permute(2, 0, 3, 1, 4).reshape(c, n * h, cols * w)  # [3, N*S, 3*S]
-    return (grid.clamp(-1, 1) + 1) / 2
-
-
-def save_grid(grid01, path):
-    """[3, H, W] in [0, 1] -> PNG, written atomically."""
-    img = ten2img(grid01 * 2 - 1)[0]
-    save_image_atomic(Image.fromarray(img), path)
+    return tile_rows(torch.stack([x.float(), recon, styled], dim=1))  # rows [N, 3, 3, S, S] -> [3, N*S, 3*S]
 
 
 def sample_style_code(g, options, device):
@@ -460,9 +433,7 @@ class TrainResult:
 
 def train(options, log=None):
     """Run (or continue) a training; returns a TrainResult. Raises NonFiniteLossError on a NaN/inf loss."""
-    problems = validate(options)
-    if problems:
-        raise ValueError("; ".join(problems))
+    trainutil.require_valid(validate(options))
     device = distributed.init_distributed(options.device or trainutil.default_device())
     try:
         return _train(options, device, log)
@@ -478,9 +449,8 @@ def _train(options, device, log):
     manager = trainutil.CheckpointManager(options.out_dir, options.keep)
     resume = trainutil.resolve_resume(options.resume, options.out_dir)
     if options.resume == "latest" and resume is None:
-        problems = missing_files(options, fresh_start=True)
-        if problems:  # before the generator is built: the run would start without its backbone
-            raise ValueError("; ".join(problems))
+        # before the generator is built: the run would start without its backbone
+        trainutil.require_valid(missing_files(options, fresh_start=True))
         log(f"--resume latest: no checkpoint in {options.out_dir}/checkpoints yet, starting from scratch")
     ckpt = load_training_checkpoint(resume, options) if resume else None
     if ckpt is not None and options.size is None:
@@ -561,7 +531,8 @@ def _train(options, device, log):
     try:
         while step < options.iter:
             x = next(batches).to(device, non_blocking=True)  # [B, 3, S, S]
-            x = random_flip(x, options.flip, options.seed, rank, step)
+            # flips drawn from (seed, rank, step) only: the same on resume
+            x = random_flip(x, options.flip, torch.Generator().manual_seed(trainutil.rank_seed(options.seed, rank, step)))
             with autocast:
                 codes = model(x)  # [B, n_styles, 512]
                 y_hat, _ = g([codes], input_is_latent=True, randomize_noise=options.randomize_noise)

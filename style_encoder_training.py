@@ -41,7 +41,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
 import distributed
 import trainutil
-from checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict, save_checkpoint
+from checkpoint import CheckpointError, load_state_dict_strict, save_checkpoint
 from dataset import MultiResolutionDataset
 from style_encoder import STYLE_POOL_SIZE, Projector, StyleEncoder, gram_dim, nt_xent
 from utils import img2ten
@@ -320,10 +320,7 @@ def style_encoder_config(options):
 
 def load_training_checkpoint(path, options):
     """Read a checkpoint of this trainer, checking that its architecture fits ``options``."""
-    ckpt = load_checkpoint(path)
-    if ckpt.get("kind") != CHECKPOINT_KIND:
-        raise CheckpointError(f"checkpoint {path}: not a style-encoder training checkpoint "
-                              f"(kind {ckpt.get('kind')!r}, expected {CHECKPOINT_KIND!r})")
+    ckpt = trainutil.load_tagged_checkpoint(path, CHECKPOINT_KIND, "style-encoder training")
     saved = ckpt.get("options", {})
     differ = [f"{k}={saved.get(k)} (command line {getattr(options, k)})" for k in ARCHITECTURE_OPTIONS
               if saved.get(k) != getattr(options, k)]
@@ -348,9 +345,7 @@ def _scalar(x):
 
 def train(options):
     """Run (or continue) a training; returns a TrainResult. Raises NonFiniteLossError on a NaN/inf loss."""
-    problems = validate(options)
-    if problems:
-        raise ValueError("; ".join(problems))
+    trainutil.require_valid(validate(options))
     device = distributed.init_distributed(options.device or trainutil.default_device())
     try:
         return _train(options, device)
@@ -450,7 +445,7 @@ def _train(options, device):
             if step % options.save_every == 0 or step == options.iter:
                 save_start = time.perf_counter()
                 state = {
-                    "kind": CHECKPOINT_KIND, "version": CHECKPOINT_VERSION, "step": step,
+                    **trainutil.checkpoint_tag(CHECKPOINT_KIND, CHECKPOINT_VERSION), "step": step,
                     "samples_seen": samples_seen, "world_size": world, "global_batch": global_batch,
                     "style_encoder": encoder.state_dict(), "projector": projector.state_dict(),
                     "style_encoder_config": style_encoder_config(options), "optimizer": optimizer.state_dict(),

@@ -13,7 +13,7 @@ import argparse
 import sys
 
 import trainutil
-from blendgan_training import EQ8_READINGS, TrainOptions, resolve_defaults, train, validate_options
+from blendgan_training import EQ8_READINGS, TrainOptions, resolve_defaults, train, validate
 
 
 def build_parser():
@@ -94,12 +94,8 @@ def build_parser():
 
 def parse_args(argv=None):
     parser = build_parser()
-    opts = TrainOptions(**vars(parser.parse_args(argv)))
-    try:
-        validate_options(resolve_defaults(opts))
-    except ValueError as e:
-        parser.error(str(e))
-    return opts
+    return trainutil.validated(parser, TrainOptions(**vars(parser.parse_args(argv))),
+                               lambda opts: validate(resolve_defaults(opts)))
 
 
 def main(argv=None):

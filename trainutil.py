@@ -28,7 +28,7 @@ import warnings
 import numpy as np
 import torch
 
-from checkpoint import CheckpointError, save_checkpoint
+from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fileio import atomic_path
 from distributed import all_gather_object, cleanup, get_rank, get_world_size, is_main, unwrap
 
@@ -372,6 +372,31 @@ def add_run_args(parser, defaults):
     parser.add_argument("--device", default=default_device(), help="cuda or cpu (under torchrun: cuda:LOCAL_RANK)")
     parser.add_argument("--num_workers", type=int, default=d.num_workers, help="DataLoader processes per rank")
     parser.add_argument("--no_progress", dest="progress", action="store_false", help="no tqdm bar")
+
+
+def require_valid(problems):
+    """A trainer's validate(options) -> list of problems, for code that calls train() itself: one
+    ValueError naming them all (nothing when the list is empty)."""
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def checkpoint_tag(kind, version):
+    """The keys that say which trainer wrote a checkpoint: {'kind': ..., 'version': ...}."""
+    return {"kind": kind, "version": version}
+
+
+def load_tagged_checkpoint(path, kind, what, hint="", aliases=()):
+    """load_checkpoint(path), refused with one CheckpointError unless checkpoint_tag(kind, .) wrote it.
+
+    what: the trainer's name in the message; hint: appended to it (what to use instead); aliases: other
+    (key, value) pairs that mark the same kind (tags of older files).
+    """
+    ckpt = load_checkpoint(path)
+    if ckpt.get("kind") != kind and not any(ckpt.get(k) == v for k, v in aliases):
+        raise CheckpointError(f"checkpoint {path}: not a {what} checkpoint (kind {ckpt.get('kind')!r}, "
+                              f"expected {kind!r}){hint}")
+    return ckpt
 
 
 def validated(parser, options, validate):

@@ -5,6 +5,9 @@
 """
 import numpy as np
 import torch
+from PIL import Image
+
+from imageio_utils import save_image_atomic
 
 
 def img2ten(img, device="cpu"):
@@ -37,3 +40,16 @@ def ten2cv(t, bgr=True):
     """[1, 3, H, W] -> uint8 [H, W, 3], BGR for cv2.imwrite by default (release API, batch 1)."""
     img = ten2img(t)[0]
     return np.ascontiguousarray(img[:, :, ::-1]) if bgr else img
+
+
+def tile_rows(rows):
+    """rows [N, cols, 3, H, W] in [-1, 1] -> one image [3, N*H, cols*W] in [0, 1]: sample n is row n."""
+    n, cols, c, h, w = rows.shape
+    grid = rows.float().permute(2, 0, 3, 1, 4).reshape(c, n * h, cols * w)
+    return (grid.clamp(-1, 1) + 1) / 2
+
+
+def save_grid(grid01, path):
+    """[3, H, W] in [0, 1] -> PNG at `path`, written atomically (a sample grid of the trainers)."""
+    save_image_atomic(Image.fromarray(ten2img(grid01 * 2 - 1)[0]), path)
+

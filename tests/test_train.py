@@ -31,7 +31,7 @@ from checkpoint import load_checkpoint, save_checkpoint
 from dataset import InfiniteSampler
 from model import Discriminator, Generator, ProjectionDiscriminator
 from style_encoder import StyleEncoder
-from trainutil import NonFiniteGuard, NonFiniteLossError, read_jsonl
+from trainutil import NonFiniteGuard, NonFiniteLossError, read_jsonl, require_valid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FACES = os.path.join(ROOT, "test_imgs", "face_imgs")
@@ -62,6 +62,12 @@ state.update(queue=s.queue.state_dict(), mean_path_length=s.mean_path_length, g_
 torch.save(state, os.path.join(opts.out_dir, f"rank{{distributed.get_rank()}}.pt"))
 distributed.cleanup()
 """
+
+
+def checked(opts):
+    """opts after train.py's validation (ValueError naming every problem)."""
+    require_valid(bt.validate(opts))
+    return opts
 
 
 @pytest.fixture(autouse=True)
@@ -219,6 +225,11 @@ def _small_nets(seed):
     return g, d_face, d_style, d_sl
 
 
+def merged(branch_terms):
+    """{name: loss} of every branch's terms (the D or G step's (branch, {name: loss}) pairs)."""
+    return {k: v for _, terms in branch_terms for k, v in terms.items()}
+
+
 @pytest.mark.parametrize("reading", bt.EQ8_READINGS)
 def test_losses_match_equations_6_to_9(narrow, reading):
     """Both readings of Eq. 8: the images and pairs each D is fed in the D and the G step, against G and the
@@ -231,12 +242,12 @@ def test_losses_match_equations_6_to_9(narrow, reading):
     with torch.no_grad():
         torch.manual_seed(5)
         fakes = bt.generate_fakes(g, codes)
-        d_losses = bt.adversarial_d_losses(*spies, x_f, x_s, z_s, fakes)
+        d_losses = merged(bt.d_adversarial_terms(*spies, x_f, x_s, z_s, fakes))
         d_fed = [spy.calls[:] for spy in spies]
         for spy in spies:
             spy.calls.clear()
         torch.manual_seed(5)  # the G step draws the same noise in the same order
-        g_losses = bt.adversarial_g_losses(g, *spies, codes)
+        g_losses = merged(bt.g_adversarial_terms(g, *spies, codes))
         g_fed = [spy.calls[:] for spy in spies]
         # by hand: x_f^ = G(z_f, i = n_latent), x_s^ = G(z_f, z_style, i = 0), z_style per the reading
         torch.manual_seed(5)
@@ -402,7 +413,7 @@ def real_width_run(data, tmp_path_factory):
     root = tmp_path_factory.mktemp("real_width")
     sg2 = _rosinality_checkpoint(str(root / "stylegan2.pt"), 8)
     opts = small_options(data, root / "run", stylegan2_ckpt=str(root / "stylegan2.pt"), channel_multiplier=2)
-    before, _ = bt.setup(bt.validate_options(bt.resolve_defaults(copy.deepcopy(opts))), log=lambda *a: None)
+    before, _ = bt.setup(checked(bt.resolve_defaults(copy.deepcopy(opts))), log=lambda *a: None)
     after = bt.train(opts, log=lambda *a: None)  # the same seed: `before` is its starting point
     return {"opts": opts, "before": before, "after": after, "stylegan2": sg2, "dir": root / "run"}
 
@@ -550,7 +561,7 @@ def test_a_hundred_iterations_learn_in_the_right_direction(narrow, data, tmp_pat
     lmdbs, held = _held_out_split(tmp_path)
     opts = small_options(data, tmp_path / "run", ffhq_lmdb=lmdbs["faces"], aahq_lmdb=lmdbs["styles"], size=32,
                          iter=n_iter, sample_every=n_iter // 2, save_every=n_iter, queue_size=32, ema_kimg=0.05)
-    start, _ = bt.setup(bt.validate_options(bt.resolve_defaults(copy.deepcopy(opts))), log=lambda *a: None)
+    start, _ = bt.setup(checked(bt.resolve_defaults(copy.deepcopy(opts))), log=lambda *a: None)
     s = bt.train(opts, log=lambda *a: None)  # the same seed: `start` is its starting point
     torch.manual_seed(1234)
     z = torch.randn(12, STYLE_DIM)
@@ -860,7 +871,7 @@ def test_finetune_from_release_layout_g_ema_only(narrow, data, tmp_path):
     lines = []
     with_sg2 = small_options(data, tmp_path / "ft2", aahq_lmdb=None, style_encoder_ckpt=None, blendgan_ckpt=release,
                              finetune_style_img=[reference], stylegan2_ckpt=sg2)
-    s2, _ = bt.setup(bt.validate_options(bt.resolve_defaults(with_sg2)), log=lines.append)
+    s2, _ = bt.setup(checked(bt.resolve_defaults(with_sg2)), log=lines.append)
     assert_same(s2.nets.d_face.state_dict(), d.state_dict())
     assert lines == [f"G and g_ema from {release}; d_face from the StyleGAN2 checkpoint {sg2}; {release} has no "
                      "d_style, d_style_latent: these discriminators START FRESH"]
