@@ -68,7 +68,6 @@ import copy
 import inspect
 import math
 import os
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -82,7 +81,7 @@ from dataset import MultiResolutionDataset, PairedLoader, infinite_loader, rando
 from imageio_utils import read_image_rgb
 from model import BLENDGAN_ONLY_KEYS, Discriminator, Generator, ProjectionDiscriminator, guess_generator_config
 from prepare_data import resize_and_center_crop
-from trainutil import (CheckpointManager, NonFiniteGuard, ScalarLogger, accumulate, checkpoint_tag, default_device,
+from trainutil import (CheckpointManager, NonFiniteGuard, RunMonitor, accumulate, checkpoint_tag, default_device,
                        gather_rng_states, load_tagged_checkpoint, options_dict, require_valid, resolve_resume,
                        restore_rng_states, seed_everything, write_config)
 from utils import save_grid, tile_rows
@@ -992,12 +991,6 @@ def setup(opts, log=print):
     DDP then checks that by broadcasting rank 0's.
     """
     device = distributed.init_distributed(opts.device)
-    world = distributed.get_world_size()
-    budget = run_budget(opts, world)
-    log(f"global batch {budget['global_batch']} ({opts.batch} per process x {world} process(es)) = "
-        f"{budget['images_per_iteration']} images per iteration; {opts.iter} iterations = "
-        f"{budget['total_images']} images in all (the paper: 8 x 200000 = 1.6M); "
-        f"g_ema half-life {budget['ema_half_life_images']:g} images; Eq. 8 read as '{opts.eq8}'")
     seed_everything(opts.seed, 0)  # identical initial weights on every rank
     nets = build_networks(opts, device)
     resume_path = resolve_resume(opts.resume, opts.out_dir)
@@ -1047,8 +1040,14 @@ def train(opts, log=None):
     require_valid(validate(resolve_defaults(opts)))
     main = distributed.is_main()
     log = log or (print if main else (lambda *a, **k: None))
+    world = distributed.get_world_size()  # torchrun's WORLD_SIZE: setup() joins the process group
+    budget = run_budget(opts, world)
+    log(f"global batch {budget['global_batch']} ({opts.batch} per process x {world} process(es)) = "
+        f"{budget['images_per_iteration']} images per iteration; {opts.iter} iterations = "
+        f"{budget['total_images']} images in all (the paper: 8 x 200000 = 1.6M); "
+        f"g_ema half-life {budget['ema_half_life_images']:g} images; Eq. 8 read as '{opts.eq8}'")
     s, rng = setup(opts, log)
-    rank, world = distributed.get_rank(), distributed.get_world_size()
+    rank = distributed.get_rank()
     if s.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     data = DataStream(opts, rank, world, s.iteration, s.device)
@@ -1060,59 +1059,30 @@ def train(opts, log=None):
         seed_everything(opts.seed, rank)
 
     ckpts = CheckpointManager(opts.out_dir, keep=opts.keep_checkpoints)
-    write_config(opts.out_dir, opts, world_size=world, start_iteration=s.iteration, **run_budget(opts, world))
+    write_config(opts.out_dir, opts, world_size=world, start_iteration=s.iteration, **budget)
     sample_z = torch.randn(opts.n_sample, opts.style_dim, generator=torch.Generator().manual_seed(opts.seed))
     sample_z = sample_z.to(s.device)
     sample_styles = data.sample_styles(opts.n_sample).to(s.device)
-    logger = ScalarLogger(os.path.join(opts.out_dir, "logs"))
-    progress = None
-    if main and opts.progress:
-        from tqdm import tqdm
-
-        progress = tqdm(total=opts.iter, initial=s.iteration, dynamic_ncols=True, smoothing=0.05)
-    window_time, window_iters, sums, counts = 0.0, 0, {}, {}
-    try:
+    with RunMonitor(opts.out_dir, opts.iter, s.iteration, opts.batch * world, opts.progress) as run:
         while s.iteration < opts.iter:
-            t0 = time.perf_counter()
             x_f, x_s = next(data)
             if opts.flip:
                 x_f, x_s = random_flip(x_f), random_flip(x_s)
-            b = Batch(x_f, x_s, encode_styles(s, x_s))
-            stats = train_iteration(s, b)
-            if s.device.type == "cuda":
-                torch.cuda.synchronize(s.device)
-            window_time += time.perf_counter() - t0
-            window_iters += 1
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + v
-                counts[k] = counts.get(k, 0) + 1
-            if progress is not None:
-                progress.update(1)
+            stats = train_iteration(s, Batch(x_f, x_s, encode_styles(s, x_s)))
             step = s.iteration
-            if step % opts.log_every == 0 or step == opts.iter:
-                scalars = {k: v for k, v in stats.items()}
-                scalars.update({f"mean/{k}": v / counts[k] for k, v in sums.items()})
-                scalars.update(log_wbm(s.nets.g))
-                scalars["speed/it_per_s"] = window_iters / window_time
-                scalars["speed/images_per_s"] = window_iters * opts.batch * world / window_time
-                logger.log(step, scalars)
-                if progress is not None:
-                    progress.set_postfix(d=f"{stats['d_total']:.3f}", g=f"{stats['g_total']:.3f}",
-                                         img_s=f"{scalars['speed/images_per_s']:.1f}")
-                window_time, window_iters, sums, counts = 0.0, 0, {}, {}
-            if main and (step % opts.sample_every == 0 or step == opts.iter):
-                grid = sample_grid(s.nets.g_ema, sample_z, sample_styles)
-                save_grid(grid, os.path.join(opts.out_dir, "samples", f"{step:06d}.png"))
-                if logger.writer is not None:  # cells of at most 256 px in the event file
-                    scale = min(1.0, TENSORBOARD_CELL / opts.size)
-                    small = F.interpolate(grid[None], scale_factor=scale, mode="area")[0] if scale < 1 else grid
-                    logger.writer.add_image("samples", small, step)
-            if (step % opts.save_every == 0 or step == opts.iter) and s.nonfinite.healthy:
-                # (during a run of skipped non-finite steps the last good checkpoint stays the newest)
-                rng_states = gather_rng_states()  # a collective: every rank takes part
-                s.last_checkpoint = ckpts.save(step, checkpoint_state(s, rng_states) if main else None)
-    finally:
-        if progress is not None:
-            progress.close()
-        logger.close()
+            run.update(stats, d=f"{stats['d_total']:.3f}", g=f"{stats['g_total']:.3f}")
+            if run.due(step, opts.log_every):
+                run.log(step, {**stats, **{f"mean/{k}": v for k, v in run.means().items()}, **log_wbm(s.nets.g)})
+            with run.aside():
+                if main and run.due(step, opts.sample_every):
+                    grid = sample_grid(s.nets.g_ema, sample_z, sample_styles)
+                    save_grid(grid, os.path.join(opts.out_dir, "samples", f"{step:06d}.png"))
+                    if run.logger.writer is not None:  # cells of at most 256 px in the event file
+                        scale = min(1.0, TENSORBOARD_CELL / opts.size)
+                        small = F.interpolate(grid[None], scale_factor=scale, mode="area")[0] if scale < 1 else grid
+                        run.logger.writer.add_image("samples", small, step)
+                if run.due(step, opts.save_every) and s.nonfinite.healthy:
+                    # (during a run of skipped non-finite steps the last good checkpoint stays the newest)
+                    rng_states = gather_rng_states()  # a collective: every rank takes part
+                    s.last_checkpoint = ckpts.save(step, checkpoint_state(s, rng_states) if main else None)
     return s

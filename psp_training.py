@@ -38,7 +38,6 @@ at every forward; they are broadcast once more before every checkpoint so that a
 import dataclasses
 import math
 import os
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -519,16 +518,9 @@ def _train(options, device, log):
 
     last_checkpoint = resume
     history = []
-    window, window_n = {}, 0
-    bar = None
-    if options.progress and main and step < options.iter:
-        from tqdm import tqdm
-
-        bar = tqdm(total=options.iter, initial=step, dynamic_ncols=True, desc="pSp")
-    logger = trainutil.ScalarLogger(os.path.join(options.out_dir, "logs"))
     autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext())
-    tick, tick_step = time.perf_counter(), step
-    try:
+    with trainutil.RunMonitor(options.out_dir, options.iter, step, options.batch * world, options.progress,
+                              desc="pSp") as run:
         while step < options.iter:
             x = next(batches).to(device, non_blocking=True)  # [B, 3, S, S]
             # flips drawn from (seed, rank, step) only: the same on resume
@@ -547,39 +539,23 @@ def _train(options, device, log):
             scaler.update()
             step += 1
             history.append({"step": step, **stats})
-            for k, v in stats.items():
-                window[k] = window.get(k, 0.0) + v
-            window_n += 1
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{stats['total']:.4f}", l2=f"{stats['l2']:.4f}")
-            if step % options.log_every == 0 or step == options.iter:
-                elapsed = time.perf_counter() - tick
-                scalars = {f"loss/{k}" if k in LOSS_NAMES + ("total",) else f"metrics/{k}": v / window_n
-                           for k, v in window.items()}
-                scalars["lr"] = optimizer.param_groups[0]["lr"]
-                scalars["speed/images_per_s"] = (step - tick_step) * options.batch * world / max(elapsed, 1e-9)
-                logger.log(step, scalars)
-                window, window_n = {}, 0
-                tick, tick_step = time.perf_counter(), step
-            aside = time.perf_counter()
-            if sample_x is not None and (step % options.sample_every == 0 or step == options.iter):
-                grid = sample_grid(psp, g, sample_x, z_embed, options.sample_index)
-                save_grid(grid, os.path.join(options.out_dir, "samples", f"{step:06d}.png"))
-                if logger.writer is not None:
-                    logger.writer.add_image("samples/input|reconstruction|stylized", grid, step)
-            if step % options.save_every == 0 or step == options.iter:
-                sync_buffers(psp)
-                rng_states = trainutil.gather_rng_states()  # a collective: every rank takes part
-                state = (checkpoint_state(psp, optimizer, scaler, step, options, generator_info, rng_states)
-                         if main else None)
-                last_checkpoint = manager.save(step, state)
-                distributed.barrier()
-            tick += time.perf_counter() - aside  # images/s counts training time only
-    finally:
-        if bar is not None:
-            bar.close()
-        logger.close()
+            run.update(stats, loss=f"{stats['total']:.4f}", l2=f"{stats['l2']:.4f}")
+            if run.due(step, options.log_every):
+                run.log(step, {**{f"loss/{k}" if k in LOSS_NAMES + ("total",) else f"metrics/{k}": v
+                                  for k, v in run.means().items()}, "lr": optimizer.param_groups[0]["lr"]})
+            with run.aside():
+                if sample_x is not None and run.due(step, options.sample_every):
+                    grid = sample_grid(psp, g, sample_x, z_embed, options.sample_index)
+                    save_grid(grid, os.path.join(options.out_dir, "samples", f"{step:06d}.png"))
+                    if run.logger.writer is not None:
+                        run.logger.writer.add_image("samples/input|reconstruction|stylized", grid, step)
+                if run.due(step, options.save_every):
+                    sync_buffers(psp)
+                    rng_states = trainutil.gather_rng_states()  # a collective: every rank takes part
+                    state = (checkpoint_state(psp, optimizer, scaler, step, options, generator_info, rng_states)
+                             if main else None)
+                    last_checkpoint = manager.save(step, state)
+                    distributed.barrier()
 
     sync_buffers(psp)
     export = None

@@ -30,7 +30,6 @@ layer and its two Adam moments) and the weights-only file about 1.3 GB.
 import hashlib
 import math
 import os
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -400,15 +399,8 @@ def _train(options, device):
 
     last_checkpoint = resume
     history = []
-    window = {"loss": 0.0, "acc": 0.0, "n": 0}
-    bar = None
-    if options.progress and main and step < options.iter:
-        from tqdm import tqdm
-
-        bar = tqdm(total=options.iter, initial=step, dynamic_ncols=True, desc="E_style")
-    logger = trainutil.ScalarLogger(os.path.join(options.out_dir, "logs"))
-    tick, tick_step = time.perf_counter(), step
-    try:
+    with trainutil.RunMonitor(options.out_dir, options.iter, step, global_batch, options.progress,
+                              desc="E_style") as run:
         batches = iter(loader)  # creating the iterator draws a base seed from the global generator
         # The random streams start (or continue from the checkpoint) here, right before the first step:
         # what ran since the weights were seeded (the loader's iterator draws a seed) must not shift them,
@@ -428,36 +420,22 @@ def _train(options, device):
             samples_seen += global_batch
             loss_v, acc_v = _scalar(loss), _scalar(acc)
             history.append({"step": step, "loss": loss_v, "acc": acc_v})
-            window["loss"] += loss_v
-            window["acc"] += acc_v
-            window["n"] += 1
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_v:.4f}", acc=f"{acc_v:.3f}")
-            if step % options.log_every == 0 or step == options.iter:
-                elapsed = time.perf_counter() - tick
-                logger.log(step, {"loss/nt_xent": window["loss"] / window["n"],
-                                  "metrics/positive_top1": window["acc"] / window["n"],
-                                  "lr": optimizer.param_groups[0]["lr"],
-                                  "speed/images_per_s": (step - tick_step) * global_batch / max(elapsed, 1e-9)})
-                window = {"loss": 0.0, "acc": 0.0, "n": 0}
-                tick, tick_step = time.perf_counter(), step
-            if step % options.save_every == 0 or step == options.iter:
-                save_start = time.perf_counter()
-                state = {
-                    **trainutil.checkpoint_tag(CHECKPOINT_KIND, CHECKPOINT_VERSION), "step": step,
-                    "samples_seen": samples_seen, "world_size": world, "global_batch": global_batch,
-                    "style_encoder": encoder.state_dict(), "projector": projector.state_dict(),
-                    "style_encoder_config": style_encoder_config(options), "optimizer": optimizer.state_dict(),
-                    "options": trainutil.options_dict(options), "rng": trainutil.gather_rng_states(),
-                }
-                last_checkpoint = manager.save(step, state)
-                distributed.barrier()
-                tick += time.perf_counter() - save_start  # images/s counts training time only
-    finally:
-        if bar is not None:
-            bar.close()
-        logger.close()
+            run.update({"loss": loss_v, "acc": acc_v}, loss=f"{loss_v:.4f}", acc=f"{acc_v:.3f}")
+            if run.due(step, options.log_every):
+                means = run.means()
+                run.log(step, {"loss/nt_xent": means["loss"], "metrics/positive_top1": means["acc"],
+                               "lr": optimizer.param_groups[0]["lr"]})
+            if run.due(step, options.save_every):
+                with run.aside():
+                    state = {
+                        **trainutil.checkpoint_tag(CHECKPOINT_KIND, CHECKPOINT_VERSION), "step": step,
+                        "samples_seen": samples_seen, "world_size": world, "global_batch": global_batch,
+                        "style_encoder": encoder.state_dict(), "projector": projector.state_dict(),
+                        "style_encoder_config": style_encoder_config(options), "optimizer": optimizer.state_dict(),
+                        "options": trainutil.options_dict(options), "rng": trainutil.gather_rng_states(),
+                    }
+                    last_checkpoint = manager.save(step, state)
+                    distributed.barrier()
 
     export = None
     if options.export and main:

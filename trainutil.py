@@ -23,7 +23,9 @@ import os
 import random
 import re
 import sys
+import time
 import warnings
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -247,6 +249,86 @@ class ScalarLogger:
         if self.jsonl is not None:
             self.jsonl.close()
             self.jsonl = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class RunMonitor:
+    """What every trainer's loop does around its own step, written once: the progress bar (rank 0), the
+    ScalarLogger, a window of per-step scalars averaged at each log, speed over training time only
+    (work inside ``aside()`` -- sample grids, checkpoints -- is left out), and when a periodic action is due.
+
+        with RunMonitor(out_dir, total=iters, start=step, images_per_step=global_batch, progress=True) as run:
+            while step < iters:
+                ...one step...; step += 1
+                run.update(stats, loss=f"{loss:.4f}")          # the bar's postfix as keywords
+                if run.due(step, log_every):
+                    run.log(step, {f"loss/{k}": v for k, v in run.means().items()})
+                with run.aside():
+                    if run.due(step, save_every): ...
+    """
+
+    def __init__(self, out_dir, total, start, images_per_step, progress=True, desc=None):
+        self.total = total
+        self.images_per_step = images_per_step
+        self.logger = ScalarLogger(os.path.join(out_dir, "logs"))
+        self.bar = None
+        if progress and is_main() and start < total:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, dynamic_ncols=True, desc=desc)
+        self._new_window(start)
+
+    def _new_window(self, step):
+        self.sums, self.counts = {}, {}
+        self.tick, self.tick_step = time.perf_counter(), step
+
+    def due(self, step, every):
+        """Every `every` steps, and at the last step."""
+        return step % every == 0 or step == self.total
+
+    def update(self, scalars, **postfix):
+        """One step done: its scalars join the window; the bar advances (showing `postfix`)."""
+        for k, v in scalars.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            self.counts[k] = self.counts.get(k, 0) + 1
+        if self.bar is not None:
+            self.bar.update(1)
+            if postfix:
+                self.bar.set_postfix(**postfix)
+
+    def means(self):
+        """{name: mean over the window's steps}."""
+        return {k: v / self.counts[k] for k, v in self.sums.items()}
+
+    def log(self, step, scalars):
+        """Writes `scalars` with speed/it_per_s and speed/images_per_s of the window, then opens a new
+        window. Returns what was written."""
+        elapsed = max(time.perf_counter() - self.tick, 1e-9)
+        steps = step - self.tick_step
+        scalars = {**scalars, "speed/it_per_s": steps / elapsed,
+                   "speed/images_per_s": steps * self.images_per_step / elapsed}
+        self.logger.log(step, scalars)
+        self._new_window(step)
+        return scalars
+
+    @contextmanager
+    def aside(self):
+        """Time spent in this block does not count as training time."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.tick += time.perf_counter() - t0
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        self.logger.close()
 
     def __enter__(self):
         return self

@@ -191,6 +191,45 @@ def test_config_json_and_scalar_logger(tmp_path, no_torchrun):
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 2.5), (2, 1.5)]
 
 
+def test_run_monitor_windows_speed_and_due(tmp_path, no_torchrun, monkeypatch):
+    """The trainers' shared loop tail: window means, images/s over training time only (aside() left out,
+    on a fake clock), due() at every k-th and the last step, one jsonl record per log."""
+    clock = [100.0]
+    monkeypatch.setattr(trainutil.time, "perf_counter", lambda: clock[0])
+    with trainutil.RunMonitor(tmp_path, total=5, start=0, images_per_step=8, progress=False) as run:
+        assert [s for s in range(1, 6) if run.due(s, 2)] == [2, 4, 5]
+        for step, loss in ((1, 1.0), (2, torch.tensor(3.0))):
+            clock[0] += 2.0  # two seconds of training per step
+            run.update({"loss": loss, "acc": 0.5})
+        with run.aside():
+            clock[0] += 100.0  # a checkpoint: not training time
+        assert run.means() == {"loss": 2.0, "acc": 0.5}
+        written = run.log(2, {"loss/x": run.means()["loss"]})
+        assert written == {"loss/x": 2.0, "speed/it_per_s": 0.5, "speed/images_per_s": 4.0}
+        assert run.means() == {}  # a new window
+        clock[0] += 1.0
+        run.update({"loss": 7.0})
+        run.log(3, run.means())
+    records = trainutil.read_jsonl(tmp_path / "logs" / "scalars.jsonl")
+    assert records == [{"step": 2, **written}, {"step": 3, "loss": 7.0, "speed/it_per_s": 1.0, "speed/images_per_s": 8.0}]
+
+
+def test_training_checkpoints_are_tagged_one_way(tmp_path):
+    """checkpoint_tag / load_tagged_checkpoint: the kind is checked with the trainer's name and hint in
+    the message; an alias (train.py's tag before the common one) loads as the same kind."""
+    path = str(tmp_path / "a.pt")
+    save_checkpoint({**trainutil.checkpoint_tag("k1", 1), "step": 3}, path)
+    assert trainutil.load_tagged_checkpoint(path, "k1", "thing")["step"] == 3
+    with pytest.raises(trainutil.CheckpointError, match=r"a.pt: not a other trainer checkpoint \(kind 'k1', "
+                                                        r"expected 'k2'\); use --x"):
+        trainutil.load_tagged_checkpoint(path, "k2", "other trainer", "; use --x")
+    old = str(tmp_path / "old.pt")
+    save_checkpoint({"format": "blendgan-train-1", "step": 4}, old)
+    assert trainutil.load_tagged_checkpoint(old, "k2", "x", aliases=(("format", "blendgan-train-1"),))["step"] == 4
+    with pytest.raises(trainutil.CheckpointError, match="kind None"):
+        trainutil.load_tagged_checkpoint(old, "k2", "x")
+
+
 def test_scalar_logger_is_silent_off_rank_zero(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     with trainutil.ScalarLogger(tmp_path / "logs") as logger:
