@@ -175,12 +175,9 @@ def bench_plain(size, opts):
 
 
 def bench_training(opts):
-    """The phases of one BlendGAN iteration and one style-encoder step (float32 weights; --dtype other
-    than float32 turns on the trainers' autocast)."""
+    """The phases of one BlendGAN iteration (float32 weights; --dtype bfloat16 turns on train.py's --amp)."""
     from blendgan_training import (Batch, StyleQueue, TrainOptions, TrainState, build_networks, d_reg_step, d_step,
                                    encode_styles, g_reg_step, g_step, make_optimizers)
-    from style_encoder_training import SimCLRHead, contrastive_loss
-    from style_encoder import Projector, StyleEncoder
 
     device, size, n = opts.device, opts.train_size, opts.train_batch
     run = lambda fn: timed(fn, device, opts.warmup, opts.repeat)  # noqa: E731
@@ -202,14 +199,21 @@ def bench_training(opts):
     iteration = (secs["d_step"] + secs["g_step"] + secs["style codes E_style(x_s)"]
                  + secs["d_reg_step (R1)"] / topts.d_reg_every + secs["g_reg_step (path length)"] / topts.g_reg_every)
     yield (f"train {size} px: one iteration, lazy regularisers amortised", iteration, n)
-    del s, nets, g_optim, d_optim
 
+
+def bench_simclr(opts):
+    """One style-encoder SimCLR step at opts.batch (2 views at 256 px; VGG under --dtype autocast when
+    that is not float32, Gram products in float32)."""
+    from style_encoder_training import SimCLRHead, contrastive_loss
+    from style_encoder import Projector, StyleEncoder
+
+    device = opts.device
     encoder = StyleEncoder(512, 4, load_pretrained_vgg=False).to(device)
     encoder.embedder.to(memory_format=torch.channels_last)
     head = SimCLRHead(encoder.embedder_mlp, Projector(512, 2).to(device))
     optim = torch.optim.Adam(head.parameters(), lr=1e-4)
-    views = torch.rand(opts.simclr_batch or n, 2, 3, 256, 256, device=device) * 2 - 1  # [B, 2 views, 3, 256, 256]
-    amp_dtype = DTYPES[opts.dtype] if amp else None
+    views = torch.rand(opts.batch, 2, 3, 256, 256, device=device) * 2 - 1  # [B, 2 views, 3, 256, 256]
+    amp_dtype = DTYPES[opts.dtype] if opts.dtype != "float32" else None
 
     def style_step():
         loss, _ = contrastive_loss(head, encoder, views, 0.2, amp_dtype, channels_last=True)
@@ -217,7 +221,7 @@ def bench_training(opts):
         loss.backward()
         optim.step()
 
-    yield (f"train E_style: SimCLR step (batch {views.shape[0]}, 2 views, 256 px)", run(style_step), views.shape[0])
+    yield ("train E_style: SimCLR step (2 views)", timed(style_step, device, opts.warmup, opts.repeat), opts.batch)
 
 
 def comma_list(text, kind=str):
@@ -246,8 +250,14 @@ def main(argv=None):
     p.add_argument("--train_eq8", default=EQ8_READINGS[0], choices=EQ8_READINGS,
                    help="train.py's --eq8 for the training rows")
     opts = p.parse_args(argv)
-    dtypes, batches = comma_list(opts.dtype), comma_list(opts.batch, int)
-    train_runs = list(zip(comma_list(opts.train_size, int), comma_list(opts.train_batch, int)))
+    try:
+        dtypes, batches = comma_list(opts.dtype), comma_list(opts.batch, int)
+        train_runs = list(zip(comma_list(opts.train_size, int), comma_list(opts.train_batch, int)))
+    except ValueError as e:
+        p.error(f"--batch, --train_size and --train_batch take comma-separated whole numbers ({e})")
+    if opts.train and "float16" in dtypes:
+        p.error("--train with --dtype float16: the training rows run train.py's --amp, which picks bfloat16 "
+                "where the device supports it; time them with --dtype bfloat16")
     if len(train_runs) != len(comma_list(opts.train_size)) or len(train_runs) != len(comma_list(opts.train_batch)):
         p.error(f"--train_size {opts.train_size} and --train_batch {opts.train_batch}: one batch per size")
     if set(dtypes) - set(DTYPES):
@@ -278,6 +288,8 @@ def main(argv=None):
                 config = argparse.Namespace(**dict(vars(opts), dtype=dtype, batch=batch, train_size=size,
                                                    train_batch=batch))
                 show(size, config, bench_training(config))
+            config = argparse.Namespace(**dict(vars(opts), dtype=dtype, batch=opts.simclr_batch or train_runs[-1][1]))
+            show(256, config, bench_simclr(config))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
     print(f"# peak RSS {rss:.2f} GB")
     return 0

@@ -299,7 +299,7 @@ class RunMonitor:
         if self.bar is not None:
             self.bar.update(1)
             if postfix:
-                self.bar.set_postfix(**postfix)
+                self.bar.set_postfix(refresh=False, **postfix)  # drawn with the bar's own refresh
 
     def means(self):
         """{name: mean over the window's steps}."""
@@ -308,6 +308,8 @@ class RunMonitor:
     def log(self, step, scalars):
         """Writes `scalars` with speed/it_per_s and speed/images_per_s of the window, then opens a new
         window. Returns what was written."""
+        if torch.cuda.is_initialized():
+            torch.cuda.synchronize()  # the window's queued GPU work is training time
         elapsed = max(time.perf_counter() - self.tick, 1e-9)
         steps = step - self.tick_step
         scalars = {**scalars, "speed/it_per_s": steps / elapsed,

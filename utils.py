@@ -31,7 +31,7 @@ def ten2img(t):
     t = t.detach().float().cpu()
     if t.ndim == 3:
         t = t[None]
-    t = ((t * 0.5 + 0.5) * 255).nan_to_num().clamp(0, 255)  # NaN -> 0 (callers skip such images)
+    t = ((t * 0.5 + 0.5) * 255).nan_to_num().clamp(0, 255)  # NaN -> 0 (style_transfer_folder skips such images)
     arr = t.permute(0, 2, 3, 1).numpy().astype(np.uint8)  # [N, H, W, 3]
     return list(arr)
 
