@@ -288,10 +288,19 @@ def build_demo(demo):
 
         return upload, pick, draw_random
 
-    upload_face, pick_face, random_face = handlers("face", demo.face_from_photo, demo.random_face, face_paths,
-                                                   "aligning and encoding the face (pSp)")
-    upload_style, pick_style, random_style = handlers("style", demo.style_from_image, demo.random_style, style_paths,
-                                                      "encoding the style")
+    face_handlers = handlers("face", demo.face_from_photo, demo.random_face, face_paths,
+                             "aligning and encoding the face (pSp)")
+    style_handlers = handlers("style", demo.style_from_image, demo.random_style, style_paths, "encoding the style")
+
+    def input_column(kind, upload_label, preview_label, paths):
+        """Upload, preview, random button and gallery of the bundled images of one input (ids kind-*)."""
+        with gr.Column():
+            file = gr.File(label=upload_label, type="filepath", elem_id=f"{kind}-upload")
+            preview = gr.Image(label=preview_label, interactive=False, height=256, elem_id=f"{kind}-preview")
+            button = gr.Button(f"Random {kind}", elem_id=f"random-{kind}")
+            gallery = gr.Gallery(paths, label=f"Bundled {kind}s (click one)", columns=8, height=140,
+                                 allow_preview=False, elem_id=f"{kind}-gallery")
+        return file, preview, button, gallery
 
     @user_errors
     def rerender(session, index, theta, truncation):
@@ -321,18 +330,8 @@ def build_demo(demo):
         gr.Markdown(f"**⚠ {demo.error}**" if demo.error else "", visible=bool(demo.error), elem_id="startup-error")
         session = gr.State({})
         with gr.Row():
-            with gr.Column():
-                face_file = gr.File(label="Face photo (upload)", type="filepath", elem_id="face-upload")
-                face_preview = gr.Image(label="Face (aligned)", interactive=False, height=256, elem_id="face-preview")
-                random_face_btn = gr.Button("Random face", elem_id="random-face")
-                face_gallery = gr.Gallery(face_paths, label="Bundled faces (click one)", columns=8, height=140,
-                                          allow_preview=False, elem_id="face-gallery")
-            with gr.Column():
-                style_file = gr.File(label="Style image (upload)", type="filepath", elem_id="style-upload")
-                style_preview = gr.Image(label="Style", interactive=False, height=256, elem_id="style-preview")
-                random_style_btn = gr.Button("Random style", elem_id="random-style")
-                style_gallery = gr.Gallery(style_paths, label="Bundled styles (click one)", columns=8, height=140,
-                                           allow_preview=False, elem_id="style-gallery")
+            face_column = input_column("face", "Face photo (upload)", "Face (aligned)", face_paths)
+            style_column = input_column("style", "Style image (upload)", "Style", style_paths)
         with gr.Row():
             index = gr.Slider(0, n, value=min(DEFAULT_INDEX, n), step=1, label=f"indicator i (0 full style … {n} natural)",
                               elem_id="indicator")
@@ -355,16 +354,12 @@ def build_demo(demo):
 
         sliders = [index, theta, truncation]
         run = dict(concurrency_id="generator")
-        face_outputs = [session, face_preview, full, blended, natural, status]
-        style_outputs = [session, style_preview, full, blended, natural, status]
-        face_file.upload(upload_face, [face_file, session, *sliders], face_outputs, api_name="set_face", **run)
-        face_gallery.select(pick_face, [session, *sliders], face_outputs, api_visibility="private", **run)
-        random_face_btn.click(random_face, [seed, session, *sliders], face_outputs + [seed], api_name="random_face",
-                              **run)
-        style_file.upload(upload_style, [style_file, session, *sliders], style_outputs, api_name="set_style", **run)
-        style_gallery.select(pick_style, [session, *sliders], style_outputs, api_visibility="private", **run)
-        random_style_btn.click(random_style, [seed, session, *sliders], style_outputs + [seed],
-                               api_name="random_style", **run)
+        for kind, (file, preview, button, gallery), (upload, pick, draw) in (
+                ("face", face_column, face_handlers), ("style", style_column, style_handlers)):
+            outputs = [session, preview, full, blended, natural, status]
+            file.upload(upload, [file, session, *sliders], outputs, api_name=f"set_{kind}", **run)
+            gallery.select(pick, [session, *sliders], outputs, api_visibility="private", **run)
+            button.click(draw, [seed, session, *sliders], outputs + [seed], api_name=f"random_{kind}", **run)
         for slider in (index, theta):  # moving them re-renders only the blended image
             slider.change(reblend, [session, *sliders], blended, api_name=f"blend_{slider.elem_id}",
                           show_progress="minimal", **run)
