@@ -149,17 +149,20 @@ def bench_plain(size, opts):
     z = torch.randn(n, 512, device=device)
     z_s = torch.randn(n, 512, device=device)
     img = torch.rand(n, 3, size, size, device=device) * 2 - 1
+
+    def float32_and_autocast(what, fn):
+        for amp in (False, True):
+            with torch.no_grad(), torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=amp):
+                yield (f"{what}, {'bfloat16 autocast' if amp else 'float32'}", run(fn), n)
+
     makers = [("plain", Generator)]
     if opts.release_dir:
         makers.append(("release", release_generator_class(opts.release_dir)))
     for who, make in makers:
         torch.manual_seed(0)
         g = make(size, 512, 8, channel_multiplier=2, load_pretrained_vgg=False).eval().to(device)
-        for amp in (False, True):
-            dt = "bfloat16 autocast" if amp else "float32"
-            with torch.no_grad(), torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=amp):
-                yield (f"{who} G stylized i=6, {dt}", run(
-                    lambda: g([z], z_embed=z_s, add_weight_index=6, randomize_noise=False)), n)
+        yield from float32_and_autocast(f"{who} G stylized i=6",
+                                        lambda: g([z], z_embed=z_s, add_weight_index=6, randomize_noise=False))
         del g
     enc = StyleEncoder(512, 4, load_pretrained_vgg=False).eval().to(device)
     encoders = [("style embedding", enc)]
@@ -168,10 +171,7 @@ def bench_plain(size, opts):
 
         encoders.append(("pSp encoding", PSPEncoder(None, output_size=size).to(device)))
     for what, net in encoders:
-        for amp in (False, True):
-            dt = "bfloat16 autocast" if amp else "float32"
-            with torch.no_grad(), torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=amp):
-                yield (f"plain {what}, {dt}", run(lambda: net(img)), n)
+        yield from float32_and_autocast(f"plain {what}", lambda: net(img))
 
 
 def bench_training(opts):
@@ -252,13 +252,13 @@ def main(argv=None):
     opts = p.parse_args(argv)
     try:
         dtypes, batches = comma_list(opts.dtype), comma_list(opts.batch, int)
-        train_runs = list(zip(comma_list(opts.train_size, int), comma_list(opts.train_batch, int)))
+        train_sizes, train_batches = comma_list(opts.train_size, int), comma_list(opts.train_batch, int)
     except ValueError as e:
         p.error(f"--batch, --train_size and --train_batch take comma-separated whole numbers ({e})")
     if opts.train and "float16" in dtypes:
         p.error("--train with --dtype float16: the training rows run train.py's --amp, which picks bfloat16 "
                 "where the device supports it; time them with --dtype bfloat16")
-    if len(train_runs) != len(comma_list(opts.train_size)) or len(train_runs) != len(comma_list(opts.train_batch)):
+    if len(train_sizes) != len(train_batches):
         p.error(f"--train_size {opts.train_size} and --train_batch {opts.train_batch}: one batch per size")
     if set(dtypes) - set(DTYPES):
         p.error(f"--dtype {opts.dtype}: each of {', '.join(sorted(DTYPES))}")
@@ -276,19 +276,22 @@ def main(argv=None):
             peak = torch.cuda.max_memory_allocated() / 1024 ** 3
             print(f"# peak CUDA memory {peak:.2f} GB (size {size}, dtype {config.dtype}, batch {config.batch})")
 
+    def configured(**settings):
+        """opts with one combination's settings (dtype, batch, ...) in place of the lists."""
+        return argparse.Namespace(**{**vars(opts), **settings})
+
     for dtype in dtypes:
         for size in comma_list(opts.sizes, int):
             for batch in batches:
-                config = argparse.Namespace(**dict(vars(opts), dtype=dtype, batch=batch))
+                config = configured(dtype=dtype, batch=batch)
                 show(size, config, bench_inference(size, config))
                 if opts.plain:
                     show(size, config, bench_plain(size, config))
         if opts.train:
-            for size, batch in train_runs:
-                config = argparse.Namespace(**dict(vars(opts), dtype=dtype, batch=batch, train_size=size,
-                                                   train_batch=batch))
+            for size, batch in zip(train_sizes, train_batches):
+                config = configured(dtype=dtype, batch=batch, train_size=size, train_batch=batch)
                 show(size, config, bench_training(config))
-            config = argparse.Namespace(**dict(vars(opts), dtype=dtype, batch=opts.simclr_batch or train_runs[-1][1]))
+            config = configured(dtype=dtype, batch=opts.simclr_batch or train_batches[-1])
             show(256, config, bench_simclr(config))
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
     print(f"# peak RSS {rss:.2f} GB")

@@ -65,7 +65,9 @@ def run(cmd, limit, env=None):
             out += f"\n[exit status {proc.returncode}]"
     except subprocess.TimeoutExpired as err:
         ok = False
-        out = ((err.stdout or b"").decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or ""))
+        # what it printed before the kill, stderr too (bytes here even with text=True)
+        out = "".join(part.decode(errors="replace") if isinstance(part, bytes) else part
+                      for part in (err.stdout or "", err.stderr or ""))
         out += f"\n[killed after {limit} s]"
     return ok, time.perf_counter() - t0, out
 
