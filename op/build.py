@@ -286,11 +286,11 @@ def select_impl(impl, name, tensors):
     """
     if impl not in ("auto", "ref", "cuda"):
         raise ValueError(f"impl must be 'auto', 'ref' or 'cuda', got {impl!r}")
-    if impl == "auto" and cuda_ops_mode() == "cuda" and all(t.is_cuda for t in tensors if t is not None):
+    on_cuda = all(t.is_cuda for t in tensors if t is not None)
+    if impl == "auto" and cuda_ops_mode() == "cuda" and on_cuda:
         impl = "cuda"  # BLENDGAN_CUDA_OPS=cuda: insist on the kernels
     if impl == "ref":
         return None
-    on_cuda = all(t.is_cuda for t in tensors if t is not None)
     if impl == "auto":
         return load_extension(name) if on_cuda else None
     if not on_cuda:
