@@ -23,16 +23,22 @@ empty, the current batch's codes are drawn instead. The current batch's codes en
 the iteration (gathered from every rank, so all ranks hold the same queue). Two readings of Eq. 8, chosen
 with --eq8 (``EQ8_READINGS``), each with one stylized pass:
 
-- ``paper`` (the default, Eq. 7-8 as printed): x_s^ = G(z_f, z_s, 0) is Eq. 7's image, made from the batch's
-  own codes; Eq. 8 pairs that same x_s^ with a queue code z_s^-, a negative: the image does not belong to
-  that code. D_style_latent thus learns that real images carry their own code while generated images come
-  with foreign ones. G is scored on that pair, (x_s^, z_s^-): the minimax form of Eq. 9-10 written as the
-  non-saturating loss (G's only path into Eq. 8 is the fake pair; scoring it on another pair would change
-  the objective the paper writes down). This is the default because the paper defines x_s^ once, in Eq. 7,
-  and reuses the symbol in Eq. 8 with z_s^- as the negative code.
-- ``conditional`` (a projection-cGAN reading): x_s^ = G(z_f, z_s^-, 0), made from the queue code and judged
-  with it, (x_s^, z_s^-): D_style_latent judges whether image and code agree. The same image also serves as
-  Eq. 7's fake: queue codes are E_style of real AAHQ images, the distribution Eq. 7 averages over.
+- ``conditional`` (the default; a projection-cGAN reading): x_s^ = G(z_f, z_s^-, 0), made from the queue
+  code and judged with it, (x_s^, z_s^-). D_style_latent judges whether image and code agree, and G's term
+  rewards a stylized image for agreeing with the code it was made from: the job Fig. 2 gives this
+  discriminator ("the style latent discriminator D_style_latent predicts whether the stylized-face image is
+  consistent with the style latent code z_s"). The same image also serves as Eq. 7's fake: queue codes are
+  E_style of real AAHQ images, the distribution Eq. 7 averages over.
+- ``paper`` (Eq. 7-8 as printed): x_s^ = G(z_f, z_s, 0) is Eq. 7's image, made from the batch's own codes;
+  Eq. 8 pairs that same x_s^ with a queue code z_s^-, a negative: the image does not belong to that code.
+  D_style_latent thus learns that real images carry their own code while generated images come with
+  foreign ones. G is scored on that pair, (x_s^, z_s^-): the minimax form of Eq. 9-10 written as the
+  non-saturating loss (G's only path into Eq. 8 is the fake pair). Not the default: z_s^- is drawn
+  independently of (z_f, z_s), so G's expected Eq. 8 term E_{z_s^-}[softplus(-D(x_s^, z_s^-))] is a
+  function of the image alone, and for any D the image that minimises it is the same whatever z_s is.
+  Nothing in Eq. 6-9 read this way rewards G for following its style code (D_style is unconditional),
+  and the Eq. 8 term pulls every stylized image toward one that suits the average queue code. It stays
+  selectable, for comparison with the equations as printed.
 
 Regularisers, as StyleGAN2 / rosinality's trainer: R1 = r1/2 * E||grad_x D(x)||^2 on real images every
 d_reg_every iterations (times d_reg_every), on D_face (x_f), D_style (x_s) and D_style_latent (x_s with
@@ -77,13 +83,13 @@ from torch import nn
 
 import distributed
 from checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict, require_key
-from dataset import MultiResolutionDataset, PairedLoader, infinite_loader, random_flip, to_tensor
+from dataset import MultiResolutionDataset, PairedLoader, infinite_loader, lmdb_problems, random_flip, to_tensor
 from imageio_utils import read_image_rgb
 from model import BLENDGAN_ONLY_KEYS, Discriminator, Generator, ProjectionDiscriminator, guess_generator_config
 from prepare_data import resize_and_center_crop
 from trainutil import (CheckpointManager, NonFiniteGuard, RunMonitor, accumulate, checkpoint_tag, default_device,
-                       gather_rng_states, load_tagged_checkpoint, options_dict, require_valid, resolve_resume,
-                       restore_rng_states, seed_everything, write_config)
+                       gather_rng_states, load_optimizer_state, load_scaler_state, load_tagged_checkpoint, options_dict,
+                       require_valid, resolve_resume, restore_rng_states, seed_everything, write_config)
 from utils import save_grid, tile_rows
 
 CHECKPOINT_KIND = "blendgan_training"  # trainutil.checkpoint_tag, as the other trainers
@@ -127,7 +133,7 @@ class TrainOptions:
     d_reg_every: int = 16
     g_reg_every: int = 4
     mixing: float = 0.9
-    eq8: str = "paper"
+    eq8: str = "conditional"
     ema_kimg: float = None
     flip: bool = True
     save_every: int = 10000
@@ -159,17 +165,6 @@ def resolve_defaults(opts):
     return opts
 
 
-def lmdb_problem(what, path, size):
-    """The problem with an LMDB that is unfinished, empty or lacks images at --size (None when usable),
-    found before any model is built."""
-    try:
-        n = len(MultiResolutionDataset(path, None, size))
-    except Exception as e:  # lmdb.Error and dataset.py's ValueError alike: one line for the user
-        text = str(e) if path in str(e) else f"{path}: {e}"
-        return f"{what} {text} (--size {size})"
-    return f"{what} {path}: holds no images" if n == 0 else None
-
-
 def validate(opts):
     """Clear messages for impossible options (after resolve_defaults); returns a list of problems (empty
     when fine), as the other trainers' validate."""
@@ -196,19 +191,19 @@ def validate(opts):
     if opts.num_workers < 0:
         problems.append(f"--num_workers must be >= 0, got {opts.num_workers}")
     lmdbs = [("FFHQ_LMDB", opts.ffhq_lmdb)]
+    # --resume latest before any checkpoint exists starts fresh: the start files are then needed as well
+    resuming = opts.resume not in (None, "latest") or resolve_resume(opts.resume, opts.out_dir) is not None
     if opts.finetune:
         problems += [f"--finetune_style_img {path}: no such file" for path in opts.finetune_style_img
                      if not os.path.isfile(path)]
-        if opts.blendgan_ckpt is None and opts.resume is None:
+        if opts.blendgan_ckpt is None and not resuming:
             problems.append("one-shot fine-tuning (--finetune_style_img) starts from a trained BlendGAN: "
                             "pass --blendgan_ckpt (the release's blendgan.pt is enough)")
     elif opts.aahq_lmdb is None:
         problems.append("AAHQ_LMDB (the artistic faces) is required unless --finetune_style_img is given")
     else:
         lmdbs.append(("AAHQ_LMDB", opts.aahq_lmdb))
-    missing = [(what, path) for what, path in lmdbs if not os.path.isdir(path)]
-    problems += [f"{what} {path}: no such folder (make it with prepare_data.py)" for what, path in missing]
-    if opts.style_encoder_ckpt is None and opts.blendgan_ckpt is None and opts.resume is None:
+    if opts.style_encoder_ckpt is None and opts.blendgan_ckpt is None and not resuming:
         problems.append("--style_encoder_ckpt is required (the frozen style encoder E_style), unless the "
                         "generator comes from --blendgan_ckpt or --resume")
     problems += [f"--{flag} {getattr(opts, flag)}: no such file"
@@ -218,8 +213,7 @@ def validate(opts):
         problems.append(f"--resume {opts.resume}: no such file (or pass 'latest')")
     if str(opts.device).startswith("cuda") and not torch.cuda.is_available():
         problems.append(f"--device {opts.device}: torch sees no GPU; use --device cpu")
-    if not problems:  # last: opens the LMDBs (before any model is built)
-        problems += [p for what, path in lmdbs if (p := lmdb_problem(what, path, size))]
+    problems += lmdb_problems(lmdbs, size)  # opens the LMDBs, before any model is built
     return problems
 
 
@@ -341,7 +335,7 @@ def g_adversarial_terms(g, d_face, d_style, d_style_latent, codes, context=lambd
 # ---- sampling the generator -----------------------------------------------------------------------
 
 BRANCHES = ("face", "style")  # the two generator passes of every D and G step, in this order
-EQ8_READINGS = ("paper", "conditional")  # see the module docstring; the first is the default
+EQ8_READINGS = ("conditional", "paper")  # see the module docstring; the first is the default
 G_SYNC_BRANCH = "style"  # under DDP, G's gradients are reduced with this branch: it reaches every weight
 # (i = 0 blends the face code too, with weight 1 - alpha), the natural branch misses `embedding`/add_weight
 
@@ -929,16 +923,17 @@ def load_training_checkpoint(s, path, log=print):
             f"and random streams of the original run")
     if args.get("eq8") != s.opts.eq8:
         log(f"note: {path} was trained with Eq. 8 read as {args.get('eq8', 'three generator passes (before --eq8)')!r}, "
-            f"this run continues with --eq8 {s.opts.eq8}")
+            f"this run continues with --eq8 {s.opts.eq8}" + (f" (--eq8 {args['eq8']} keeps it)" if "eq8" in args else ""))
     nets = s.nets
     load_state_dict_strict(nets.g_ema, require_key(ckpt, "g_ema", path), f"{path}['g_ema']")
     _load_with_missing(nets.g, require_key(ckpt, "g", path), ("embedder.",), f"{path}['g']")
     for name, d in nets.discriminators().items():
         load_state_dict_strict(d, require_key(ckpt, name, path), f"{path}['{name}']")
-    s.g_optim.load_state_dict(ckpt["g_optim"])
-    s.d_optim.load_state_dict(ckpt["d_optim"])
-    s.g_scaler.load_state_dict(ckpt["g_scaler"])
-    s.d_scaler.load_state_dict(ckpt["d_scaler"])
+    for name in ("g", "d"):
+        changed = load_optimizer_state(getattr(s, f"{name}_optim"), ckpt[f"{name}_optim"])
+        if changed:
+            log(f"note: {name}_optim follows this run's options: {', '.join(changed)}")
+        load_scaler_state(getattr(s, f"{name}_scaler"), ckpt[f"{name}_scaler"])
     s.queue.load_state_dict(ckpt["queue"])
     s.mean_path_length = ckpt["mean_path_length"].to(s.device)
     s.iteration = int(ckpt["iteration"])
@@ -964,15 +959,35 @@ def make_optimizers(nets, opts):
     return g_optim, d_optim
 
 
+def _grads_in_parameter_strides(module):
+    """Hooks on the parameters with a size-1 dimension: a gradient whose strides differ from the
+    parameter's is copied into the parameter's strides before it is accumulated (a few hundred numbers)."""
+    def hook_for(p):
+        def hook(grad):
+            if grad.stride() == p.stride():
+                return grad
+            return torch.empty_strided(p.shape, p.stride(), dtype=grad.dtype, device=grad.device).copy_(grad)
+        return hook
+
+    for p in module.parameters():
+        if p.requires_grad and 1 in p.shape and p.dim() > 1:
+            p.register_hook(hook_for(p))
+
+
 def wrap_ddp(nets, device):
     """DDP wrappers of the modules that train; G's frozen style encoder is left out of DDP entirely.
 
     Buffers (FIR kernels, stored noise) are identical on every rank by construction and never change:
     synced once at construction, not before each forward. (The networks hold their 4-D parameters
-    channels_last, as their activations, so the gradients arrive in the buckets' layout.)
+    channels_last, as their activations, so the gradients arrive in the buckets' layout.) DDP compares
+    every stride, also those of size-1 dimensions, which autograd's layout contract ignores: R1's double
+    backward gives a [1, 512] output weight its gradient as the transpose of a [512, 1] tensor (strides
+    (1, 1)); ``_grads_in_parameter_strides`` copies such a gradient into the parameter's strides.
     """
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    for module in (nets.g, *nets.discriminators().values()):
+        _grads_in_parameter_strides(module)
     ids = [device.index] if device.type == "cuda" else None
     encoder = [f"embedder.{k}" for k in nets.g.embedder.state_dict()]
     DDP._set_params_and_buffers_to_ignore_for_model(nets.g, encoder)

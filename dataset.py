@@ -2,6 +2,7 @@
 
 - `MultiResolutionDataset`: one resolution of one LMDB, images decoded with PIL, then `transform`.
 - `to_tensor` (the trainers' transform, the inference conversion) and `random_flip` (their augmentation).
+- `lmdb_problems`: the trainers' up-front check of their LMDBs.
 - `InfiniteSampler`, `infinite_loader`, `PairedLoader`: endless, per-rank shuffled batches; BlendGAN
   trains on natural faces (FFHQ) and artistic faces (AAHQ), both at 1024 px (supplementary material),
   drawn here from two LMDBs with independent shuffles.
@@ -36,6 +37,20 @@ def random_flip(x, p=0.5, generator=None):
     return torch.where((u < p).view(-1, 1, 1, 1), x.flip(3), x)  # [N, 3, H, W]
 
 
+def lmdb_length(path, resolution=None):
+    """The image count of a finished LMDB folder; FileNotFoundError when ``path`` holds no LMDB, ValueError
+    when it is unfinished or (``resolution`` given) has no images at ``resolution``."""
+    with open_shared_lmdb(path).begin() as txn:
+        length = stored_length(txn)
+        if length is None:
+            raise ValueError(f"{path} has no b'length' key: not a finished LMDB "
+                             '(was prepare_data.py interrupted?)')
+        if resolution is not None and length > 0 and txn.get(image_key(resolution, 0)) is None:
+            raise ValueError(f'{path} holds no images at resolution {resolution}; '
+                             f'it has {stored_resolutions(txn)}')
+    return length
+
+
 class MultiResolutionDataset(Dataset):
     """Images of one `resolution` from an LMDB in stylegan2-pytorch's layout.
 
@@ -49,15 +64,7 @@ class MultiResolutionDataset(Dataset):
         self.resolution = resolution
         self._env = None
         self._env_pid = None
-        with open_shared_lmdb(path).begin() as txn:
-            length = stored_length(txn)
-            if length is None:
-                raise ValueError(f"{path} has no b'length' key: not a finished LMDB "
-                                 '(was prepare_data.py interrupted?)')
-            if length > 0 and txn.get(image_key(resolution, 0)) is None:
-                raise ValueError(f'{path} holds no images at resolution {resolution}; '
-                                 f'it has {stored_resolutions(txn)}')
-        self.length = length
+        self.length = lmdb_length(path, resolution)
 
     def _env_for_this_process(self):
         if self._env is None or self._env_pid != os.getpid():
@@ -94,6 +101,27 @@ class MultiResolutionDataset(Dataset):
     def __getitem__(self, index):
         img = self.read_image(index)
         return self.transform(img) if self.transform is not None else img
+
+
+def lmdb_problems(lmdbs, size=None):
+    """What is wrong with each LMDB [(what, path)] read at resolution ``size`` (None: any): a missing
+    folder, a folder without an LMDB, an unfinished or empty LMDB, no images at ``size``. One line per
+    unusable LMDB (empty list when all are usable); the trainers' validate() calls this before any model
+    is built."""
+    problems = []
+    for what, path in lmdbs:
+        if not os.path.isdir(path):
+            problems.append(f"{what} {path}: no such folder (make it with prepare_data.py)")
+            continue
+        try:
+            n = lmdb_length(path, size)
+        except Exception as e:  # lmdb.Error and lmdb_length's errors alike: one line for the user
+            text = str(e) if path in str(e) else f"{path}: {e}"
+            problems.append(f"{what} {text}" + ("" if size is None else f" (--size {size})"))
+            continue
+        if n == 0:
+            problems.append(f"{what} {path}: holds no images")
+    return problems
 
 
 class InfiniteSampler(Sampler):

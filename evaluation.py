@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
+from fileio import atomic_write_bytes
 from imageio_utils import UnreadableImageError, list_images, read_image_rgb
-from inference import atomic_write_bytes, encode_styles
+from inference import encode_styles
 from metrics import FeatureStats, frechet_distance, load_inception, load_lpips, lpips_diversity, style_consistency
 from model_zoo import ALEXNET_URL, INCEPTION_URL, pretrained_file
 
@@ -49,15 +50,17 @@ def load_metric_networks(inception=None, lpips_alexnet=None, allow_download=True
     return extractor, lpips_model
 
 
-def save_stats(path, mu, sigma, n, source):
-    """FID statistics as .npz (keys mu, sigma as pytorch-fid's --save-stats, plus n and source), atomically."""
+def save_stats(path, mu, sigma, n, source, features=""):
+    """FID statistics as .npz (keys mu, sigma as pytorch-fid's --save-stats, plus n, source and features: the
+    Inception weights file), atomically."""
     buf = io.BytesIO()
-    np.savez(buf, mu=mu, sigma=sigma, n=np.int64(n), source=np.str_(source))
+    np.savez(buf, mu=mu, sigma=sigma, n=np.int64(n), source=np.str_(source), features=np.str_(features))
     atomic_write_bytes(path, buf.getvalue())
 
 
 def load_stats(path):
-    """(mu, sigma, n, source) of a stats .npz; n = -1 and source = '' for files from other tools."""
+    """(mu, sigma, n, source, features) of a stats .npz; n = -1, source = features = '' for files from other
+    tools."""
     try:
         with np.load(path, allow_pickle=False) as f:
             if "mu" not in f or "sigma" not in f:
@@ -65,11 +68,12 @@ def load_stats(path):
             mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
             n = int(f["n"]) if "n" in f else -1
             source = str(f["source"]) if "source" in f else ""
+            features = str(f["features"]) if "features" in f else ""
     except (OSError, ValueError, EOFError) as e:
         raise ValueError(f"FID statistics {path}: not readable ({e})") from None
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise ValueError(f"FID statistics {path}: mu {mu.shape} and sigma {sigma.shape} do not fit")
-    return mu, sigma, n, source
+    return mu, sigma, n, source, features
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -169,10 +173,13 @@ def real_statistics(real, resolution, n_real, stats_path, extractor, batch, devi
         source = f"{os.path.abspath(real)}" + (f"@{resolution}" if is_lmdb(real) else "")
         source += f"[:{n_real}]" if n_real else ""
     if stats_path and os.path.isfile(stats_path):
-        mu, sigma, n, cached_source = load_stats(stats_path)
+        mu, sigma, n, cached_source, cached_features = load_stats(stats_path)
         if source is not None and cached_source and cached_source != source:
             raise ValueError(f"{stats_path} holds the statistics of {cached_source}, not of {source}; delete it "
                              f"or pass another --real_stats")
+        if cached_features and cached_features != extractor.weights_file:
+            raise ValueError(f"{stats_path} holds statistics of the Inception weights {cached_features}, not of "
+                             f"{extractor.weights_file}; delete it or pass another --real_stats")
         print(f"FID statistics of the real set: {stats_path} ({n if n >= 0 else 'unknown number of'} images)")
         return mu, sigma, {"real": cached_source or os.path.abspath(stats_path), "n_real": n}
     if real is None:
@@ -185,7 +192,7 @@ def real_statistics(real, resolution, n_real, stats_path, extractor, batch, devi
         images = Subset(images, range(n_real))
     mu, sigma, n, skipped = dataset_statistics(images, extractor, batch, device, workers)
     if stats_path:
-        save_stats(stats_path, mu, sigma, n, source)
+        save_stats(stats_path, mu, sigma, n, source, extractor.weights_file)
     print(f"FID statistics of {n} real images" + (f" ({len(skipped)} unreadable, skipped)" if skipped else "")
           + (f" cached in {stats_path}" if stats_path else ""))
     return mu, sigma, {"real": source, "n_real": n}

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict, require_key
-from fileio import atomic_path
+from fileio import atomic_write_bytes
 from imageio_utils import UnreadableImageError, read_image_rgb
 from layers import channels_last_
 from model import Generator, guess_generator_config, infer_generator_config, n_latent_for
@@ -299,13 +299,6 @@ def check_indicator(parser, index, size):
     n = n_latent_for(size) if size else 18
     if index is not None and not -n <= index <= n:
         parser.error(f"--add_weight_index must be in [{-n}, {n}] for size {size} ({n} layers); {n} = natural face")
-
-
-def atomic_write_bytes(path, data):
-    """Write bytes to path through a temporary file and os.replace: no half-written output."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "xb") as f:
-            f.write(data)
 
 
 def write_jpeg(path, rgb):

@@ -50,7 +50,7 @@ from torch.utils.data import ConcatDataset
 import distributed
 import trainutil
 from checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict, require_key, save_checkpoint
-from dataset import MultiResolutionDataset, infinite_loader, random_flip, to_tensor
+from dataset import MultiResolutionDataset, infinite_loader, lmdb_problems, random_flip, to_tensor
 from imageio_utils import read_image_rgb
 from inference import load_blendgan
 from psp_encoder.arcface import ID_INPUT_SIZE, load_arcface
@@ -144,9 +144,7 @@ def validate(options):
         problems.append("--amp fp16 needs CUDA (its gradient scaler); use --amp bf16 on the CPU")
     if options.num_workers < 0:
         problems.append("--num_workers must be >= 0")
-    for path in options.lmdb:
-        if not os.path.isdir(path):
-            problems.append(f"LMDB {path} is not a folder (make one with prepare_data.py)")
+    problems += lmdb_problems([("LMDB", path) for path in options.lmdb], options.size)
     if not options.lmdb:
         problems.append("at least one LMDB of faces is needed")
     # option field -> its flag (blendgan_ckpt is train_psp.py's --ckpt)
@@ -160,8 +158,8 @@ def validate(options):
         problems.append(f"--resume {options.resume}: file not found")
     if options.encoder_from_scratch and options.encoder_backbone:
         problems.append("--encoder_from_scratch and --encoder_backbone contradict each other: pass one")
-    # A resumed run takes its encoder from the checkpoint; --resume latest without one is checked in train.
-    return problems + missing_files(options, fresh_start=not options.resume)
+    # A resumed run takes its encoder from the checkpoint; --resume latest before any checkpoint starts fresh.
+    return problems + missing_files(options, fresh_start=trainutil.resolve_resume(options.resume, options.out_dir) is None)
 
 
 def missing_files(options, fresh_start):
@@ -448,8 +446,6 @@ def _train(options, device, log):
     manager = trainutil.CheckpointManager(options.out_dir, options.keep)
     resume = trainutil.resolve_resume(options.resume, options.out_dir)
     if options.resume == "latest" and resume is None:
-        # before the generator is built: the run would start without its backbone
-        trainutil.require_valid(missing_files(options, fresh_start=True))
         log(f"--resume latest: no checkpoint in {options.out_dir}/checkpoints yet, starting from scratch")
     ckpt = load_training_checkpoint(resume, options) if resume else None
     if ckpt is not None and options.size is None:
@@ -480,8 +476,10 @@ def _train(options, device, log):
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16 and device.type == "cuda")
     step = 0
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["grad_scaler"])
+        changed = trainutil.load_optimizer_state(optimizer, ckpt["optimizer"])
+        if changed:
+            log(f"note: the optimizer follows this run's options: {', '.join(changed)}")
+        trainutil.load_scaler_state(scaler, ckpt["grad_scaler"])
         step = int(ckpt["step"])
         if int(ckpt.get("world_size", world)) != world:
             log(f"note: the checkpoint was written by {ckpt.get('world_size')} processes, this run has {world}: "

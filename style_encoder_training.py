@@ -41,15 +41,15 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 import distributed
 import trainutil
 from checkpoint import CheckpointError, load_state_dict_strict, save_checkpoint
-from dataset import MultiResolutionDataset
+from dataset import MultiResolutionDataset, lmdb_problems
 from style_encoder import STYLE_POOL_SIZE, Projector, StyleEncoder, gram_dim, nt_xent
 from utils import img2ten
 
 CHECKPOINT_KIND = "blendgan_style_encoder_training"
 CHECKPOINT_VERSION = 1
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Options that fix the shapes of the weights: a resumed run must use the checkpoint's values.
-ARCHITECTURE_OPTIONS = ("style_dim", "n_mlp", "proj_layers")
+# Options that fix the weights' shapes or what they compute: a resumed run must use the checkpoint's values.
+ARCHITECTURE_OPTIONS = ("style_dim", "n_mlp", "proj_layers", "style_pool_size")
 
 
 @dataclass
@@ -95,6 +95,9 @@ def validate(options):
     for name in positive:
         if getattr(options, name) < 1:
             problems.append(f"--{name} must be at least 1, got {getattr(options, name)}")
+    if options.batch >= 1 and options.batch * distributed.get_world_size() < 2:
+        problems.append(f"--batch {options.batch} on one process: NT-Xent's negatives are the other images of the "
+                        "global batch (--batch x processes), which must be at least 2")
     if not options.temperature > 0:
         problems.append(f"--temperature must be positive, got {options.temperature}")
     if not options.lr > 0:
@@ -120,9 +123,7 @@ def validate(options):
         problems.append(f"--flip is a probability, got {options.flip}")
     if options.num_workers < 0:
         problems.append("--num_workers must be >= 0")
-    for path in options.lmdb:
-        if not os.path.isdir(path):
-            problems.append(f"LMDB {path} is not a folder (make one with prepare_data.py)")
+    problems += lmdb_problems([("LMDB", path) for path in options.lmdb], options.size)
     if options.vgg_ckpt is not None and not os.path.isfile(options.vgg_ckpt):
         problems.append(f"--vgg_ckpt {options.vgg_ckpt}: file not found")
     if options.resume not in (None, "", "latest") and not os.path.isfile(options.resume):
@@ -376,7 +377,9 @@ def _train(options, device):
     optimizer = torch.optim.Adam(head.parameters(), lr=options.lr, betas=(float(options.beta1), float(options.beta2)))
     step, samples_seen, rng = 0, 0, None
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        changed = trainutil.load_optimizer_state(optimizer, ckpt["optimizer"])
+        if changed and main:
+            print(f"note: the optimizer follows this run's options: {', '.join(changed)}")
         step, samples_seen, rng = int(ckpt["step"]), int(ckpt["samples_seen"]), ckpt.get("rng")
     del ckpt
     model = head

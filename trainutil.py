@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from fileio import atomic_path
+from fileio import atomic_path, atomic_write_bytes
 from distributed import all_gather_object, cleanup, get_rank, get_world_size, is_main, unwrap
 
 CHECKPOINT_NAME = re.compile(r"^(\d{6,})\.pt$")
@@ -71,6 +71,24 @@ class CheckpointManager:
         found = self.list()
         return found[-1][1] if found else None
 
+    def set_aside_after(self, step):
+        """Move the checkpoints numbered above ``step`` into ``checkpoints/superseded/`` (rank 0); returns
+        their new paths. A run that continues from ``step`` (an explicit older checkpoint, or a fresh start
+        in a used folder) abandons them: left in place, ``--resume latest`` would pick them up again."""
+        stale = [path for n, path in self.list() if n > step]
+        if not stale or not is_main():
+            return []
+        folder = os.path.join(self.dir, "superseded")
+        os.makedirs(folder, exist_ok=True)
+        moved = []
+        for path in stale:
+            target = os.path.join(folder, os.path.basename(path))
+            if os.path.exists(target):
+                target = os.path.join(folder, f"{time.strftime('%Y%m%d-%H%M%S')}-{os.path.basename(path)}")
+            os.replace(path, target)
+            moved.append(target)
+        return moved
+
     def save(self, step, state):
         """Write ``state`` (a dict of tensors/containers/numbers/strings) as this step's checkpoint.
 
@@ -95,6 +113,30 @@ def resolve_resume(resume, run_dir):
     if resume == "latest":
         return CheckpointManager(run_dir).latest()
     return os.fspath(resume)
+
+
+def load_optimizer_state(optimizer, state):
+    """Restore an optimizer's moments and step counts from ``state`` while keeping the hyperparameters it
+    was built with (lr, betas, ...): a resumed run follows its own command line, not the checkpoint's.
+    Returns the changed hyperparameters as 'name old -> new' strings, for the log."""
+    built = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    changed = []
+    for group, hyper in zip(optimizer.param_groups, built):
+        for name in ("lr", "betas", "eps", "weight_decay"):
+            old = group.get(name)
+            old = tuple(old) if isinstance(old, list) else old  # betas may come back as a list
+            if name in hyper and old != hyper[name]:
+                changed.append(f"{name} {old} -> {hyper[name]}")
+        group.update(hyper)
+    return changed
+
+
+def load_scaler_state(scaler, state):
+    """Restore a GradScaler; a saved disabled scaler (an empty state: the run was float32 or bfloat16) leaves
+    this one at its initial scale, as a new float16 run starts."""
+    if state:
+        scaler.load_state_dict(state)
 
 
 # ---- random number generators ------------------------------------------------------------------
@@ -212,24 +254,31 @@ def write_config(run_dir, options, **extra):
 class ScalarLogger:
     """TensorBoard scalars in ``log_dir`` plus ``log_dir/scalars.jsonl`` ({"step": s, name: value, ...}).
 
+    start: the step the run continues from (None: append to whatever is there). Records of later steps,
+    written by the run that went past ``start`` before it stopped, are dropped from scalars.jsonl and
+    purged by TensorBoard, so that a resumed run logs each step once.
     A no-op off rank 0. Without the tensorboard package only the jsonl file is written (one warning).
     Use as a context manager or call close().
     """
 
-    def __init__(self, log_dir, enabled=None):
+    def __init__(self, log_dir, enabled=None, start=None):
         self.enabled = is_main() if enabled is None else enabled
         self.writer = None
         self.jsonl = None
         if not self.enabled:
             return
         os.makedirs(log_dir, exist_ok=True)
-        self.jsonl = open(os.path.join(log_dir, "scalars.jsonl"), "a")
+        path = os.path.join(log_dir, "scalars.jsonl")
+        if start is not None and os.path.isfile(path):
+            kept = [r for r in read_jsonl(path) if r.get("step", 0) <= start]
+            atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+        self.jsonl = open(path, "a")
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
             warnings.warn(f"TensorBoard is not available ({e}); scalars go to scalars.jsonl only")
         else:
-            self.writer = SummaryWriter(log_dir)
+            self.writer = SummaryWriter(log_dir, purge_step=None if start is None else start + 1)
 
     def log(self, step, scalars):
         """scalars: {name: number or 0-d tensor}; names may use '/' for TensorBoard groups."""
@@ -275,7 +324,11 @@ class RunMonitor:
     def __init__(self, out_dir, total, start, images_per_step, progress=True, desc=None):
         self.total = total
         self.images_per_step = images_per_step
-        self.logger = ScalarLogger(os.path.join(out_dir, "logs"))
+        moved = CheckpointManager(out_dir).set_aside_after(start)
+        if moved:
+            print(f"the run continues from step {start}: {len(moved)} later checkpoint(s) of the run it replaces "
+                  f"moved to {os.path.dirname(moved[0])}")
+        self.logger = ScalarLogger(os.path.join(out_dir, "logs"), start=start)
         self.bar = None
         if progress and is_main() and start < total:
             from tqdm import tqdm

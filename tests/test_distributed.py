@@ -1,4 +1,5 @@
 """distributed.py (one process and two gloo processes on CPU) and trainutil.py."""
+import copy
 import json
 import os
 import random
@@ -212,6 +213,68 @@ def test_run_monitor_windows_speed_and_due(tmp_path, no_torchrun, monkeypatch):
         run.log(3, run.means())
     records = trainutil.read_jsonl(tmp_path / "logs" / "scalars.jsonl")
     assert records == [{"step": 2, **written}, {"step": 3, "loss": 7.0, "speed/it_per_s": 1.0, "speed/images_per_s": 8.0}]
+
+
+def test_a_resumed_run_logs_each_step_once_and_sets_later_checkpoints_aside(tmp_path, no_torchrun):
+    """A run resumed from step 2 after the first run had logged to step 4 and saved steps 2 and 4: the
+    records of steps 3-4 are dropped (jsonl and TensorBoard), and 000004.pt, which --resume latest would
+    otherwise pick after a crash of the new run, moves to checkpoints/superseded/."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    manager = trainutil.CheckpointManager(tmp_path, keep=5)
+    with trainutil.RunMonitor(tmp_path, total=4, start=0, images_per_step=1, progress=False) as run:
+        for step in range(1, 5):
+            run.log(step, {"loss": float(step)})
+            if step % 2 == 0:
+                manager.save(step, {"step": step})
+    with trainutil.RunMonitor(tmp_path, total=4, start=2, images_per_step=1, progress=False) as run:
+        assert manager.latest().endswith("000002.pt")
+        assert os.listdir(tmp_path / "checkpoints" / "superseded") == ["000004.pt"]
+        for step in (3, 4):
+            run.log(step, {"loss": 10.0 * step})
+    records = trainutil.read_jsonl(tmp_path / "logs" / "scalars.jsonl")
+    assert [(r["step"], r["loss"]) for r in records] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+    events = EventAccumulator(str(tmp_path / "logs"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+
+
+def test_resumed_optimizer_keeps_its_moments_and_takes_this_runs_hyperparameters():
+    """load_optimizer_state: Adam's moments and step come from the checkpoint, lr and betas from the
+    optimizer as this run built it; the next step equals a step of the old optimizer with the new lr."""
+    w = nn.Parameter(torch.tensor([1.0, -2.0]))
+    old = torch.optim.Adam([w], lr=0.1, betas=(0.0, 0.99))
+    for _ in range(3):
+        old.zero_grad()
+        (w ** 2).sum().backward()
+        old.step()
+    state = copy.deepcopy(old.state_dict())  # as from a file: not the tensors the old optimizer updates in place
+    w2 = nn.Parameter(w.detach().clone())
+    new = torch.optim.Adam([w2], lr=0.01, betas=(0.5, 0.9))
+    assert trainutil.load_optimizer_state(new, state) == ["lr 0.1 -> 0.01", "betas (0.0, 0.99) -> (0.5, 0.9)"]
+    assert new.param_groups[0]["lr"] == 0.01 and new.param_groups[0]["betas"] == (0.5, 0.9)
+    assert torch.equal(new.state[w2]["exp_avg_sq"], old.state[w]["exp_avg_sq"])
+    for group in old.param_groups:  # the reference: the old optimizer switched to the new values by hand
+        group.update(lr=0.01, betas=(0.5, 0.9))
+    for opt, p in ((old, w), (new, w2)):
+        opt.zero_grad()
+        (p ** 2).sum().backward()
+        opt.step()
+    assert torch.equal(w, w2)
+
+
+def test_a_disabled_scalers_state_starts_an_enabled_one_fresh():
+    disabled = torch.amp.GradScaler("cpu", enabled=False)
+    enabled = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    with pytest.raises(RuntimeError):
+        enabled.load_state_dict(disabled.state_dict())  # what a float32 run's checkpoint did to an fp16 resume
+    trainutil.load_scaler_state(enabled, disabled.state_dict())
+    assert enabled.get_scale() == 1024.0
+    saved = torch.amp.GradScaler("cpu", init_scale=64.0)
+    saved.scale(torch.tensor(1.0))  # an fp16 run's scaler: its scale exists once used
+    saved.update(32.0)
+    trainutil.load_scaler_state(enabled, saved.state_dict())
+    assert enabled.get_scale() == 32.0
 
 
 def test_training_checkpoints_are_tagged_one_way(tmp_path):

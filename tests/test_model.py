@@ -579,7 +579,7 @@ def test_ddp_gradients_arrive_in_the_buckets_layout():
 
     import torch.distributed as dist
 
-    from blendgan_training import TrainOptions, build_networks, wrap_ddp
+    from blendgan_training import TrainOptions, build_networks, r1_penalty, wrap_ddp
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -590,27 +590,34 @@ def test_ddp_gradients_arrive_in_the_buckets_layout():
     nets = build_networks(opts, torch.device("cpu"))
     z, z_embed = torch.randn(2, 16), torch.randn(2, 16)
 
-    def step(g, d):
+    def step(g, d, d_latent):
         img, _ = g([z], z_embed=z_embed, randomize_noise=False)
         d(img).sum().backward()
+        # d_reg_step's R1 on D_style_latent: its [1, 512] output weight gets the double backward's gradient
+        # as the transpose of a [512, 1] tensor (strides (1, 1)), which DDP's buckets ([512, 1]) warned about
+        x = img.detach().requires_grad_(True)
+        pred = d_latent(x, z_embed)
+        (r1_penalty(pred, x) + 0 * pred.sum()).backward()
 
-    step(nets.g, nets.d_face)
-    plain = {n: p.grad.clone() for n, p in nets.d_face.named_parameters()}
-    nets.g.zero_grad(set_to_none=True)
-    nets.d_face.zero_grad(set_to_none=True)
+    step(nets.g, nets.d_face, nets.d_style_latent)
+    checked = {"d_face": nets.d_face, "d_style_latent": nets.d_style_latent}
+    plain = {(k, n): p.grad.clone() for k, d in checked.items() for n, p in d.named_parameters()}
+    for net in (nets.g, *checked.values()):
+        net.zero_grad(set_to_none=True)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             g_train, d_train = wrap_ddp(nets, torch.device("cpu"))
-            step(g_train, d_train["d_face"])
+            step(g_train, d_train["d_face"], d_train["d_style_latent"])
     finally:
         dist.destroy_process_group()
     messages = [str(w.message) for w in caught]
     assert not [m for m in messages if "bucket view strides" in m or "broadcast_buffers" in m], messages
-    for name, p in nets.d_face.named_parameters():
-        assert p.grad.stride() == p.stride(), name
-        torch.testing.assert_close(p.grad, plain[name], rtol=1e-5, atol=1e-6)
+    for (k, name), grad in plain.items():
+        p = checked[k].get_parameter(name)
+        assert p.grad.stride() == p.stride(), (k, name)
+        torch.testing.assert_close(p.grad, grad, rtol=1e-5, atol=1e-6)
     one_by_one = nets.d_face.convs[1].skip[1].weight  # a [out, in, 1, 1] weight
     c_in = one_by_one.shape[1]
     assert one_by_one.shape[2:] == (1, 1) and one_by_one.stride() == (c_in, 1, c_in, c_in)  # exact NHWC strides

@@ -932,16 +932,19 @@ def test_finetune_moves_g_ema_toward_the_reference(narrow, data, tmp_path):
 
 # ---- the command line -----------------------------------------------------------------------------
 
-def test_command_line_validation(data, capsys, monkeypatch):
+def test_command_line_validation(data, tmp_path, capsys, monkeypatch):
     base = [data["faces"], data["styles"], "--style_encoder_ckpt", data["style_encoder"]]
     opts = train_script.parse_args(base + ["--size", "32"])
-    assert (opts.batch, opts.iter, opts.size, opts.eq8) == (8, 200000, 32, "paper")
+    assert (opts.batch, opts.iter, opts.size, opts.eq8) == (8, 200000, 32, "conditional")
+    fresh = ["--resume", "latest", "--out_dir", str(tmp_path / "no-checkpoint-yet")]  # latest = a new run here
     bad = [(base + ["--size", "48"], "power of two"),
            (base + ["--size", "64"], f"FFHQ_LMDB {data['faces']} holds no images at resolution 64"),
            (base + ["--size", "32", "--eq8", "both"], "--eq8"),
            ([data["faces"], "--style_encoder_ckpt", data["style_encoder"]], "AAHQ_LMDB"),
            ([data["faces"], data["styles"]], "--style_encoder_ckpt is required"),
+           ([data["faces"], data["styles"]] + fresh, "--style_encoder_ckpt is required"),
            ([data["faces"], "--finetune_style_img", os.path.join(STYLES, "100000.jpg")], "--blendgan_ckpt"),
+           ([data["faces"], "--finetune_style_img", os.path.join(STYLES, "100000.jpg")] + fresh, "--blendgan_ckpt"),
            (base + ["--mixing", "1.5"], "--mixing"),
            (base + ["--resume", "/nonexistent.pt"], "--resume")]
     for argv, message in bad:
