@@ -26,7 +26,7 @@ from checkpoint import CheckpointError
 from imageio_utils import UnreadableImageError
 from inference import (DTYPES, Report, add_generator_args, check_model_files, default_device, encode_faces,
                        encode_styles, image_size, list_inputs, load_aligner, load_blendgan, load_psp, looks_aligned,
-                       read_input, resize, validate_common)
+                       read_input, resize, truncation_centre, validate_common)
 from op.precision import cpu_native_lowp
 from utils import ten2img
 from video import compose_frame, interpolation_alphas, sliding_window, write_mp4
@@ -91,11 +91,9 @@ class BlendGANDemo:
         except CheckpointError as e:
             self.error = str(e)
             return self
-        if "latent_avg" in ckpt:
-            self.latent_avg = ckpt["latent_avg"].to(device=self.device, dtype=self.dtype)
-        else:
-            with torch.no_grad():
-                self.latent_avg = self.g.mean_latent(4096)
+        # seeded: a random face of a given seed is the same face in every session and launch
+        self.latent_avg = truncation_centre(self.g, ckpt, 4096, torch.Generator().manual_seed(0), self.device,
+                                            self.dtype)
         return self
 
     @property
@@ -343,7 +341,7 @@ def build_demo(demo):
         status = gr.Markdown("Now choose a face.", elem_id="status")
         with gr.Row():
             image_args = dict(format="png", interactive=False, height=360, buttons=["download", "fullscreen"])
-            full = gr.Image(label="full style", elem_id="out-full", **image_args)
+            full = gr.Image(label="full style (i = 0: every layer blended)", elem_id="out-full", **image_args)
             blended = gr.Image(label="blended at i (PNG download: full resolution)", elem_id="out-blended", **image_args)
             natural = gr.Image(label="natural face", elem_id="out-natural", **image_args)
         with gr.Row():

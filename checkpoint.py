@@ -31,6 +31,34 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, unreadable, or does not fit the model it is loaded into."""
 
 
+HTML_SNIFF_BYTES = 1024
+
+
+def html_title(path):
+    """The page's title (or 'untitled') when the file is an HTML page, else None."""
+    with open(path, "rb") as f:
+        head = f.read(HTML_SNIFF_BYTES)
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if not (text.startswith((b"<!doctype html", b"<html", b"<head", b"<!--")) or b"<html" in text):
+        return None
+    m = re.search(rb"<title[^>]*>(.*?)</title>", head, re.I | re.S)
+    return m.group(1).decode("utf-8", "replace").strip()[:80] if m else "untitled"
+
+
+def not_a_checkpoint(path):
+    """Why the file at ``path`` cannot be a torch.save file (None when it may be one): an HTML page (what a
+    failed download of a large file often is), or bytes that are neither the zip format nor a pickle."""
+    title = html_title(path)
+    if title is not None:
+        return (f"an HTML page ('{title}'), not weights: a download that got Drive's quota or confirmation page or "
+                f"a proxy's error page; download it again (python download_models.py --verify checks the files)")
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head[:2] != b"PK" and head[:1] != b"\x80":  # torch.save writes a zip, or (legacy) a protocol-2 pickle
+        return "not a PyTorch checkpoint (neither torch.save's zip format nor a pickle); download or copy it again"
+    return None
+
+
 def _plain(text):
     """torch's message without terminal colour codes, on one line."""
     return " ".join(_ANSI.sub("", text).split())
@@ -68,6 +96,9 @@ def load_checkpoint(path, map_location="cpu", hint=None, expect_dict=True, mmap=
         raise CheckpointError(msg + (f"; {hint}" if hint else ""))
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"checkpoint {path}: file is empty")
+    problem = not_a_checkpoint(path)
+    if problem:
+        raise CheckpointError(f"checkpoint {path}: {problem}")
     # mmap only works for the zip format; legacy (pre-1.6) files are read normally.
     mmap = mmap and zipfile.is_zipfile(path)
     try:
@@ -120,6 +151,16 @@ def state_dict_mismatch(module, state_dict, limit=3):
             more = f" (+{len(keys) - limit} more)" if len(keys) > limit else ""
             parts.append(f"{len(keys)} {name}: {', '.join(keys[:limit])}{more}")
     return "; ".join(parts)
+
+
+def with_batchnorm_counters(module, state_dict):
+    """state_dict with BatchNorm ``num_batches_tracked`` entries made to fit ``module``: files saved before
+    PyTorch 0.4.1 (or trimmed) lack them, and torch's own strict load fills them in too (unused in eval)."""
+    own = {k for k in module.state_dict() if k.endswith("num_batches_tracked")}
+    sd = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked") or k in own}
+    for k in own - set(sd):
+        sd[k] = torch.tensor(0, dtype=torch.long)
+    return sd
 
 
 def load_state_dict_strict(module, state_dict, what, hint=None, assign=False):

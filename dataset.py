@@ -115,8 +115,11 @@ def lmdb_problems(lmdbs, size=None):
             continue
         try:
             n = lmdb_length(path, size)
-        except Exception as e:  # lmdb.Error and lmdb_length's errors alike: one line for the user
-            text = str(e) if path in str(e) else f"{path}: {e}"
+        except FileNotFoundError:
+            problems.append(f"{what} {path}: not an LMDB (no data.mdb; make one with prepare_data.py)")
+            continue
+        except Exception as e:  # lmdb.Error and lmdb_length's ValueErrors alike: one line for the user
+            text = str(e) if str(e).startswith(path) else f"{path}: {e}"
             problems.append(f"{what} {text}" + ("" if size is None else f" (--size {size})"))
             continue
         if n == 0:

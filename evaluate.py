@@ -29,7 +29,7 @@ from checkpoint import CheckpointError
 from evaluation import (MODES, ImageSet, Protocol, evaluation_settings, load_metric_networks, parse_indicators,
                         real_statistics, run_protocol)
 from imageio_utils import UnreadableImageError
-from inference import DTYPES, add_common_args, load_blendgan, validate_common
+from inference import DTYPES, add_common_args, load_blendgan, truncation_centre, validate_common
 
 
 def parse_args(argv=None):
@@ -106,11 +106,7 @@ def evaluate(opts):
 
     truncation_latent = None
     if opts.truncation < 1:
-        if "latent_avg" in ckpt:
-            truncation_latent = ckpt["latent_avg"].to(device=device, dtype=dtype)
-        else:
-            z = torch.randn(4096, g.style_dim, generator=torch.Generator().manual_seed(opts.seed))
-            truncation_latent = g.style(z.to(device=device, dtype=dtype)).mean(0, keepdim=True)
+        truncation_latent = truncation_centre(g, ckpt, 4096, torch.Generator().manual_seed(opts.seed), device, dtype)
     protocol = Protocol(opts.n_samples, opts.lpips_faces, opts.n_styles, opts.lpips_size, opts.truncation, opts.theta,
                         opts.seed)
     settings = evaluation_settings(opts.ckpt, g.size, real_id, refs_id, protocol, dtype=opts.dtype,

@@ -1,5 +1,6 @@
 """Atomic file output, the one mechanism behind every file the project writes (images, videos, JSON,
-checkpoints): write to a temporary file in the same folder, then os.replace it onto the target."""
+checkpoints): write to a temporary file in the same folder, then os.replace it onto the target. Also
+``pid_alive``, which tells a temporary or lock left by a killed process from one still in use."""
 import contextlib
 import os
 import uuid
@@ -29,3 +30,14 @@ def atomic_write_bytes(path, data):
     with atomic_path(path) as tmp:
         with open(tmp, "xb") as f:
             f.write(data)
+
+
+def pid_alive(pid):
+    """Whether process ``pid`` exists on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True

@@ -13,10 +13,10 @@ import sys
 import torch
 from tqdm import tqdm
 
-from inference import (DTYPES, Report, add_common_args, add_generator_args, add_photo_args, check_indicator,
-                       check_model_files, encode_faces, encode_styles, keep_freed_memory, list_inputs, load_aligner,
-                       load_blendgan, load_psp, read_input, release_freed_memory, resize, run_job, stem,
-                       validate_common)
+from inference import (DTYPES, Report, add_common_args, add_generator_args, add_indicator_arg, add_photo_args,
+                       check_indicator, check_model_files, distinct_names, encode_faces, encode_styles,
+                       keep_freed_memory, list_inputs, load_aligner, load_blendgan, load_psp, read_input,
+                       release_freed_memory, resize, run_job, stem, validate_common)
 from video import HOLD_FRAMES, compose_frame, interpolation_alphas, sliding_window, write_mp4
 
 
@@ -24,7 +24,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_generator_args(p)
     add_photo_args(p, style_help="folder of style images", outputs="videos")
-    p.add_argument("--add_weight_index", type=int, default=7, help="WBM indicator i (the release's video default: 7)")
+    add_indicator_arg(p, 7, " (the release's video default: 7)")
     p.add_argument("--outdir", default="results/inter_videos/", help="output folder")
     p.add_argument("--n_styles", type=int, default=8, help="style images drawn (with replacement) per face")
     p.add_argument("--fps", type=int, default=30, help="frames per second")
@@ -80,7 +80,7 @@ def gen_videos(opts):
     # One network at a time, as style_transfer_folder.py: G (memory-mapped) encodes the styles and is
     # dropped; pSp encodes every face and is dropped; a G without E_style renders the videos. So the
     # 1024 px video fits wherever the style transfer fits.
-    g, _ = load_blendgan(opts.ckpt, opts.size, opts.channel_multiplier, device, dtype)
+    g, _ = load_blendgan(opts.ckpt, opts.size, opts.channel_multiplier, device, dtype, indicator=opts.add_weight_index)
     size = g.size
     report = Report()
     aligner = load_aligner(opts.align, opts.predictor)
@@ -97,7 +97,7 @@ def gen_videos(opts):
     z_cache = dict(zip(style_paths, encode_styles(g, [style_cache[p] for p in style_paths], opts.batch, device, dtype)))
     del g
     release_freed_memory()
-    face_paths = list_inputs(opts.input_img_path)
+    face_paths = distinct_names(list_inputs(opts.input_img_path), report)
     walks = style_walks(face_paths, style_paths, opts.n_styles, opts.seed)
     todo = []  # (face path, face image, output path)
     for path in face_paths:

@@ -13,9 +13,9 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import load_checkpoint
-from inference import (DTYPES, Report, add_common_args, add_generator_args, check_indicator, check_model_files,
-                       encode_styles, keep_freed_memory, load_blendgan, read_input, run_job, validate_common,
-                       write_jpeg)
+from inference import (DTYPES, Report, add_common_args, add_generator_args, add_indicator_arg, check_indicator,
+                       check_model_files, encode_styles, keep_freed_memory, load_blendgan, read_input, run_job,
+                       truncation_centre, validate_common, write_jpeg)
 from utils import ten2img
 
 
@@ -28,7 +28,7 @@ def parse_args(argv=None):
     p.add_argument("--truncation", type=float, default=0.75, help="truncation psi of the face codes (overridden by ckpt['truncation'])")
     p.add_argument("--truncation_mean", type=int, default=4096, help="samples for the truncation centre when ckpt has no latent_avg")
     p.add_argument("--sample_zs", default=None, help="torch file with face codes (indexable, items [1, 512]) instead of random ones")
-    p.add_argument("--add_weight_index", type=int, default=6, help="WBM indicator i: 0 full style ... n_latent natural face")
+    add_indicator_arg(p, 6)
     add_common_args(p)
     opts = p.parse_args(argv)
     validate_common(p, opts)
@@ -42,16 +42,11 @@ def parse_args(argv=None):
 def generate_pairs(opts):
     check_model_files(opts)
     device, dtype = opts.device, DTYPES[opts.dtype]
-    g, ckpt = load_blendgan(opts.ckpt, opts.size, opts.channel_multiplier, device, dtype, opts.compile)
+    g, ckpt = load_blendgan(opts.ckpt, opts.size, opts.channel_multiplier, device, dtype, opts.compile,
+                            indicator=opts.add_weight_index)
     rng = torch.Generator().manual_seed(opts.seed)  # CPU draws: the same numbers on every device
     truncation = float(ckpt.get("truncation", opts.truncation))
-    trunc_latent = None
-    if truncation < 1:
-        if "latent_avg" in ckpt:
-            trunc_latent = ckpt["latent_avg"].to(device=device, dtype=dtype)
-        else:
-            z = torch.randn(opts.truncation_mean, g.style_dim, generator=rng).to(device=device, dtype=dtype)
-            trunc_latent = g.style(z).mean(0, keepdim=True)
+    trunc_latent = truncation_centre(g, ckpt, opts.truncation_mean, rng, device, dtype) if truncation < 1 else None
 
     if opts.style_img:
         report = Report()

@@ -58,7 +58,9 @@ def add_common_args(parser, batch_default=4):
     parser.add_argument("--device", default=default_device(), help="torch device (default: cuda if present, else cpu)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
                         help="compute precision of the networks (bfloat16/float16 are faster, slightly different)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed: the same seed (and --batch) gives the same output")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="random seed: the same seed, --batch and inputs (or --pics) give the same files; the "
+                             "size of a batch changes float rounding")
     parser.add_argument("--batch", type=int, default=batch_default, help="images generated per forward pass")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the generator and pSp encoder: the first call compiles (tens of "
@@ -108,14 +110,15 @@ def for_inference(module, device, dtype, compile=False):
 
 
 def load_blendgan(path, size=None, channel_multiplier=None, device="cpu", dtype=torch.float32, compile=False,
-                  with_style_encoder=True):
+                  with_style_encoder=True, indicator=None):
     """Generator from a BlendGAN checkpoint's ``g_ema`` (release layout), ready for inference.
 
     size / channel_multiplier: None reads them from the file. style_dim and n_mlp always come from the
     file (512 and 8 for the release). The weights are memory-mapped and assigned: in float32 only the
     4-D (VGG) weights are copied, for channels_last (see for_inference), and E_style's 1.25 GB layer is
     read when a style is encoded. with_style_encoder=False leaves E_style out (``g.embedder`` is None):
-    for generation from style codes computed before. Returns (generator, the checkpoint dict).
+    for generation from style codes computed before. indicator: an --add_weight_index to check against the
+    generator's layers (when --size did not say them). Returns (generator, the checkpoint dict).
     """
     ckpt = load_checkpoint(path, hint=missing_hint("--ckpt", "blendgan.pt"))
     sd = require_key(ckpt, "g_ema", path)
@@ -125,6 +128,9 @@ def load_blendgan(path, size=None, channel_multiplier=None, device="cpu", dtype=
         raise CheckpointError(f"{path}['g_ema']: not a BlendGAN generator state dict "
                               f"(no add_weight/style.*/to_rgbs.* keys)") from None
     size = size or cfg["size"]
+    problem = indicator_problem(indicator, size)
+    if problem:
+        raise CheckpointError(f"{problem} (the generator of {path})")
     channel_multiplier = channel_multiplier or cfg["channel_multiplier"] or 2
     style_dim, n_mlp = cfg["style_dim"], cfg["n_mlp"]
     with torch.device("meta"):
@@ -223,6 +229,17 @@ def list_inputs(path):
     return [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))]
 
 
+def distinct_names(paths, report):
+    """``paths`` without the files whose name stem an earlier one has (a.jpg and a.png): outputs are named
+    after the stem, so the later file would overwrite the earlier one's results; it is skipped, named."""
+    first = {}
+    for path in paths:
+        if first.setdefault(stem(path), path) != path:
+            report.skip(path, f"same name as {os.path.basename(first[stem(path)])}: its outputs would overwrite "
+                              f"that file's (rename one)")
+    return [path for path in paths if first[stem(path)] == path]
+
+
 def read_input(path, report, aligner=None, align_size=1024):
     """RGB uint8 [H, W, 3] of an input image, or None (reported) if it cannot be used.
 
@@ -295,10 +312,36 @@ def encode_faces(psp, images, batch, device, dtype):
     return torch.cat(out)
 
 
-def check_indicator(parser, index, size):
-    n = n_latent_for(size) if size else 18
+@torch.no_grad()
+def truncation_centre(g, ckpt, n, generator, device, dtype):
+    """The truncation centre [1, style_dim]: the checkpoint's latent_avg, else the mean of g's face mapping
+    over n codes drawn on the CPU from ``generator`` (the same numbers on every device)."""
+    if "latent_avg" in ckpt:
+        return ckpt["latent_avg"].to(device=device, dtype=dtype)
+    z = torch.randn(n, g.style_dim, generator=generator).to(device=device, dtype=dtype)
+    return g.style(z).mean(0, keepdim=True)
+
+
+def add_indicator_arg(parser, default, note=""):
+    """--add_weight_index: the WBM indicator i of the release's scripts (their defaults: 6, videos 7)."""
+    parser.add_argument("--add_weight_index", type=int, default=default,
+                        help="WBM indicator i: layers below i keep the face code; 0 = full style (every layer blended "
+                             "with its learned weight, as no index) ... n_latent = natural face" + note)
+
+
+def indicator_problem(index, size):
+    """Why --add_weight_index ``index`` does not fit a ``size`` px generator (None when it does)."""
+    n = n_latent_for(size)
     if index is not None and not -n <= index <= n:
-        parser.error(f"--add_weight_index must be in [{-n}, {n}] for size {size} ({n} layers); {n} = natural face")
+        return f"--add_weight_index must be in [{-n}, {n}] for size {size} ({n} layers; {n} = natural face), got {index}"
+    return None
+
+
+def check_indicator(parser, index, size):
+    """--add_weight_index against --size at parsing; without --size load_blendgan(indicator=) checks it."""
+    problem = indicator_problem(index, size) if size else None
+    if problem:
+        parser.error(problem)
 
 
 def write_jpeg(path, rgb):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict
+from checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict, with_batchnorm_counters
 
 INCEPTION_SIZE = 299  # the FID network's input side; every image is resized to it (bilinear, as pytorch-fid)
 ALEXNET_CONVS = (0, 3, 6, 8, 10)  # indices in torchvision's alexnet().features of the 5 conv layers
@@ -133,15 +133,6 @@ class InceptionFeatures(nn.Module):
         if x.shape[-2:] != (self.input_size, self.input_size):
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
         return self.blocks(2 * x - 1).flatten(1)  # [N, 2048]
-
-
-def with_batchnorm_counters(module, state_dict):
-    """state_dict with BatchNorm ``num_batches_tracked`` entries made to fit ``module`` (unused in eval)."""
-    own = {k for k in module.state_dict() if k.endswith("num_batches_tracked")}
-    sd = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked") or k in own}
-    for k in own - set(sd):
-        sd[k] = torch.tensor(0, dtype=torch.long)
-    return sd
 
 
 def load_inception(path):

@@ -18,7 +18,6 @@ Inception and LPIPS AlexNet) find it with pretrained_file(). Nothing happens at 
 import hashlib
 import http.client
 import os
-import re
 import socket
 import sys
 import urllib.error
@@ -28,7 +27,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from checkpoint import CheckpointError, load_checkpoint, require_key
+from checkpoint import CheckpointError, html_title, load_checkpoint, require_key
 
 COMMAND = "python download_models.py"
 MIRROR_ENV = "BLENDGAN_MIRROR"  # URL prefix that replaces every source, like --mirror
@@ -36,7 +35,6 @@ DRIVE_PREFIX = "gdrive:"  # a source "gdrive:ID" is a Google Drive file id
 RELEASE_README = "https://github.com/onion-liu/BlendGAN#pretrained-models"
 CHUNK = 1 << 20
 TIMEOUT_S = 30
-HTML_SNIFF_BYTES = 1024
 
 # Published locations (checked against torchvision / pytorch-fid by the tests; metrics.py reads them here).
 VGG19_URL = "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"  # VGG19_Weights.IMAGENET1K_V1
@@ -238,17 +236,6 @@ def sha256_of(path):
         for block in iter(lambda: f.read(CHUNK), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def html_title(path):
-    """The page's title (or 'untitled') when the file is an HTML page, else None."""
-    with open(path, "rb") as f:
-        head = f.read(HTML_SNIFF_BYTES)
-    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
-    if not (text.startswith((b"<!doctype html", b"<html", b"<head", b"<!--")) or b"<html" in text):
-        return None
-    m = re.search(rb"<title[^>]*>(.*?)</title>", head, re.I | re.S)
-    return m.group(1).decode("utf-8", "replace").strip()[:80] if m else "untitled"
 
 
 class FileProblem(Exception):

@@ -26,6 +26,7 @@ import lmdb
 from PIL import Image
 from tqdm import tqdm
 
+from fileio import pid_alive
 from imageio_utils import UnreadableImageError, encode_image, list_images, read_image_rgb
 
 RESAMPLE = {'lanczos': Image.Resampling.LANCZOS, 'bilinear': Image.Resampling.BILINEAR,
@@ -292,6 +293,19 @@ def _move_into_place(tmp_path, out):
         os.rename(tmp_path, out)
 
 
+def remove_stale_temporaries(out):
+    """Delete the '{out}.tmp-PID-*' folders whose process is gone (a run killed before it could clean up:
+    a whole unfinished LMDB, tens of GB for FFHQ); returns their paths. Those of live runs stay."""
+    folder, name = os.path.split(out)
+    removed = []
+    for entry in sorted(os.listdir(folder)):
+        m = re.fullmatch(re.escape(name) + r'\.tmp-(\d+)-[0-9a-f]{8}', entry)
+        if m and not pid_alive(int(m.group(1))):
+            shutil.rmtree(os.path.join(folder, entry), ignore_errors=True)
+            removed.append(os.path.join(folder, entry))
+    return removed
+
+
 def prepare(options):
     """Build options.out from options.paths; returns a PackSummary."""
     status, length, resolutions = lmdb_status(options.out)
@@ -313,6 +327,8 @@ def prepare(options):
 
     out = os.path.abspath(options.out)
     os.makedirs(os.path.dirname(out), exist_ok=True)
+    for stale in remove_stale_temporaries(out):
+        print(f'removed {stale}: the unfinished LMDB of an earlier run that was killed')
     tmp_path = f'{out}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}'
     try:
         count, skipped = _write_lmdb(tmp_path, paths, options)

@@ -307,7 +307,8 @@ def load_encoder_backbone(encoder, path):
     if any(isinstance(k, str) and k.startswith(prefix) for k in weights):
         weights = {k[len(prefix):]: v for k, v in weights.items() if isinstance(k, str) and k.startswith(prefix)}
     own = encoder.state_dict()
-    backbone = [k for k in own if k.startswith(("input_layer.", "body."))]
+    # BatchNorm's num_batches_tracked counters are not weights (files from before PyTorch 0.4.1 lack them)
+    backbone = [k for k in own if k.startswith(("input_layer.", "body.")) and not k.endswith("num_batches_tracked")]
     missing = [k for k in backbone if k not in weights]
     misshaped = [k for k in backbone if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
     if missing or misshaped:

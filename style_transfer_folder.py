@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from inference import (DTYPES, Report, add_common_args, add_generator_args, add_photo_args, check_indicator,
-                       check_model_files, encode_faces, encode_styles, keep_freed_memory, list_inputs,
-                       load_aligner, load_blendgan, load_psp, read_input, release_freed_memory, resize, run_job,
-                       stem, validate_common, write_jpeg)
+from inference import (DTYPES, Report, add_common_args, add_generator_args, add_indicator_arg, add_photo_args,
+                       check_indicator, check_model_files, distinct_names, encode_faces, encode_styles,
+                       keep_freed_memory, list_inputs, load_aligner, load_blendgan, load_psp, read_input,
+                       release_freed_memory, resize, run_job, stem, validate_common, write_jpeg)
 from utils import ten2img
 
 
@@ -26,7 +26,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_generator_args(p)
     add_photo_args(p, style_help="style image or folder of them", outputs="outputs")
-    p.add_argument("--add_weight_index", type=int, default=6, help="WBM indicator i: 0 full style ... n_latent natural face")
+    add_indicator_arg(p, 6)
     p.add_argument("--outdir", default="results/style_transfer/", help="output folder")
     add_common_args(p)
     opts = p.parse_args(argv)
@@ -54,12 +54,14 @@ def style_transfer(opts):
     # 1 GB pSp encoder and the 1024 px activations are never in memory together (peak RSS: README).
     # The generator is memory-mapped: in float32 loading it reads little more than what is used.
     check_model_files(opts, psp=True)  # every missing file in one message, before any work
-    g = load_blendgan(opts.ckpt, opts.size, opts.channel_multiplier, device, dtype)[0]
+    g = load_blendgan(opts.ckpt, opts.size, opts.channel_multiplier, device, dtype, indicator=opts.add_weight_index)[0]
     size = g.size
     report = Report()
     aligner = load_aligner(opts.align, opts.predictor)
-    face_stems, faces, face_thumbs = read_all(list_inputs(opts.input_img_path), report, size, aligner)
-    style_stems, styles, style_thumbs = read_all(list_inputs(opts.style_img_path), report, size)
+    face_paths = distinct_names(list_inputs(opts.input_img_path), report)
+    face_stems, faces, face_thumbs = read_all(face_paths, report, size, aligner)
+    style_stems, styles, style_thumbs = read_all(distinct_names(list_inputs(opts.style_img_path), report), report,
+                                                 size)
     if not faces or not styles:
         print(f"nothing to do: {len(faces)} usable face(s), {len(styles)} usable style(s)", file=sys.stderr)
         return report

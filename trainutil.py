@@ -1,13 +1,16 @@
 """Small, general training helpers shared by train_style_encoder.py and train.py.
 
 - ``CheckpointManager``: complete checkpoints as ``DIR/checkpoints/NNNNNN.pt`` (the step, zero-padded
-  to six digits), written atomically through checkpoint.save_checkpoint, the last ``keep`` kept.
+  to six digits), written atomically through checkpoint.save_checkpoint, the last ``keep`` kept; those
+  of an abandoned continuation set aside when a run restarts from an earlier step.
+- ``load_optimizer_state`` / ``load_scaler_state``: resume an optimizer (moments from the checkpoint,
+  hyperparameters from this run) and a GradScaler (also from a run that had none).
 - ``rng_state`` / ``set_rng_state``: Python, NumPy, torch CPU and (when present) CUDA generator
   states as a dict that a weights-only ``torch.load`` accepts; ``gather_rng_states`` /
   ``restore_rng_states`` for one entry per rank.
 - ``write_json`` / ``write_config``: atomic JSON (``DIR/config.json``).
 - ``ScalarLogger``: TensorBoard scalars plus one JSON line per call in ``logs/scalars.jsonl``;
-  a no-op off rank 0.
+  a no-op off rank 0; a resumed run's later records dropped. ``RunMonitor``: the loop's bar, logs, speed.
 - ``check_finite``: stops a run on a NaN/inf loss with a clear ``NonFiniteLossError``;
   ``NonFiniteGuard``: skips a few non-finite steps first (mixed precision).
 - ``default_device``, ``rank_seed``, ``seed_everything`` (per-rank seeding), ``accumulate`` (EMA,

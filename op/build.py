@@ -28,6 +28,8 @@ import socket
 import time
 import warnings
 
+from fileio import pid_alive
+
 OP_DIR = os.path.dirname(os.path.abspath(__file__))
 
 # name -> list of source files (relative to OP_DIR); the binding .cpp first.
@@ -133,16 +135,6 @@ def compile_extension(name, verbose=False):
     )
 
 
-def _pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
 def stale_lock_reason(path, now=None):
     """Why the lock file at `path` is stale (a sentence), or None while its holder may still be building.
 
@@ -160,7 +152,7 @@ def stale_lock_reason(path, now=None):
         return None
     except (OSError, ValueError):
         return f"unreadable lock {age:.0f} s old" if age > 60 else None
-    if holder.get("host") == socket.gethostname() and not _pid_alive(int(holder.get("pid", -1))):
+    if holder.get("host") == socket.gethostname() and not pid_alive(int(holder.get("pid", -1))):
         return f"its build process {holder.get('pid')} is gone (interrupted build)"
     if age > STALE_LOCK_SECONDS:
         return f"it is {age / 60:.0f} min old (no build takes that long)"

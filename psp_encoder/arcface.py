@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from checkpoint import load_checkpoint, load_state_dict_strict
+from checkpoint import load_checkpoint, load_state_dict_strict, with_batchnorm_counters
 from psp_encoder.encoders import IR_SE_50_STAGES, ir_se50_trunk
 
 ID_INPUT_SIZE = 112
@@ -46,5 +46,5 @@ def load_arcface(path):
     ckpt = load_checkpoint(path, hint="pSp's model_ir_se50.pth (ArcFace IR-SE-50)")
     with torch.device("meta"):
         net = ArcFaceIRSE50()
-    load_state_dict_strict(net, ckpt, f"--id_weights {path}", assign=True)
+    load_state_dict_strict(net, with_batchnorm_counters(net, ckpt), f"--id_weights {path}", assign=True)
     return net.eval().requires_grad_(False)

@@ -180,6 +180,25 @@ def test_api_matches_style_transfer_folder(server, ckpts, tmp_path):
         client.predict(handle_file(str(huge)), 6, 1, 0.75, api_name="/set_style")
 
 
+def test_truncation_centre_without_latent_avg_is_the_same_in_every_launch(ckpts, tmp_path):
+    """A checkpoint without latent_avg: the centre is the mean of 4096 seeded face codes, so a random face
+    of a given seed looks the same after a restart (it came from the unseeded global RNG)."""
+    ckpt, psp_ckpt = ckpts
+    bare = tmp_path / "no_latent_avg.pt"
+    torch.save({"g_ema": torch.load(ckpt, weights_only=True)["g_ema"]}, bare)
+    opts = app.parse_args(["--ckpt", str(bare), "--psp_encoder_ckpt", psp_ckpt, "--device", "cpu"])
+    centres = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)  # whatever the global RNG holds
+        demo = app.BlendGANDemo(opts).load()
+        assert demo.error is None
+        centres.append(demo.latent_avg)
+    z = torch.randn(4096, demo.g.style_dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = demo.g.style(z).mean(0, keepdim=True)
+    assert torch.equal(centres[0], centres[1]) and torch.equal(centres[0], expected)
+
+
 def test_starts_without_checkpoints_and_names_them(tmp_path):
     port = free_port()
     missing = tmp_path / "blendgan.pt"

@@ -140,3 +140,28 @@ def test_only_plain_data_classes_are_allowed():
     for cls in SAFE_CLASSES:
         assert cls.__reduce__ is object.__reduce__ and cls.__reduce_ex__ is object.__reduce_ex__
         assert not hasattr(cls, "__setstate__")
+
+
+def test_files_that_are_not_checkpoints_say_what_they_are(tmp_path):
+    """A page saved instead of the weights (Drive's quota page: the known failure of a hand download) and
+    random bytes are named as such, not as something the safe loader refused; a truncated zip is still
+    'truncated or corrupt', and real files of both torch.save formats load."""
+    page = tmp_path / "blendgan.pt"
+    page.write_bytes(b"<!DOCTYPE html><html><head><title>Google Drive - Quota exceeded</title></head></html>")
+    with pytest.raises(CheckpointError, match=r"blendgan.pt: an HTML page \('Google Drive - Quota exceeded'\), "
+                                              r"not weights.*download it again"):
+        load_checkpoint(page)
+    noise = tmp_path / "noise.pt"
+    noise.write_bytes(bytes(range(7, 107)))
+    with pytest.raises(CheckpointError, match="noise.pt: not a PyTorch checkpoint"):
+        load_checkpoint(noise)
+    whole = tmp_path / "whole.pt"
+    torch.save({"w": torch.arange(3)}, whole)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(whole.read_bytes()[:200])
+    with pytest.raises(CheckpointError, match="cut.pt: not a readable PyTorch checkpoint, truncated or corrupt"):
+        load_checkpoint(cut)
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"w": torch.arange(3)}, legacy, _use_new_zipfile_serialization=False)
+    for path in (whole, legacy):
+        assert torch.equal(load_checkpoint(path)["w"], torch.arange(3))

@@ -4,6 +4,8 @@ import hashlib
 import io
 import os
 import shutil
+import subprocess
+import sys
 
 import lmdb
 import numpy as np
@@ -280,6 +282,25 @@ def test_unfinished_lmdb_needs_overwrite(tmp_path):
     with pytest.raises(ValueError, match='length'):
         MultiResolutionDataset(out, None, 32)
     assert prepare_data.main(args + ['--overwrite']) == 0
+    assert len(MultiResolutionDataset(out, None, 32)) == 1
+
+
+def test_a_killed_runs_temporary_lmdb_is_removed_by_the_next_run(tmp_path, capsys):
+    """A run killed with SIGKILL leaves '{out}.tmp-PID-XXXXXXXX' (a whole unfinished LMDB): the next run
+    removes it, naming it; a temporary of a live process (another run writing now) stays."""
+    out = str(tmp_path / 'faces.lmdb')
+    gone = subprocess.Popen([sys.executable, '-c', 'pass'])
+    gone.wait()
+    dead = f'{out}.tmp-{gone.pid}-0123abcd'
+    live = f'{out}.tmp-{os.getpid()}-4567cdef'
+    for folder in (dead, live):
+        os.makedirs(folder)
+        with open(os.path.join(folder, 'data.mdb'), 'wb') as f:
+            f.write(b'half')
+    assert prepare_data.main(['--out', out, '--size', '32', '--n_worker', '0',
+                              os.path.join(TEST_IMGS, 'unaligned')]) == 0
+    assert f'removed {dead}' in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path)) == ['faces.lmdb', os.path.basename(live)]
     assert len(MultiResolutionDataset(out, None, 32)) == 1
 
 

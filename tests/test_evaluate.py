@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -483,3 +484,11 @@ def test_cli_end_to_end_with_weights_files(tiny_g, inception_file, alexnet_file,
     assert "reference-guided i=0: kept" in printed and "| 0 |" in printed
     assert os.stat(out / "real_stats.npz").st_mtime_ns == stats_mtime
     assert read_csv(out / "table1.csv") == rows
+    with np.load(out / "real_stats.npz") as f:
+        assert str(f["features"]) == os.path.abspath(inception_file)
+    # other Inception weights: the cached statistics are refused, not mixed with the new features
+    other = tmp_path / "other_inception.pth"
+    shutil.copy(inception_file, other)
+    os.remove(out / "partial_results.json")
+    with pytest.raises(SystemExit, match=f"statistics of the Inception weights {os.path.abspath(inception_file)}"):
+        evaluate.main([str(other if a == inception_file else a) for a in args])

@@ -97,7 +97,7 @@ def test_generate_pairs_latent_guided_matches_in_process_generation(ckpts, tmp_p
     assert np.abs(read_rgb(str(other / files[0])).astype(float) - read_rgb(str(out / files[0]))).mean() > 5
 
 
-def test_generate_pairs_reference_guided_and_natural_indicator(ckpts, tmp_path):
+def test_generate_pairs_reference_guided_and_natural_indicator(ckpts, tmp_path, capsys):
     ckpt, _ = ckpts
     styles = sorted(os.listdir(STYLES))
     outs = []
@@ -121,6 +121,15 @@ def test_generate_pairs_reference_guided_and_natural_indicator(ckpts, tmp_path):
     img = read_rgb(str(out / "000000.jpg"))
     # identical halves give identical JPEG blocks; only the decoder's chroma upsampling at the seam differs
     assert np.array_equal(img[:, 1:SIZE - 1], img[:, SIZE + 1:-1])
+    # 11 is beyond this generator's 10 layers: refused with or without --size (without it, once the
+    # checkpoint says its size; it was checked against 1024 px's 18 then), before anything is written
+    for size_args in ([], ["--size", SIZE]):
+        with pytest.raises(SystemExit) as exit_info:
+            run_main(generate_image_pairs, ["--ckpt", ckpt, "--pics", 1, "--outdir", tmp_path / "beyond", "--device",
+                                            "cpu", "--add_weight_index", 11] + size_args)
+        assert "--add_weight_index must be in [-10, 10] for size 64 (10 layers; 10 = natural face), got 11" in str(
+            exit_info.value) + capsys.readouterr().err
+    assert not (tmp_path / "beyond").exists()
 
 
 def test_style_transfer_folder_outputs_and_values(ckpts, tmp_path):
@@ -179,7 +188,8 @@ def make_bad_folder(folder):
     (folder / "notes.png").write_text("this is a text file\n")
     (folder / "empty.jpg").write_bytes(b"")
     Image.new("RGB", (1, 1), (200, 10, 10)).save(folder / "tiny.png")
-    return {"corrupt.png", "truncated.jpg", "notes.png", "empty.jpg", "tiny.png"}
+    shutil.copy(folder / "good16.png", folder / "good.png")  # good.jpg's name: its outputs would overwrite
+    return {"corrupt.png", "truncated.jpg", "notes.png", "empty.jpg", "tiny.png", "good.png"}
 
 
 def test_bad_inputs_are_named_and_skipped(ckpts, tmp_path, capsys):
@@ -196,13 +206,14 @@ def test_bad_inputs_are_named_and_skipped(ckpts, tmp_path, capsys):
     assert sorted(os.listdir(out)) == sorted(f"{n}_v_{stem}.jpg" for n in ("good", "cmyk", "good16", "grey16"))
     for name in bad:
         assert name in err.err, name
-    assert "4 stylized faces written, 5 input(s) skipped" in err.out
+    assert "4 stylized faces written, 6 input(s) skipped" in err.out
+    assert "skipped " + str(tmp_path / "faces" / "good.png") + ": same name as good.jpg" in err.err
     for n in os.listdir(out):
         assert read_rgb(str(out / n)).shape == (SIZE, 3 * SIZE, 3)
     # nothing usable -> non-zero exit, no output
     only_bad = tmp_path / "only_bad"
     only_bad.mkdir()
-    for name in bad:
+    for name in bad - {"good.png"}:  # (without good.jpg, good.png is a usable face)
         shutil.copy(tmp_path / "faces" / name, only_bad / name)
     code = run_main(style_transfer_folder, ["--ckpt", ckpt, "--psp_encoder_ckpt", psp_ckpt, "--input_img_path",
                                             only_bad, "--style_img_path", style, "--outdir", tmp_path / "none",

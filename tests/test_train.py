@@ -940,6 +940,7 @@ def test_command_line_validation(data, tmp_path, capsys, monkeypatch):
     bad = [(base + ["--size", "48"], "power of two"),
            (base + ["--size", "64"], f"FFHQ_LMDB {data['faces']} holds no images at resolution 64"),
            (base + ["--size", "32", "--eq8", "both"], "--eq8"),
+           ([STYLES] + base[1:] + ["--size", "32"], f"FFHQ_LMDB {STYLES}: not an LMDB (no data.mdb"),
            ([data["faces"], "--style_encoder_ckpt", data["style_encoder"]], "AAHQ_LMDB"),
            ([data["faces"], data["styles"]], "--style_encoder_ckpt is required"),
            ([data["faces"], data["styles"]] + fresh, "--style_encoder_ckpt is required"),

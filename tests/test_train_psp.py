@@ -237,6 +237,14 @@ def test_arcface_has_the_model_ir_se50_layout_and_identity_loss_is_one_minus_cos
     assert 1e-3 < loss.item() < 1.5
     loss.backward()
     assert y_hat.grad.abs().sum() > 0
+    # a file without BatchNorm's num_batches_tracked (saved before PyTorch 0.4.1; torch's strict load, which
+    # pSp uses, fills them in): the same network
+    old_style = assets["root"] / "arcface_without_counters.pth"
+    torch.save({k: v for k, v in torch.load(assets["arcface"], weights_only=True).items()
+                if not k.endswith("num_batches_tracked")}, old_style)
+    x = torch.rand(2, 3, 112, 112) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(load_arcface(str(old_style))(x), net(x))
     with pytest.raises(CheckpointError, match="layout does not fit"):
         bad = assets["root"] / "not_arcface.pth"
         torch.save({k: v for k, v in torch.load(assets["arcface"], weights_only=True).items()
@@ -309,6 +317,11 @@ def test_encoder_backbone_copies_stem_and_body_only(assets, tmp_path):
     assert pt.load_encoder_backbone(encoder, str(psp_file)) == len(stem_body) + 2
     assert (encoder.state_dict()["styles.7.linear.weight"] == 0.5).all()
     assert not encoder.state_dict()["styles.6.linear.weight"].any()
+
+    counters = [k for k in stem_body if k.endswith("num_batches_tracked")]
+    without = tmp_path / "without_counters.pth"
+    torch.save({k: v for k, v in arcface.items() if not k.endswith("num_batches_tracked")}, without)
+    assert counters and pt.load_encoder_backbone(encoder, str(without)) == len(stem_body) - len(counters)
 
     broken = tmp_path / "broken.pt"
     torch.save({k: v for k, v in arcface.items() if not k.startswith("body.5.")}, broken)
@@ -503,7 +516,11 @@ def test_cli_validates_options(assets, trained, tmp_path, capsys):
         assert message in capsys.readouterr().err
     with pytest.raises(SystemExit):
         train_psp.parse_args([str(tmp_path / "nowhere")] + good[1:])
-    assert "make one with prepare_data.py" in capsys.readouterr().err
+    assert "nowhere: no such folder (make it with prepare_data.py)" in capsys.readouterr().err
+    # a folder of images instead of an LMDB: one line at parsing (it was a traceback after the generator loaded)
+    with pytest.raises(SystemExit):
+        train_psp.parse_args([FACES] + good[1:])
+    assert f"LMDB {FACES}: not an LMDB (no data.mdb" in capsys.readouterr().err
 
     ckpt = os.path.join(opts.out_dir, "checkpoints", "000006.pt")
     with pytest.raises(CheckpointError, match="--encoder_input_size 32 .this run: 64."):

@@ -338,6 +338,9 @@ def test_resume_refuses_another_architecture(assets, tmp_path, capsys):
     wrong = options(assets, tmp_path / "run", iter=2, style_dim=16, resume="latest")
     assert train_style_encoder.main(cli_args(wrong)) == 1
     assert "style_dim=8 (command line 16)" in capsys.readouterr().err
+    other_pool = options(assets, tmp_path / "run", iter=2, style_pool_size=2 * POOL, resume="latest")
+    assert train_style_encoder.main(cli_args(other_pool)) == 1  # Gram features of other images: refused too
+    assert f"style_pool_size={POOL} (command line {2 * POOL})" in capsys.readouterr().err
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(assets, tmp_path, monkeypatch, capsys):
@@ -362,13 +365,23 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(assets, tmp_pa
     assert "is nan" in capsys.readouterr().err
 
 
-def test_cli_validates_options(assets, tmp_path, capsys):
+def test_cli_validates_options(assets, tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         train_style_encoder.parse_args([assets["lmdb"], "--out_dir", str(tmp_path), "--temperature", "0"])
     assert "--temperature must be positive" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         train_style_encoder.parse_args([str(tmp_path / "missing"), "--out_dir", str(tmp_path)])
     assert "prepare_data.py" in capsys.readouterr().err
+    # a folder that holds no LMDB, and a size the LMDB does not have: one line at parsing, no traceback
+    for argv, message in (([str(tmp_path), "--out_dir", str(tmp_path)], f"LMDB {tmp_path}: not an LMDB"),
+                          ([assets["lmdb"], "--out_dir", str(tmp_path), "--size", "128"], "--size 128")):
+        with pytest.raises(SystemExit):
+            train_style_encoder.parse_args(argv)
+        assert message in capsys.readouterr().err, message
+    # NT-Xent's negatives are the rest of the global batch: one image on one process would train nothing
+    assert any("at least 2" in p for p in se.validate(options(assets, tmp_path, batch=1)))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert se.validate(options(assets, tmp_path, batch=1)) == []
     with pytest.raises(SystemExit):
         train_style_encoder.parse_args(["--help"])
     assert "global batch" in capsys.readouterr().out
