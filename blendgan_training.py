@@ -961,10 +961,11 @@ def make_optimizers(nets, opts):
 
 def _grads_in_parameter_strides(module):
     """Hooks on the parameters with a size-1 dimension: a gradient whose strides differ from the
-    parameter's is copied into the parameter's strides before it is accumulated (a few hundred numbers)."""
+    parameter's is copied into the parameter's strides before it is accumulated (a copy of one weight's
+    size, where it happens: the [1, 512] output weights, the 1x1 convolutions, G's [1, 512, 4, 4] input)."""
     def hook_for(p):
         def hook(grad):
-            if grad.stride() == p.stride():
+            if grad is None or grad.stride() == p.stride():
                 return grad
             return torch.empty_strided(p.shape, p.stride(), dtype=grad.dtype, device=grad.device).copy_(grad)
         return hook

@@ -48,15 +48,15 @@ def html_title(path):
 def not_a_checkpoint(path):
     """Why the file at ``path`` cannot be a torch.save file (None when it may be one): an HTML page (what a
     failed download of a large file often is), or bytes that are neither the zip format nor a pickle."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head[:2] == b"PK" or head[:1] == b"\x80":  # torch.save writes a zip, or (legacy) a protocol-2 pickle
+        return None
     title = html_title(path)
     if title is not None:
         return (f"an HTML page ('{title}'), not weights: a download that got Drive's quota or confirmation page or "
                 f"a proxy's error page; download it again (python download_models.py --verify checks the files)")
-    with open(path, "rb") as f:
-        head = f.read(2)
-    if head[:2] != b"PK" and head[:1] != b"\x80":  # torch.save writes a zip, or (legacy) a protocol-2 pickle
-        return "not a PyTorch checkpoint (neither torch.save's zip format nor a pickle); download or copy it again"
-    return None
+    return "not a PyTorch checkpoint (neither torch.save's zip format nor a pickle); download or copy it again"
 
 
 def _plain(text):

@@ -177,6 +177,9 @@ class Generator(nn.Module):
 
     def synthesis(self, latent, noise):
         """StyleGAN2 synthesis from W+ [N, n_latent, style_dim]; noise: list of num_layers maps or Nones."""
+        if len(noise) != self.num_layers:  # zip() below would stop early: a smaller image, no error
+            raise ValueError(f"noise: {len(noise)} maps given, the {self.size} px generator has {self.num_layers} "
+                             f"noise layers")
         out = self.input(latent.shape[0])
         out = self.conv1(out, latent[:, 0], noise=noise[0])
         skip = self.to_rgb1(out, latent[:, 1])

@@ -18,6 +18,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import socket
 import sys
 import uuid
 from dataclasses import dataclass, field
@@ -294,12 +295,14 @@ def _move_into_place(tmp_path, out):
 
 
 def remove_stale_temporaries(out):
-    """Delete the '{out}.tmp-PID-*' folders whose process is gone (a run killed before it could clean up:
-    a whole unfinished LMDB, tens of GB for FFHQ); returns their paths. Those of live runs stay."""
+    """Delete the '{out}.tmp-HOST-PID-*' folders of this machine whose process is gone (a run killed before
+    it could clean up: a whole unfinished LMDB, tens of GB for FFHQ); returns their paths. Those of live
+    runs, and of other machines sharing the folder, stay."""
     folder, name = os.path.split(out)
+    prefix = re.escape(f'{name}.tmp-{socket.gethostname()}-')
     removed = []
     for entry in sorted(os.listdir(folder)):
-        m = re.fullmatch(re.escape(name) + r'\.tmp-(\d+)-[0-9a-f]{8}', entry)
+        m = re.fullmatch(prefix + r'(\d+)-[0-9a-f]{8}', entry)
         if m and not pid_alive(int(m.group(1))):
             shutil.rmtree(os.path.join(folder, entry), ignore_errors=True)
             removed.append(os.path.join(folder, entry))
@@ -329,7 +332,7 @@ def prepare(options):
     os.makedirs(os.path.dirname(out), exist_ok=True)
     for stale in remove_stale_temporaries(out):
         print(f'removed {stale}: the unfinished LMDB of an earlier run that was killed')
-    tmp_path = f'{out}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}'
+    tmp_path = f'{out}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}'
     try:
         count, skipped = _write_lmdb(tmp_path, paths, options)
         _move_into_place(tmp_path, out)

@@ -258,8 +258,10 @@ class ScalarLogger:
     """TensorBoard scalars in ``log_dir`` plus ``log_dir/scalars.jsonl`` ({"step": s, name: value, ...}).
 
     start: the step the run continues from (None: append to whatever is there). Records of later steps,
-    written by the run that went past ``start`` before it stopped, are dropped from scalars.jsonl and
-    purged by TensorBoard, so that a resumed run logs each step once.
+    written by a run that went past ``start`` (or by an earlier run in this folder, when starting at 0),
+    move from scalars.jsonl to ``superseded/scalars-TIME.jsonl`` and TensorBoard hides their events, so
+    that the continued run logs each step once and nothing is lost. A line that does not parse (a run
+    killed mid-write) moves with them.
     A no-op off rank 0. Without the tensorboard package only the jsonl file is written (one warning).
     Use as a context manager or call close().
     """
@@ -273,8 +275,7 @@ class ScalarLogger:
         os.makedirs(log_dir, exist_ok=True)
         path = os.path.join(log_dir, "scalars.jsonl")
         if start is not None and os.path.isfile(path):
-            kept = [r for r in read_jsonl(path) if r.get("step", 0) <= start]
-            atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+            self._set_aside_after(path, start)
         self.jsonl = open(path, "a")
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -282,6 +283,25 @@ class ScalarLogger:
             warnings.warn(f"TensorBoard is not available ({e}); scalars go to scalars.jsonl only")
         else:
             self.writer = SummaryWriter(log_dir, purge_step=None if start is None else start + 1)
+
+    @staticmethod
+    def _set_aside_after(path, start):
+        kept, later = [], []
+        with open(path) as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    step = json.loads(line).get("step", 0)
+                except (ValueError, AttributeError):
+                    step = None  # torn or foreign: not this run's record
+                (kept if step is not None and step <= start else later).append(line.rstrip("\n") + "\n")
+        if not later:
+            return
+        aside = os.path.join(os.path.dirname(path), "superseded", f"scalars-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+        atomic_write_bytes(aside, "".join(later).encode())
+        atomic_write_bytes(path, "".join(kept).encode())
+        print(f"the run continues from step {start}: {len(later)} later log record(s) moved to {aside}")
 
     def log(self, step, scalars):
         """scalars: {name: number or 0-d tensor}; names may use '/' for TensorBoard groups."""

@@ -15,20 +15,21 @@ BLENDGAN_CUDA_OPS=auto (default: kernels when they build and pass the check) | r
 reference everywhere; BLENDGAN_NO_CUDA_OPS=1 is the older spelling) | cuda (the kernels wherever the
 inputs are on CUDA: a build failure raises, a failed check still warns).
 
-Concurrent builds (torchrun starts N processes that all want the kernels): one process builds under an
-exclusive lock file in the build directory, the others wait for it and then load the finished build.
-A lock left by an interrupted build (its process is gone, or it is older than STALE_LOCK_SECONDS) is
-cleared with a message, and so is torch's own `lock` file there, which would otherwise block forever.
+Concurrent builds (torchrun starts N processes that all want the kernels): one process builds holding an
+exclusive flock on a file in the build directory, the others wait for it and then load the finished
+build. The kernel releases an flock when its process ends, however it ends, so an interrupted build
+leaves no lock behind (a check-then-delete of a stale lock file would let two ranks in at once). Older
+torch guards its build with a baton file (`lock`) that an interrupted build leaves and that would block
+forever: while holding our lock, that file can only be stale and is cleared with a message (newer torch
+flocks the same name and leaves the file in place: nothing to clear).
 """
 
+import fcntl
 import hashlib
 import json
 import os
 import socket
-import time
 import warnings
-
-from fileio import pid_alive
 
 OP_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -42,15 +43,15 @@ NO_CUDA_OPS_ENV = "BLENDGAN_NO_CUDA_OPS"
 CUDA_OPS_ENV = "BLENDGAN_CUDA_OPS"
 BUILD_DIR_ENV = "BLENDGAN_OPS_BUILD_DIR"
 LOCK_NAME = "blendgan_build.lock"
-STALE_LOCK_SECONDS = 3600  # no build takes an hour: a lock this old was left by a killed build
-LOCK_POLL_SECONDS = 1.0
 
 # No fast-math, so the kernels match the reference to float32 rounding; torch adds its own -std flag.
 EXTRA_CFLAGS = ["-O3"]
 EXTRA_CUDA_CFLAGS = ["-O3"]
 
-# name -> loaded module, or None after a failed build (so it is tried, and warned about, once).
+# name -> loaded module, or None after a failed build or check (so it is tried, and warned about, once);
+# name -> why it is None.
 _CACHE = {}
+_FAILED = {}
 
 
 def cuda_ops_mode():
@@ -91,10 +92,23 @@ def source_hash(name):
         digest.update(os.path.basename(path).encode())
         with open(path, "rb") as f:
             digest.update(f.read())
-    for part in (torch.__version__, str(torch.version.cuda), os.environ.get("TORCH_CUDA_ARCH_LIST", ""),
+    for part in (torch.__version__, str(torch.version.cuda), target_archs(),
                  " ".join(EXTRA_CFLAGS), " ".join(EXTRA_CUDA_CFLAGS)):
         digest.update(b"\0" + part.encode())
     return digest.hexdigest()[:16]
+
+
+def target_archs():
+    """The GPU architectures a build is for: TORCH_CUDA_ARCH_LIST, else (as torch compiles then) those of the
+    visible GPUs. Part of the build directory's key: a cache shared by machines with different GPUs never
+    hands one a binary without its architecture (torch's own up-to-date check ignores the flags)."""
+    import torch
+
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return os.environ["TORCH_CUDA_ARCH_LIST"]
+    if not torch.cuda.is_available():
+        return ""
+    return ";".join(sorted({"%d.%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}))
 
 
 def build_root():
@@ -135,76 +149,55 @@ def compile_extension(name, verbose=False):
     )
 
 
-def stale_lock_reason(path, now=None):
-    """Why the lock file at `path` is stale (a sentence), or None while its holder may still be building.
+def torch_uses_baton():
+    """Whether this torch guards its extension builds with a FileBaton (a `lock` file that exists only while
+    a build runs), rather than an flock'ed file that stays (newer torch)."""
+    from torch.utils import cpp_extension
 
-    Stale: its process (same host) is gone, or it is older than STALE_LOCK_SECONDS, or it is unreadable
-    and older than a minute (a holder writes its record right after creating the file)."""
-    now = time.time() if now is None else now
-    try:
-        age = now - os.path.getmtime(path)
-    except OSError:  # gone meanwhile: take it again
-        return None
-    try:
-        with open(path) as f:
-            holder = json.load(f)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        return f"unreadable lock {age:.0f} s old" if age > 60 else None
-    if holder.get("host") == socket.gethostname() and not pid_alive(int(holder.get("pid", -1))):
-        return f"its build process {holder.get('pid')} is gone (interrupted build)"
-    if age > STALE_LOCK_SECONDS:
-        return f"it is {age / 60:.0f} min old (no build takes that long)"
-    return None
+    return hasattr(cpp_extension, "FileBaton")
 
 
 class BuildLock:
-    """Exclusive lock on a build directory: the first process creates LOCK_NAME (O_EXCL) and builds; the
-    others wait until it is gone, clearing it with a message when stale (see stale_lock_reason)."""
+    """Exclusive lock on a build directory: an flock on LOCK_NAME there, held for the build. The others
+    block until it is released; the holder's pid and host are in the file, for the waiting message."""
 
-    def __init__(self, build_dir, log=print, poll=None):
+    def __init__(self, build_dir, log=print):
         self.path = os.path.join(build_dir, LOCK_NAME)
         self.build_dir = build_dir
         self.log = log
-        self.poll = LOCK_POLL_SECONDS if poll is None else poll
         self.waited = False
+        self.fd = None
 
     def __enter__(self):
-        record = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time()})
-        while True:
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                reason = stale_lock_reason(self.path)
-                if reason is not None:
-                    self.log(f"[op.build] clearing stale build lock {self.path}: {reason}")
-                    try:
-                        os.remove(self.path)
-                    except FileNotFoundError:
-                        pass
-                    continue
-                if not self.waited and is_rank_zero():
-                    self.log(f"[op.build] another process is building in {self.build_dir}; waiting for it")
-                self.waited = True
-                time.sleep(self.poll)
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(record)
-            break
-        # We hold the lock, so torch's own baton file (cpp_extension's FileBaton) can only be left over
-        # from an interrupted build: torch would wait for it forever.
+        self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.waited = True
+            if is_rank_zero():
+                self.log(f"[op.build] another process ({self._holder()}) is building in {self.build_dir}; "
+                         f"waiting for it")
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode(), 0)
         baton = os.path.join(self.build_dir, "lock")
-        if os.path.exists(baton):
+        if os.path.exists(baton) and torch_uses_baton():  # we hold the lock: no build of ours is running
             self.log(f"[op.build] clearing torch's stale build lock {baton} (left by an interrupted build)")
             os.remove(baton)
         return self
 
-    def __exit__(self, *exc):
+    def _holder(self):
         try:
-            os.remove(self.path)
-        except FileNotFoundError:
-            pass
+            with open(self.path) as f:
+                holder = json.load(f)
+            return f"pid {holder['pid']} on {holder['host']}"
+        except (OSError, ValueError, KeyError):
+            return "pid unknown"
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = None
         return False
 
 
@@ -246,6 +239,7 @@ def load_extension(name, strict=False, verbose=False, check=True):
         if strict:
             raise
         module = None
+        _FAILED[name] = f"it did not build ({type(err).__name__}: {err})"
         warnings.warn(f"[op.build] could not build CUDA extension {name!r}, using the PyTorch reference "
                       f"instead ({type(err).__name__}: {err})", RuntimeWarning, stacklevel=2)
     if module is not None and check:
@@ -266,6 +260,7 @@ def load_extension(name, strict=False, verbose=False, check=True):
                           RuntimeWarning, stacklevel=2)
             if not forced:
                 module = None
+                _FAILED[name] = f"it disagrees with the PyTorch reference ({reason})"
     _CACHE[name] = module
     return module
 
@@ -291,5 +286,6 @@ def select_impl(impl, name, tensors):
         raise RuntimeError(f"impl='cuda' requested for {name!r} but {CUDA_OPS_ENV}=ref or {NO_CUDA_OPS_ENV} is set")
     module = load_extension(name)
     if module is None:
-        raise RuntimeError(f"impl='cuda' requested but the CUDA extension {name!r} did not build")
+        raise RuntimeError(f"impl='cuda' requested but the CUDA extension {name!r} is unavailable: "
+                           f"{_FAILED.get(name, 'it did not build')}")
     return module

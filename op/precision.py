@@ -8,9 +8,11 @@ reaches these paths for any module that calls F.conv2d / F.linear / matmul, what
 
 `lowp_emulated(x)` tells when that happens: the dtype the op would run in (the autocast dtype, else the
 tensor's) is bfloat16/float16, the tensor is on the CPU, and the CPU has no native kernel. The ops here
-then compute in float32 with autocast off and round the result to that dtype: the same numbers a native
-low-precision kernel gives (it too accumulates in float32 and rounds once), the same output dtype, at
-float32 speed. Everywhere else (CUDA, a CPU with native support, float32) they are the plain torch op.
+then round their inputs to that dtype (as autocast casts them; float64 ones stay as they are), compute in
+float32 with autocast off and round the result once: the numbers a native low-precision kernel gives (it
+too multiplies the rounded inputs, accumulates in float32 and rounds once; only the order of the sums
+may differ), the same output dtype, at float32 speed. Everywhere else (CUDA, a CPU with native support,
+float32) they are the plain torch op.
 """
 
 import functools
@@ -36,9 +38,10 @@ def cpu_native_lowp(dtype_name):
 
 def op_dtype(x):
     """The dtype a convolution / matmul of `x` runs in: the autocast dtype of x's device when autocast
-    is on there (x of floating type), else x's own dtype."""
+    is on there (x of floating type other than float64, which autocast leaves alone), else x's own dtype."""
     device = x.device.type
-    if x.is_floating_point() and device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+    if (x.is_floating_point() and x.dtype != torch.float64 and device in ("cpu", "cuda")
+            and torch.is_autocast_enabled(device)):
         return torch.get_autocast_dtype(device)
     return x.dtype
 
@@ -54,18 +57,22 @@ def lowp_emulated(x):
     return dtype
 
 
-def _float(t):
-    return t.float() if t is not None and t.is_floating_point() else t
+def _rounded(t, dtype):
+    """t rounded to `dtype` as autocast would cast it (float64 untouched), held in float32."""
+    if t is None or not t.is_floating_point() or t.dtype == torch.float64:
+        return t
+    return t.to(dtype).float()
 
 
 def lowp_safe(op, x, *tensors, **kwargs):
-    """op(x, *tensors, **kwargs), computed in float32 and rounded to the low-precision dtype when
-    lowp_emulated(x) says the low-precision op would take the slow path (see the module docstring)."""
+    """op(x, *tensors, **kwargs) on inputs rounded to the low-precision dtype, computed in float32 and
+    rounded once, when lowp_emulated(x) says the low-precision op would take the slow path (see the
+    module docstring)."""
     dtype = lowp_emulated(x)
     if dtype is None:
         return op(x, *tensors, **kwargs)
     with torch.autocast("cpu", enabled=False):
-        out = op(_float(x), *[_float(t) for t in tensors], **kwargs)
+        out = op(_rounded(x, dtype), *[_rounded(t, dtype) for t in tensors], **kwargs)
     return out.to(dtype)
 
 

@@ -4,6 +4,7 @@ import hashlib
 import io
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -286,21 +287,24 @@ def test_unfinished_lmdb_needs_overwrite(tmp_path):
 
 
 def test_a_killed_runs_temporary_lmdb_is_removed_by_the_next_run(tmp_path, capsys):
-    """A run killed with SIGKILL leaves '{out}.tmp-PID-XXXXXXXX' (a whole unfinished LMDB): the next run
-    removes it, naming it; a temporary of a live process (another run writing now) stays."""
+    """A run killed with SIGKILL leaves '{out}.tmp-HOST-PID-XXXXXXXX' (a whole unfinished LMDB): the next
+    run removes it, naming it; a temporary of a live process (another run writing now) or of another
+    machine stays."""
     out = str(tmp_path / 'faces.lmdb')
     gone = subprocess.Popen([sys.executable, '-c', 'pass'])
     gone.wait()
-    dead = f'{out}.tmp-{gone.pid}-0123abcd'
-    live = f'{out}.tmp-{os.getpid()}-4567cdef'
-    for folder in (dead, live):
+    host = socket.gethostname()
+    dead = f'{out}.tmp-{host}-{gone.pid}-0123abcd'
+    live = f'{out}.tmp-{host}-{os.getpid()}-4567cdef'
+    elsewhere = f'{out}.tmp-another-host-{gone.pid}-89abcdef'  # a shared folder: not ours to judge
+    for folder in (dead, live, elsewhere):
         os.makedirs(folder)
         with open(os.path.join(folder, 'data.mdb'), 'wb') as f:
             f.write(b'half')
     assert prepare_data.main(['--out', out, '--size', '32', '--n_worker', '0',
                               os.path.join(TEST_IMGS, 'unaligned')]) == 0
     assert f'removed {dead}' in capsys.readouterr().out
-    assert sorted(os.listdir(tmp_path)) == ['faces.lmdb', os.path.basename(live)]
+    assert sorted(os.listdir(tmp_path)) == sorted(['faces.lmdb', os.path.basename(live), os.path.basename(elsewhere)])
     assert len(MultiResolutionDataset(out, None, 32)) == 1
 
 

@@ -237,6 +237,22 @@ def test_a_resumed_run_logs_each_step_once_and_sets_later_checkpoints_aside(tmp_
     events = EventAccumulator(str(tmp_path / "logs"))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+    (aside,) = os.listdir(tmp_path / "logs" / "superseded")  # the first run's steps 3-4: kept, not lost
+    old = trainutil.read_jsonl(tmp_path / "logs" / "superseded" / aside)
+    assert [(r["step"], r["loss"]) for r in old] == [(3, 3.0), (4, 4.0)]
+
+
+def test_a_torn_log_line_does_not_stop_the_next_start(tmp_path, no_torchrun):
+    """A run killed in the middle of a write leaves half a line: the next start moves it aside instead of
+    failing on it."""
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    (log_dir / "scalars.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "lo')
+    with trainutil.ScalarLogger(log_dir, start=1) as logger:
+        logger.log(2, {"loss": 2.5})
+    assert trainutil.read_jsonl(log_dir / "scalars.jsonl") == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.5}]
+    (aside,) = os.listdir(log_dir / "superseded")
+    assert (log_dir / "superseded" / aside).read_text() == '{"step": 2, "lo\n'
 
 
 def test_resumed_optimizer_keeps_its_moments_and_takes_this_runs_hyperparameters():

@@ -162,6 +162,8 @@ def test_forward_returns_truncation_mixing_and_noise():
     stored = [g.noises[j] for j in range(g.num_layers)]
     d, _ = g([z1], noise=stored)
     assert torch.equal(a, d)
+    with pytest.raises(ValueError, match=f"noise: 3 maps given, the 16 px generator has {g.num_layers}"):
+        g([z1], noise=stored[:3])  # (it returned a 4x4 image)
     assert [tuple(x.shape) for x in g.make_noise()] == [tuple(x.shape) for x in stored]
     # mean_latent: the same numbers drawn from a seeded generator give the same centre
     m1 = g.mean_latent(32, generator=torch.Generator().manual_seed(5))
@@ -312,12 +314,14 @@ def test_bfloat16_autocast_on_cpu_without_native_kernels_takes_no_slow_path(monk
 
 def test_low_precision_ops_emulated_only_where_the_cpu_lacks_them(monkeypatch):
     """precision.conv2d: the plain op on a CPU with native kernels (bf16 operands reach the convolution)
-    and under float32; float32 compute rounded to bf16 where they are missing; the result is the float32
-    convolution rounded once (independent: F.conv2d in float64, rounded)."""
+    and under float32; where they are missing, the inputs rounded to bf16 as autocast casts them, float32
+    compute, the result rounded once: what a native kernel computes (independent: F.conv2d in float64 of
+    the rounded inputs, rounded; float32 sums in another order may flip a last bit)."""
     from op import precision
 
     x, w = torch.randn(1, 8, 12, 12), torch.randn(8, 8, 3, 3)
-    want = F.conv2d(x.double(), w.double(), padding=1).to(torch.bfloat16)
+    bf16 = torch.bfloat16
+    want = F.conv2d(x.to(bf16).double(), w.to(bf16).double(), padding=1).to(bf16)
     for native in (True, False):
         monkeypatch.setattr(precision, "cpu_native_lowp", lambda name, native=native: native)
         with _OpDtypes() as ops, torch.autocast("cpu", dtype=torch.bfloat16):
@@ -325,7 +329,11 @@ def test_low_precision_ops_emulated_only_where_the_cpu_lacks_them(monkeypatch):
         assert out.dtype == torch.bfloat16
         assert ops.seen == [("convolution", torch.bfloat16 if native else torch.float32)]
         if not native:
-            assert (out.float() - want.float()).abs().max() <= 1e-2 * want.float().abs().max()
+            ulp = want.float().abs() * 2 ** -7  # one bf16 step (8 significant bits)
+            assert ((out.float() - want.float()).abs() <= ulp).all()
+            assert (out == want).float().mean() > 0.97
+            unrounded = F.conv2d(x.double(), w.double(), padding=1).to(bf16)  # what the inputs' rounding changes
+            assert (out != unrounded).float().mean() > 0.1
         with _OpDtypes() as ops:
             assert precision.conv2d(x, w, padding=1).dtype == torch.float32
         assert ops.seen == [("convolution", torch.float32)]

@@ -427,6 +427,16 @@ def test_build_dir_is_keyed_by_source_hash(monkeypatch, tmp_path):
     assert second != first
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", os.environ.get("TORCH_CUDA_ARCH_LIST", "") + ";7.5+PTX")
     assert op.build.source_hash("a") != second  # the target architectures are part of the key
+    # without the variable torch builds for the visible GPUs: theirs are the key (an sm_90 build in a
+    # shared cache is not handed to an sm_80 machine)
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    hashes = {}
+    for caps in ([(9, 0), (9, 0)], [(8, 0), (8, 0)], [(8, 0), (9, 0)]):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i, caps=caps: caps[i])
+        hashes[op.build.target_archs()] = op.build.source_hash("a")
+    assert list(hashes) == ["9.0", "8.0", "8.0;9.0"] and len(set(hashes.values())) == 3
 
 
 def test_extension_sources_exist():
@@ -481,6 +491,9 @@ def test_cuda_auto_uses_kernels_and_half_precision():
     assert act.dtype == torch.float16
     torch.testing.assert_close(act.float(), fused_leaky_relu(x.float(), bias, impl="ref"), rtol=2e-3,
                                atol=2e-3)
+    # auto really used the kernels (a fallback would have compared the reference with itself)
+    assert op.build.select_impl("auto", "upfirdn2d", (x,)) is not None
+    assert op.build.select_impl("auto", "fused_bias_act", (x,)) is not None
 
 
 class WrongUpFirDn2dExtension(EmulatedUpFirDn2dExtension):
@@ -535,7 +548,9 @@ def test_wrong_kernels_fall_back_to_the_reference_with_one_warning(monkeypatch, 
         assert first is None and again is None and "using the reference instead" in message
     else:
         assert first is WrongUpFirDn2dExtension and again is first and "kept because" in message
-    assert not os.listdir(next(iter(os.scandir(tmp_path))).path)  # the build lock was released
+    build_dir = next(iter(os.scandir(tmp_path))).path
+    with op.build.BuildLock(build_dir, log=pytest.fail) as lock:  # the build lock was released
+        assert not lock.waited
 
 
 @pytest.mark.parametrize("caller_mode", ["no_grad", "inference_mode", "autocast"])
@@ -576,60 +591,68 @@ import importlib.util, json, os, sys, time
 spec = importlib.util.spec_from_file_location("build", {path!r})  # op/build.py alone: no torch import
 build = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(build)
-BuildLock = build.BuildLock
-build_dir, log = sys.argv[1], sys.argv[2]
-with BuildLock(build_dir, log=lambda m: None, poll=0.05):
+build_dir, log, hold = sys.argv[1], sys.argv[2], float(sys.argv[3])
+with build.BuildLock(build_dir, log=lambda m: None):
     with open(log, "a") as f:
         f.write(json.dumps(["start", os.getpid(), time.time()]) + "\\n")
-    time.sleep(0.5)
+    time.sleep(hold)
     with open(log, "a") as f:
         f.write(json.dumps(["end", os.getpid(), time.time()]) + "\\n")
 """
 
 
-def test_build_lock_serialises_processes_and_clears_a_stale_lock(tmp_path):
-    """Three processes (as torchrun's ranks) building at once run one after another; a lock left by a
-    killed build (its pid is gone) is cleared with a message, and torch's own stale baton with it."""
+def test_build_lock_serialises_processes_and_a_killed_builder_leaves_no_lock(tmp_path, monkeypatch):
+    """Three processes (as torchrun's ranks) building at once run one after another; a builder killed
+    with SIGKILL while holding the lock leaves nothing that blocks the next one (the kernel releases an
+    flock); an old torch's baton file, which only an interrupted build leaves, is cleared with a message."""
     import json
+    import signal
+    import time
 
     script = tmp_path / "worker.py"
     script.write_text(_LOCK_WORKER.format(path=os.path.join(REPO, "op", "build.py")))
     build_dir, log = tmp_path / "build", tmp_path / "log.jsonl"
     build_dir.mkdir()
-    procs = [subprocess.Popen([sys.executable, str(script), str(build_dir), str(log)]) for _ in range(3)]
+    procs = [subprocess.Popen([sys.executable, str(script), str(build_dir), str(log), "0.5"]) for _ in range(3)]
     assert [p.wait(timeout=60) for p in procs] == [0, 0, 0]
     events = [json.loads(line) for line in log.read_text().splitlines()]
     assert [e[0] for e in events] == ["start", "end"] * 3  # never two holders at once
     assert len({e[1] for e in events}) == 3
-    assert not (build_dir / op.build.LOCK_NAME).exists()
 
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    (build_dir / op.build.LOCK_NAME).write_text(json.dumps(
-        {"pid": dead.pid, "host": __import__("socket").gethostname(), "time": 0}))
-    (build_dir / "lock").write_text("")  # torch's FileBaton, left by the same interrupted build
+    killed = subprocess.Popen([sys.executable, str(script), str(build_dir), str(log), "60"])
+    deadline = time.time() + 30
+    while len(log.read_text().splitlines()) < 7:  # it holds the lock
+        assert time.time() < deadline and killed.poll() is None
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert json.loads((build_dir / op.build.LOCK_NAME).read_text())["pid"] == killed.pid  # the file stays ...
+    (build_dir / "lock").write_text("")  # ... and an old torch's baton, left by the same interrupted build
+    monkeypatch.setattr(op.build, "torch_uses_baton", lambda: True)
     messages = []
-    with op.build.BuildLock(str(build_dir), log=messages.append, poll=0.05):
+    with op.build.BuildLock(str(build_dir), log=messages.append) as lock:  # ... but nothing blocks
+        assert not lock.waited
         assert json.loads((build_dir / op.build.LOCK_NAME).read_text())["pid"] == os.getpid()
-    assert len(messages) == 2
-    assert "clearing stale build lock" in messages[0] and f"process {dead.pid} is gone" in messages[0]
-    assert "torch's stale build lock" in messages[1]
-    assert not (build_dir / "lock").exists() and not (build_dir / op.build.LOCK_NAME).exists()
+    assert messages == [f"[op.build] clearing torch's stale build lock {build_dir / 'lock'} (left by an "
+                        f"interrupted build)"]
+    assert not (build_dir / "lock").exists()
+    # a newer torch flocks its `lock` file and leaves it after every build: not ours to clear or mention
+    (build_dir / "lock").write_text("")
+    monkeypatch.setattr(op.build, "torch_uses_baton", lambda: False)
+    messages.clear()
+    with op.build.BuildLock(str(build_dir), log=messages.append):
+        pass
+    assert messages == [] and (build_dir / "lock").exists()
 
 
-def test_a_live_lock_is_waited_for_not_cleared(tmp_path):
-    import json
+def test_a_held_lock_is_waited_for(tmp_path):
     import threading
 
-    path = tmp_path / op.build.LOCK_NAME
-    path.write_text(json.dumps({"pid": os.getpid(), "host": __import__("socket").gethostname(),
-                                "time": 0}))  # held by a live process (this one), fresh
-    assert op.build.stale_lock_reason(str(path)) is None
-    os.utime(path, (0, 0))  # ... but 50 years old
-    assert "min old" in op.build.stale_lock_reason(str(path))
-    os.utime(path, None)
+    holder = op.build.BuildLock(str(tmp_path), log=lambda m: None).__enter__()
+    threading.Timer(0.3, holder.__exit__, (None, None, None)).start()  # the holder finishes
     messages = []
-    threading.Timer(0.3, path.unlink).start()  # the holder finishes
-    with op.build.BuildLock(str(tmp_path), log=messages.append, poll=0.05) as lock:
+    with op.build.BuildLock(str(tmp_path), log=messages.append) as lock:
         assert lock.waited
-    assert messages == [f"[op.build] another process is building in {tmp_path}; waiting for it"]
+    host = __import__("socket").gethostname()
+    assert messages == [f"[op.build] another process (pid {os.getpid()} on {host}) is building in {tmp_path}; "
+                        f"waiting for it"]

@@ -811,7 +811,7 @@ def fixed_batch_gradients(opts, rank, world):
 
 
 def test_two_gloo_ranks_equal_one_process_with_the_combined_batch(narrow, data, tmp_path, monkeypatch):
-    reading = "paper"  # (the readings differ in the codes only; the DDP paths are the same)
+    reading = bt.TrainOptions.eq8  # the default (the readings differ in the codes only; the DDP paths are the same)
     opts = small_options(data, tmp_path / "ddp", eq8=reading, mixing=0.0)
     worker = tmp_path / "worker.py"
     worker.write_text(DDP_EQUIVALENCE_WORKER.format(root=ROOT, narrow=NARROW))
