@@ -5,8 +5,9 @@
 Builds both extensions (showing the compiler output if a build fails), then for every case of the
 parameter grid below (the same grid tests/test_op.py uses) compares, in float32, the outputs and the
 first- and second-order gradients of impl='cuda' with impl='ref' (relative error < TOLERANCE), and runs
-gradcheck / gradgradcheck of the CUDA path in float64. Prints one table row per case; the exit status
-is 1 when any check fails.
+gradcheck / gradgradcheck of the CUDA path in float64; then the same comparisons with the kernels in
+float16 and bfloat16 (against the float32 reference, LOWP_TOLERANCE) and one upfirdn2d case with 67M
+outputs. Prints one table row per case; the exit status is 1 when any check fails.
 """
 
 import argparse
@@ -58,6 +59,14 @@ SELF_CHECK_CASES = {
     ],
 }
 SELF_CHECK_TOLERANCE = 1e-4
+
+# The same grids in half precision, against the float32 reference on the same (rounded) inputs. The
+# reference itself in these dtypes stays within 6e-4 (float16) and 6e-3 (bfloat16) of float32 on them
+# (tests/test_op.py); an indexing bug is off by O(1).
+LOWP_TOLERANCE = {torch.float16: 5e-3, torch.bfloat16: 3e-2}
+# One case past the kernels' 2^24-output grid-stride loop and 64-bit offsets (67M outputs; every 1024 px
+# layer at batch 16 is that large), in float32.
+LARGE_UPFIRDN2D_CASE = dict(shape=(4, 64, 256, 256), kernel=(4, 4), up=2, down=1, pad=(2, 1))
 
 
 def case_id(case):
@@ -120,36 +129,43 @@ def _derivatives(fn, inputs, weight):
     return [out, *grads, grad2]
 
 
-def upfirdn2d_errors(case, device="cuda"):
-    """Relative errors (out, grad_x, grad2_weight) of impl='cuda' vs impl='ref' in float32."""
+def _runs(impls, dtype):
+    """(impl, dtype) of the checked run and of the reference run: the reference always in float32."""
+    return (impls[0], dtype), (impls[1], torch.float32)
+
+
+def upfirdn2d_errors(case, device="cuda", dtype=torch.float32, impls=("cuda", "ref")):
+    """Relative errors (out, grad_x, grad2_weight) of impls[0] in ``dtype`` vs impls[1] in float32, on the
+    same inputs (rounded to ``dtype``)."""
     from op.upfirdn2d import upfirdn2d
 
-    results = {}
-    for impl in ("cuda", "ref"):
-        x, kernel, weight = upfirdn2d_inputs(case, device, torch.float32)
+    results = []
+    for impl, run_dtype in _runs(impls, dtype):
+        x, kernel, weight = (t.to(run_dtype) for t in upfirdn2d_inputs(case, device, dtype))
         x.requires_grad_(True)
         weight.requires_grad_(True)
         with exact_float32():
-            results[impl] = _derivatives(
-                lambda t: upfirdn2d(t, kernel, case["up"], case["down"], case["pad"], impl=impl), [x], weight)
-    return dict(zip(("out", "grad_x", "grad2_w"),
-                    (rel_error(a, b) for a, b in zip(results["cuda"], results["ref"]))))
+            results.append(_derivatives(
+                lambda t: upfirdn2d(t, kernel, case["up"], case["down"], case["pad"], impl=impl), [x], weight))
+    return dict(zip(("out", "grad_x", "grad2_w"), (rel_error(a.float(), b) for a, b in zip(*results))))
 
 
-def fused_lrelu_errors(case, device="cuda"):
-    """Relative errors (out, grad_x[, grad_bias], grad2_weight) of impl='cuda' vs impl='ref' in float32."""
+def fused_lrelu_errors(case, device="cuda", dtype=torch.float32, impls=("cuda", "ref")):
+    """Relative errors (out, grad_x[, grad_bias], grad2_weight) of impls[0] in ``dtype`` vs impls[1] in
+    float32, on the same inputs (rounded to ``dtype``)."""
     from op.fused_act import fused_leaky_relu
 
-    results = {}
-    for impl in ("cuda", "ref"):
-        x, bias, weight = fused_lrelu_inputs(case, device, torch.float32)
+    results = []
+    for impl, run_dtype in _runs(impls, dtype):
+        x, bias, weight = (t.to(run_dtype) if t is not None else None
+                           for t in fused_lrelu_inputs(case, device, dtype))
         inputs = [x.requires_grad_(True)] + ([bias.requires_grad_(True)] if bias is not None else [])
         weight.requires_grad_(True)
-        results[impl] = _derivatives(
+        results.append(_derivatives(
             lambda *t: fused_leaky_relu(t[0], t[1] if len(t) > 1 else None, case["negative_slope"],
-                                        case["scale"], impl=impl), inputs, weight)
+                                        case["scale"], impl=impl), inputs, weight))
     names = ["out", "grad_x"] + (["grad_bias"] if case["bias"] else []) + ["grad2_w"]
-    return dict(zip(names, (rel_error(a, b) for a, b in zip(results["cuda"], results["ref"]))))
+    return dict(zip(names, (rel_error(a.float(), b) for a, b in zip(*results))))
 
 
 def upfirdn2d_gradchecks(case, device="cuda"):
@@ -316,9 +332,18 @@ def main(argv=None):
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  CUDA {torch.version.cuda}")
     print(header)
     print("-" * len(header))
-    for op_name, cases, errors_fn, gradchecks_fn in (
-            ("upfirdn2d", UPFIRDN2D_CASES, upfirdn2d_errors, upfirdn2d_gradchecks),
-            ("lrelu", FUSED_LRELU_CASES, fused_lrelu_errors, fused_lrelu_gradchecks)):
+
+    def row(op_name, case, errors, tolerance, grad_ok=True):
+        worst = max(errors.values())
+        ok = worst < tolerance and grad_ok
+        detail = " ".join(f"{k}={v:.1e}" for k, v in errors.items())
+        print(f"{op_name:<10} {case_id(case):<72} {worst:12.2e} {str(grad_ok):>10}  "
+              f"{'ok' if ok else 'FAIL'}  ({detail})", flush=True)
+        return ok
+
+    ops = (("upfirdn2d", UPFIRDN2D_CASES, upfirdn2d_errors, upfirdn2d_gradchecks),
+           ("lrelu", FUSED_LRELU_CASES, fused_lrelu_errors, fused_lrelu_gradchecks))
+    for op_name, cases, errors_fn, gradchecks_fn in ops:
         for case in cases:
             errors = errors_fn(case)
             try:
@@ -326,12 +351,13 @@ def main(argv=None):
             except Exception as err:  # gradcheck raises GradcheckError with the offending Jacobians
                 grad_ok = False
                 print(f"  gradcheck failed for {case_id(case)}: {err}")
-            worst = max(errors.values())
-            ok = worst < TOLERANCE and grad_ok
-            failed |= not ok
-            detail = " ".join(f"{k}={v:.1e}" for k, v in errors.items())
-            print(f"{op_name:<10} {case_id(case):<72} {worst:12.2e} {str(grad_ok):>10}  "
-                  f"{'ok' if ok else 'FAIL'}  ({detail})")
+            failed |= not row(op_name, case, errors, TOLERANCE, grad_ok)
+    for dtype, tolerance in LOWP_TOLERANCE.items():
+        name = str(dtype).removeprefix("torch.")
+        for op_name, cases, errors_fn, _ in ops:
+            for case in cases:
+                failed |= not row(f"{op_name} {name}", case, errors_fn(case, dtype=dtype), tolerance)
+    failed |= not row("upfirdn2d", LARGE_UPFIRDN2D_CASE, upfirdn2d_errors(LARGE_UPFIRDN2D_CASE), TOLERANCE)
     if args.bench:
         print()
         for row in _benchmark("cuda"):  # the reference is the default where it is faster (see README)

@@ -496,6 +496,27 @@ def test_cuda_auto_uses_kernels_and_half_precision():
     assert op.build.select_impl("auto", "fused_bias_act", (x,)) is not None
 
 
+def test_check_cuda_half_precision_tolerances_hold_for_the_reference_itself():
+    """op/check_cuda.py holds the kernels in float16 / bfloat16 to LOWP_TOLERANCE of the float32 reference:
+    the reference run in those dtypes must itself pass with room to spare (else a correct kernel would
+    fail on the GPU), and a wrong one (an indexing bug: a border zeroed) must not. The large case really is
+    past the kernels' 2^24-output grid-stride path."""
+    from op.check_cuda import LARGE_UPFIRDN2D_CASE, LOWP_TOLERANCE
+
+    for dtype, tolerance in LOWP_TOLERANCE.items():
+        worst = max(max(fused_lrelu_errors(c, "cpu", dtype, ("ref", "ref")).values()) for c in FUSED_LRELU_CASES)
+        worst = max([worst] + [max(upfirdn2d_errors(c, "cpu", dtype, ("ref", "ref")).values())
+                               for c in UPFIRDN2D_CASES])
+        assert 0 < worst < tolerance / 4, (dtype, worst)
+    x, kernel, _ = upfirdn2d_inputs(UPFIRDN2D_CASES[1], "cpu", torch.bfloat16)
+    good = upfirdn2d(x.float(), kernel.float(), 2, 1, UPFIRDN2D_CASES[1]["pad"], impl="ref")
+    bad = upfirdn2d(x, kernel, 2, 1, UPFIRDN2D_CASES[1]["pad"], impl="ref").float()
+    bad[..., 0, :] = 0
+    assert (bad - good).abs().max() / good.abs().max() > LOWP_TOLERANCE[torch.bfloat16]
+    n, c, h, w = LARGE_UPFIRDN2D_CASE["shape"]
+    assert n * c * (h * LARGE_UPFIRDN2D_CASE["up"]) * (w * LARGE_UPFIRDN2D_CASE["up"]) > 2 ** 24
+
+
 class WrongUpFirDn2dExtension(EmulatedUpFirDn2dExtension):
     """A stand-in extension whose forward is right except for padded borders (an indexing bug)."""
 
