@@ -38,7 +38,8 @@ with --eq8 (``EQ8_READINGS``), each with one stylized pass:
   function of the image alone, and for any D the image that minimises it is the same whatever z_s is.
   Nothing in Eq. 6-9 read this way rewards G for following its style code (D_style is unconditional),
   and the Eq. 8 term pulls every stylized image toward one that suits the average queue code. It stays
-  selectable, for comparison with the equations as printed.
+  selectable, for comparison with the equations as printed. Without --eq8, a resumed run keeps the
+  reading of its checkpoint (a run begun as ``paper`` under an earlier default is not switched halfway).
 
 Regularisers, as StyleGAN2 / rosinality's trainer: R1 = r1/2 * E||grad_x D(x)||^2 on real images every
 d_reg_every iterations (times d_reg_every), on D_face (x_f), D_style (x_s) and D_style_latent (x_s with
@@ -133,7 +134,7 @@ class TrainOptions:
     d_reg_every: int = 16
     g_reg_every: int = 4
     mixing: float = 0.9
-    eq8: str = "conditional"
+    eq8: str = None  # None: the reading of the checkpoint resumed from, else EQ8_READINGS[0] ('conditional')
     ema_kimg: float = None
     flip: bool = True
     save_every: int = 10000
@@ -180,7 +181,7 @@ def validate(opts):
                 "style_pool_size": opts.style_pool_size,
                 "nonfinite_patience": opts.nonfinite_patience}
     problems += [f"--{name} must be >= 1, got {value}" for name, value in positive.items() if value < 1]
-    if opts.eq8 not in EQ8_READINGS:
+    if opts.eq8 is not None and opts.eq8 not in EQ8_READINGS:
         problems.append(f"--eq8 must be one of {', '.join(EQ8_READINGS)}, got {opts.eq8!r}")
     problems += [f"--{name} must be > 0, got {getattr(opts, name)}" for name in ("lr", "ema_kimg")
                  if getattr(opts, name) is not None and getattr(opts, name) <= 0]
@@ -921,9 +922,11 @@ def load_training_checkpoint(s, path, log=print):
         log(f"note: {path} was written with --batch {args.get('batch')} on {ckpt.get('world_size')} process(es), "
             f"this run has --batch {s.opts.batch} on {world}: training continues, but not the exact data order "
             f"and random streams of the original run")
-    if args.get("eq8") != s.opts.eq8:
+    if s.opts.eq8 is None:  # not chosen on the command line: the run goes on as it was trained
+        s.opts.eq8 = args.get("eq8", EQ8_READINGS[0])
+    elif args.get("eq8") != s.opts.eq8:
         log(f"note: {path} was trained with Eq. 8 read as {args.get('eq8', 'three generator passes (before --eq8)')!r}, "
-            f"this run continues with --eq8 {s.opts.eq8}" + (f" (--eq8 {args['eq8']} keeps it)" if "eq8" in args else ""))
+            f"this run continues with --eq8 {s.opts.eq8}")
     nets = s.nets
     load_state_dict_strict(nets.g_ema, require_key(ckpt, "g_ema", path), f"{path}['g_ema']")
     _load_with_missing(nets.g, require_key(ckpt, "g", path), ("embedder.",), f"{path}['g']")
@@ -1013,6 +1016,7 @@ def setup(opts, log=print):
     if opts.resume == "latest" and resume_path is None:
         log(f"--resume latest: no checkpoint in {opts.out_dir}/checkpoints yet, starting from scratch")
     if resume_path is None:
+        opts.eq8 = opts.eq8 or EQ8_READINGS[0]
         if opts.stylegan2_ckpt and not opts.blendgan_ckpt:
             load_stylegan2(nets, opts.stylegan2_ckpt, log)
         if opts.blendgan_ckpt:
@@ -1061,8 +1065,9 @@ def train(opts, log=None):
     log(f"global batch {budget['global_batch']} ({opts.batch} per process x {world} process(es)) = "
         f"{budget['images_per_iteration']} images per iteration; {opts.iter} iterations = "
         f"{budget['total_images']} images in all (the paper: 8 x 200000 = 1.6M); "
-        f"g_ema half-life {budget['ema_half_life_images']:g} images; Eq. 8 read as '{opts.eq8}'")
+        f"g_ema half-life {budget['ema_half_life_images']:g} images")
     s, rng = setup(opts, log)
+    log(f"Eq. 8 read as '{opts.eq8}' (--eq8)")
     rank = distributed.get_rank()
     if s.device.type == "cuda":
         torch.backends.cudnn.benchmark = True

@@ -66,7 +66,8 @@ def build_parser():
                    help="D_style_latent's fake pair (one stylized pass either way): 'conditional' = "
                         "(G(z_f, z_s^-), z_s^-), a projection-cGAN pair, that image also being Eq. 7's fake: G is "
                         "rewarded for following its style code; 'paper' = Eq. 7's image G(z_f, z_s) with a queue "
-                        "code z_s^- as the negative, as printed (G's term then does not depend on z_s; README)")
+                        "code z_s^- as the negative, as printed (G's term then does not depend on z_s; README). "
+                        "Default: the checkpoint's reading when resuming, else 'conditional'")
     t.add_argument("--ema_kimg", type=float, default=None,
                    help="half-life of g_ema (what checkpoints and the inference scripts use) in thousands of "
                         "images. Default: 10 when training (rosinality's 0.5 ** (32 / 10000) at 32 images per "

@@ -737,6 +737,26 @@ def test_resume_after_sigkill_matches_uninterrupted_run(narrow, data, tmp_path):
     assert not torch.equal(got4["g_ema"]["style.1.weight"], got2["g_ema"]["style.1.weight"])
 
 
+def test_eq8_reading_default_and_kept_on_resume(narrow, data, tmp_path):
+    """--eq8 not given: a new run reads Eq. 8 as 'conditional'; a resumed run goes on with its checkpoint's
+    reading (a run begun as 'paper' is not switched halfway); given, it wins, with a note."""
+    import json
+
+    fresh = bt.train(small_options(data, tmp_path / "fresh"), log=lambda *a: None)
+    assert fresh.opts.eq8 == "conditional"
+    bt.train(small_options(data, tmp_path / "paper", eq8="paper", save_every=1), log=lambda *a: None)
+    resumed = bt.train(small_options(data, tmp_path / "paper", iter=2, save_every=1, resume="latest"),
+                       log=lambda *a: None)
+    assert resumed.opts.eq8 == "paper"
+    assert json.load(open(tmp_path / "paper" / "config.json"))["eq8"] == "paper"
+    lines = []
+    switched = bt.train(small_options(data, tmp_path / "paper", iter=3, resume="latest", eq8="conditional"),
+                        log=lines.append)
+    assert switched.opts.eq8 == "conditional"
+    assert any("was trained with Eq. 8 read as 'paper', this run continues with --eq8 conditional" in line
+               for line in lines), lines
+
+
 # ---- two processes under torchrun ---------------------------------------------------------------
 
 def test_torchrun_two_gloo_processes_keep_identical_weights(data, tmp_path):
@@ -811,7 +831,7 @@ def fixed_batch_gradients(opts, rank, world):
 
 
 def test_two_gloo_ranks_equal_one_process_with_the_combined_batch(narrow, data, tmp_path, monkeypatch):
-    reading = bt.TrainOptions.eq8  # the default (the readings differ in the codes only; the DDP paths are the same)
+    reading = bt.EQ8_READINGS[0]  # the default (the readings differ in the codes only; the DDP paths are the same)
     opts = small_options(data, tmp_path / "ddp", eq8=reading, mixing=0.0)
     worker = tmp_path / "worker.py"
     worker.write_text(DDP_EQUIVALENCE_WORKER.format(root=ROOT, narrow=NARROW))
@@ -935,7 +955,7 @@ def test_finetune_moves_g_ema_toward_the_reference(narrow, data, tmp_path):
 def test_command_line_validation(data, tmp_path, capsys, monkeypatch):
     base = [data["faces"], data["styles"], "--style_encoder_ckpt", data["style_encoder"]]
     opts = train_script.parse_args(base + ["--size", "32"])
-    assert (opts.batch, opts.iter, opts.size, opts.eq8) == (8, 200000, 32, "conditional")
+    assert (opts.batch, opts.iter, opts.size, opts.eq8) == (8, 200000, 32, None)  # None: see test_eq8_reading...
     fresh = ["--resume", "latest", "--out_dir", str(tmp_path / "no-checkpoint-yet")]  # latest = a new run here
     bad = [(base + ["--size", "48"], "power of two"),
            (base + ["--size", "64"], f"FFHQ_LMDB {data['faces']} holds no images at resolution 64"),
