@@ -357,7 +357,9 @@ class FakeCodes:
 
 
 def fake_codes(z_f, inject, z_s, z_negative, reading):
-    """FakeCodes for Eq. 8 read as ``reading`` (EQ8_READINGS) from the batch's z_s and queue codes z_s^-."""
+    """FakeCodes for Eq. 8 read as ``reading`` (EQ8_READINGS; None: the default, as TrainOptions.eq8 left
+    unset: setup() resolves it, a TrainState built by hand may not) from the batch's z_s and queue codes."""
+    reading = reading or EQ8_READINGS[0]
     if reading not in EQ8_READINGS:
         raise ValueError(f"--eq8 must be one of {', '.join(EQ8_READINGS)}, got {reading!r}")
     return FakeCodes(z_f, inject, z_s if reading == "paper" else z_negative, z_negative)
