@@ -193,7 +193,7 @@ def validate(opts):
         problems.append(f"--num_workers must be >= 0, got {opts.num_workers}")
     lmdbs = [("FFHQ_LMDB", opts.ffhq_lmdb)]
     # --resume latest before any checkpoint exists starts fresh: the start files are then needed as well
-    resuming = opts.resume not in (None, "latest") or resolve_resume(opts.resume, opts.out_dir) is not None
+    resuming = resolve_resume(opts.resume, opts.out_dir) is not None
     if opts.finetune:
         problems += [f"--finetune_style_img {path}: no such file" for path in opts.finetune_style_img
                      if not os.path.isfile(path)]
@@ -935,9 +935,7 @@ def load_training_checkpoint(s, path, log=print):
     for name, d in nets.discriminators().items():
         load_state_dict_strict(d, require_key(ckpt, name, path), f"{path}['{name}']")
     for name in ("g", "d"):
-        changed = load_optimizer_state(getattr(s, f"{name}_optim"), ckpt[f"{name}_optim"])
-        if changed:
-            log(f"note: {name}_optim follows this run's options: {', '.join(changed)}")
+        load_optimizer_state(getattr(s, f"{name}_optim"), ckpt[f"{name}_optim"], log, f"{name}_optim")
         load_scaler_state(getattr(s, f"{name}_scaler"), ckpt[f"{name}_scaler"])
     s.queue.load_state_dict(ckpt["queue"])
     s.mean_path_length = ckpt["mean_path_length"].to(s.device)

@@ -159,7 +159,8 @@ def validate(options):
     if options.encoder_from_scratch and options.encoder_backbone:
         problems.append("--encoder_from_scratch and --encoder_backbone contradict each other: pass one")
     # A resumed run takes its encoder from the checkpoint; --resume latest before any checkpoint starts fresh.
-    return problems + missing_files(options, fresh_start=trainutil.resolve_resume(options.resume, options.out_dir) is None)
+    fresh_start = trainutil.resolve_resume(options.resume, options.out_dir) is None
+    return problems + missing_files(options, fresh_start=fresh_start)
 
 
 def missing_files(options, fresh_start):
@@ -477,9 +478,7 @@ def _train(options, device, log):
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16 and device.type == "cuda")
     step = 0
     if ckpt is not None:
-        changed = trainutil.load_optimizer_state(optimizer, ckpt["optimizer"])
-        if changed:
-            log(f"note: the optimizer follows this run's options: {', '.join(changed)}")
+        trainutil.load_optimizer_state(optimizer, ckpt["optimizer"], log)
         trainutil.load_scaler_state(scaler, ckpt["grad_scaler"])
         step = int(ckpt["step"])
         if int(ckpt.get("world_size", world)) != world:

@@ -377,9 +377,7 @@ def _train(options, device):
     optimizer = torch.optim.Adam(head.parameters(), lr=options.lr, betas=(float(options.beta1), float(options.beta2)))
     step, samples_seen, rng = 0, 0, None
     if ckpt is not None:
-        changed = trainutil.load_optimizer_state(optimizer, ckpt["optimizer"])
-        if changed and main:
-            print(f"note: the optimizer follows this run's options: {', '.join(changed)}")
+        trainutil.load_optimizer_state(optimizer, ckpt["optimizer"], print if main else None)
         step, samples_seen, rng = int(ckpt["step"]), int(ckpt["samples_seen"]), ckpt.get("rng")
     del ckpt
     model = head

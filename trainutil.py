@@ -10,7 +10,7 @@
   ``restore_rng_states`` for one entry per rank.
 - ``write_json`` / ``write_config``: atomic JSON (``DIR/config.json``).
 - ``ScalarLogger``: TensorBoard scalars plus one JSON line per call in ``logs/scalars.jsonl``;
-  a no-op off rank 0; a resumed run's later records dropped. ``RunMonitor``: the loop's bar, logs, speed.
+  a no-op off rank 0; a continued run's later records moved aside. ``RunMonitor``: the loop's bar, logs, speed.
 - ``check_finite``: stops a run on a NaN/inf loss with a clear ``NonFiniteLossError``;
   ``NonFiniteGuard``: skips a few non-finite steps first (mixed precision).
 - ``default_device``, ``rank_seed``, ``seed_everything`` (per-rank seeding), ``accumulate`` (EMA,
@@ -118,10 +118,11 @@ def resolve_resume(resume, run_dir):
     return os.fspath(resume)
 
 
-def load_optimizer_state(optimizer, state):
+def load_optimizer_state(optimizer, state, log=None, what="the optimizer"):
     """Restore an optimizer's moments and step counts from ``state`` while keeping the hyperparameters it
     was built with (lr, betas, ...): a resumed run follows its own command line, not the checkpoint's.
-    Returns the changed hyperparameters as 'name old -> new' strings, for the log."""
+    Returns the changed hyperparameters as 'name old -> new' strings; ``log`` (when given) gets one note
+    naming them."""
     built = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
     optimizer.load_state_dict(state)
     changed = []
@@ -132,6 +133,8 @@ def load_optimizer_state(optimizer, state):
             if name in hyper and old != hyper[name]:
                 changed.append(f"{name} {old} -> {hyper[name]}")
         group.update(hyper)
+    if changed and log is not None:
+        log(f"note: {what} follows this run's options: {', '.join(changed)}")
     return changed
 
 
