@@ -173,6 +173,7 @@ def validate(opts):
     size = opts.size
     if size < 8 or 2 ** int(math.log2(size)) != size:
         problems.append(f"--size must be a power of two >= 8, got {size}")
+        size = None  # the LMDBs are still checked, at any resolution: one message for a bad --size
     positive = {"batch": opts.batch, "iter": opts.iter, "style_dim": opts.style_dim, "n_mlp": opts.n_mlp,
                 "channel_multiplier": opts.channel_multiplier, "queue_size": opts.queue_size,
                 "path_batch_shrink": opts.path_batch_shrink, "d_reg_every": opts.d_reg_every,

@@ -119,10 +119,12 @@ def validate(options):
     for name in positive:
         if getattr(options, name) < 1:
             problems.append(f"--{name} must be at least 1, got {getattr(options, name)}")
+    not_powers = []
     for name in ("size", "encoder_input_size"):
         value = getattr(options, name)
         if value is not None and (value < 16 or value & (value - 1)):
             problems.append(f"--{name} must be a power of two >= 16, got {value}")
+            not_powers.append(name)
     if options.n_sample < 0:
         problems.append(f"--n_sample must be >= 0, got {options.n_sample}")
     if not options.lr > 0:
@@ -144,7 +146,9 @@ def validate(options):
         problems.append("--amp fp16 needs CUDA (its gradient scaler); use --amp bf16 on the CPU")
     if options.num_workers < 0:
         problems.append("--num_workers must be >= 0")
-    problems += lmdb_problems([("LMDB", path) for path in options.lmdb], options.size)
+    # a bad --size: the LMDBs are still checked, at any resolution (one message for it, not two)
+    lmdb_size = None if "size" in not_powers else options.size
+    problems += lmdb_problems([("LMDB", path) for path in options.lmdb], lmdb_size)
     if not options.lmdb:
         problems.append("at least one LMDB of faces is needed")
     # option field -> its flag (blendgan_ckpt is train_psp.py's --ckpt)

@@ -510,10 +510,13 @@ def test_cli_validates_options(assets, trained, tmp_path, capsys):
              (["--l2_weight", "0", "--lpips_weight", "0", "--w_norm_weight", "0"], "every loss weight is 0"),
              (["--flip", "2"], "--flip is a probability"),
              (["--id_weights", str(tmp_path / "missing.pth")], "missing.pth: file not found")]
+    cases.append((["--size", "48"], "--size must be a power of two"))
     for extra, message in cases:
         with pytest.raises(SystemExit):
             train_psp.parse_args(good + extra)
-        assert message in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert message in err
+        assert "resolution" not in err, err  # a bad --size is one message, not a second about the LMDB
     with pytest.raises(SystemExit):
         train_psp.parse_args([str(tmp_path / "nowhere")] + good[1:])
     assert "nowhere: no such folder (make it with prepare_data.py)" in capsys.readouterr().err
