@@ -110,7 +110,7 @@ def evaluate(opts):
     protocol = Protocol(opts.n_samples, opts.lpips_faces, opts.n_styles, opts.lpips_size, opts.truncation, opts.theta,
                         opts.seed)
     settings = evaluation_settings(opts.ckpt, g.size, real_id, refs_id, protocol, dtype=opts.dtype,
-                                   inception=extractor.weights_file, lpips_alexnet=lpips_model.weights_file)
+                                   inception=extractor.weights_id, lpips_alexnet=lpips_model.weights_id)
     return run_protocol(g, opts.modes, indicators, protocol, real_mu, real_sigma, extractor, lpips_model, opts.outdir,
                         settings, opts.batch, refs, truncation_latent, opts.workers)
 

@@ -52,7 +52,7 @@ def load_metric_networks(inception=None, lpips_alexnet=None, allow_download=True
 
 def save_stats(path, mu, sigma, n, source, features=""):
     """FID statistics as .npz (keys mu, sigma as pytorch-fid's --save-stats, plus n, source and features: the
-    Inception weights file), atomically."""
+    Inception weights, 'sha256:<digest>'), atomically."""
     buf = io.BytesIO()
     np.savez(buf, mu=mu, sigma=sigma, n=np.int64(n), source=np.str_(source), features=np.str_(features))
     atomic_write_bytes(path, buf.getvalue())
@@ -177,9 +177,11 @@ def real_statistics(real, resolution, n_real, stats_path, extractor, batch, devi
         if source is not None and cached_source and cached_source != source:
             raise ValueError(f"{stats_path} holds the statistics of {cached_source}, not of {source}; delete it "
                              f"or pass another --real_stats")
-        if cached_features and cached_features != extractor.weights_file:
+        # files of the previous format name the weights by their path
+        if cached_features and cached_features not in (extractor.weights_id, extractor.weights_file):
             raise ValueError(f"{stats_path} holds statistics of the Inception weights {cached_features}, not of "
-                             f"{extractor.weights_file}; delete it or pass another --real_stats")
+                             f"{extractor.weights_file} ({extractor.weights_id}); delete it or pass another "
+                             f"--real_stats")
         print(f"FID statistics of the real set: {stats_path} ({n if n >= 0 else 'unknown number of'} images)")
         return mu, sigma, {"real": cached_source or os.path.abspath(stats_path), "n_real": n}
     if real is None:
@@ -192,7 +194,7 @@ def real_statistics(real, resolution, n_real, stats_path, extractor, batch, devi
         images = Subset(images, range(n_real))
     mu, sigma, n, skipped = dataset_statistics(images, extractor, batch, device, workers)
     if stats_path:
-        save_stats(stats_path, mu, sigma, n, source, extractor.weights_file)
+        save_stats(stats_path, mu, sigma, n, source, extractor.weights_id)
     print(f"FID statistics of {n} real images" + (f" ({len(skipped)} unreadable, skipped)" if skipped else "")
           + (f" cached in {stats_path}" if stats_path else ""))
     return mu, sigma, {"real": source, "n_real": n}

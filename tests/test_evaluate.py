@@ -4,6 +4,7 @@ weights-file errors, and the Table 1 protocol (table contents, resume, determini
 recomputation with tiny models."""
 import csv
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -484,11 +485,21 @@ def test_cli_end_to_end_with_weights_files(tiny_g, inception_file, alexnet_file,
     assert "reference-guided i=0: kept" in printed and "| 0 |" in printed
     assert os.stat(out / "real_stats.npz").st_mtime_ns == stats_mtime
     assert read_csv(out / "table1.csv") == rows
+    digest = hashlib.sha256(open(inception_file, "rb").read()).hexdigest()
     with np.load(out / "real_stats.npz") as f:
-        assert str(f["features"]) == os.path.abspath(inception_file)
+        assert str(f["features"]) == f"sha256:{digest}"  # the weights' content, not their path
+    # the same weights copied elsewhere (a job's local scratch): the cache and the row are still kept
+    copy = tmp_path / "scratch" / "pt_inception.pth"
+    os.makedirs(copy.parent)
+    shutil.copy(inception_file, copy)
+    assert evaluate.main([str(copy if a == inception_file else a) for a in args]) == 0
+    assert "reference-guided i=0: kept" in capsys.readouterr().out
+    assert os.stat(out / "real_stats.npz").st_mtime_ns == stats_mtime and read_csv(out / "table1.csv") == rows
     # other Inception weights: the cached statistics are refused, not mixed with the new features
     other = tmp_path / "other_inception.pth"
-    shutil.copy(inception_file, other)
+    state = torch.load(inception_file)
+    state["fc.bias"] = state["fc.bias"] + 1
+    torch.save(state, other)
     os.remove(out / "partial_results.json")
-    with pytest.raises(SystemExit, match=f"statistics of the Inception weights {os.path.abspath(inception_file)}"):
+    with pytest.raises(SystemExit, match=f"statistics of the Inception weights sha256:{digest}, not of {other}"):
         evaluate.main([str(other if a == inception_file else a) for a in args])
