@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from inference import (DTYPES, Report, add_common_args, add_generator_args, add_indicator_arg, add_photo_args,
-                       check_indicator, check_model_files, distinct_names, encode_faces, encode_styles,
+                       check_model_files, distinct_names, encode_faces, encode_styles,
                        keep_freed_memory, list_inputs, load_aligner, load_blendgan, load_psp, read_input,
                        release_freed_memory, resize, run_job, stem, validate_common)
 from video import HOLD_FRAMES, compose_frame, interpolation_alphas, sliding_window, write_mp4
@@ -32,7 +32,6 @@ def parse_args(argv=None):
     add_common_args(p, batch_default=8)
     opts = p.parse_args(argv)
     validate_common(p, opts)
-    check_indicator(p, opts.add_weight_index, opts.size)
     if opts.n_styles < 2:
         p.error("--n_styles must be >= 2 (a video walks between styles)")
     return opts

@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import load_checkpoint
-from inference import (DTYPES, Report, add_common_args, add_generator_args, add_indicator_arg, check_indicator,
+from inference import (DTYPES, Report, add_common_args, add_generator_args, add_indicator_arg,
                        check_model_files, encode_styles, keep_freed_memory, load_blendgan, read_input, run_job,
                        truncation_centre, validate_common, write_jpeg)
 from utils import ten2img
@@ -34,7 +34,6 @@ def parse_args(argv=None):
     validate_common(p, opts)
     if opts.pics < 1:
         p.error("--pics must be >= 1")
-    check_indicator(p, opts.add_weight_index, opts.size)
     return opts
 
 

@@ -117,8 +117,8 @@ def load_blendgan(path, size=None, channel_multiplier=None, device="cpu", dtype=
     file (512 and 8 for the release). The weights are memory-mapped and assigned: in float32 only the
     4-D (VGG) weights are copied, for channels_last (see for_inference), and E_style's 1.25 GB layer is
     read when a style is encoded. with_style_encoder=False leaves E_style out (``g.embedder`` is None):
-    for generation from style codes computed before. indicator: an --add_weight_index to check against the
-    generator's layers (when --size did not say them). Returns (generator, the checkpoint dict).
+    for generation from style codes computed before. indicator: the --add_weight_index, noted on stderr when
+    it lies beyond the generator's layers (indicator_note). Returns (generator, the checkpoint dict).
     """
     ckpt = load_checkpoint(path, hint=missing_hint("--ckpt", "blendgan.pt"))
     sd = require_key(ckpt, "g_ema", path)
@@ -128,9 +128,9 @@ def load_blendgan(path, size=None, channel_multiplier=None, device="cpu", dtype=
         raise CheckpointError(f"{path}['g_ema']: not a BlendGAN generator state dict "
                               f"(no add_weight/style.*/to_rgbs.* keys)") from None
     size = size or cfg["size"]
-    problem = indicator_problem(indicator, size)
-    if problem:
-        raise CheckpointError(f"{problem} (the generator of {path})")
+    note = indicator_note(indicator, size)
+    if note:
+        print(f"note: {note}", file=sys.stderr)
     channel_multiplier = channel_multiplier or cfg["channel_multiplier"] or 2
     style_dim, n_mlp = cfg["style_dim"], cfg["n_mlp"]
     with torch.device("meta"):
@@ -329,19 +329,16 @@ def add_indicator_arg(parser, default, note=""):
                              "with its learned weight, as no index) ... n_latent = natural face" + note)
 
 
-def indicator_problem(index, size):
-    """Why --add_weight_index ``index`` does not fit a ``size`` px generator (None when it does)."""
+def indicator_note(index, size):
+    """What --add_weight_index ``index`` outside [-n_latent, n_latent] means for a ``size`` px generator
+    (None inside). The release takes any integer (the face weights A[:, :i] = 1, Python slicing): a run at
+    256 px with the 1024 px natural-face index 18 gives the natural face there as well."""
     n = n_latent_for(size)
-    if index is not None and not -n <= index <= n:
-        return f"--add_weight_index must be in [{-n}, {n}] for size {size} ({n} layers; {n} = natural face), got {index}"
-    return None
-
-
-def check_indicator(parser, index, size):
-    """--add_weight_index against --size at parsing; without --size load_blendgan(indicator=) checks it."""
-    problem = indicator_problem(index, size) if size else None
-    if problem:
-        parser.error(problem)
+    if index is None or -n <= index <= n:
+        return None
+    meaning = (f"every layer keeps the face code: the natural face, as {n}" if index > n
+               else "no layer keeps the face code: full style, as 0")
+    return f"--add_weight_index {index} is outside [{-n}, {n}] for this {size} px generator ({n} layers); {meaning}"
 
 
 def write_jpeg(path, rgb):

@@ -51,6 +51,20 @@ class Upsample(nn.Module):
         return upfirdn2d(x, self.kernel, up=self.factor, down=1, pad=self.pad)
 
 
+class Downsample(nn.Module):
+    """2x FIR down-sampling, the counterpart of Upsample (the release defines it; no network here uses it)."""
+
+    def __init__(self, kernel, factor=2):
+        super().__init__()
+        self.factor = factor
+        self.register_buffer("kernel", make_kernel(kernel))
+        p = self.kernel.shape[0] - factor
+        self.pad = ((p + 1) // 2, p // 2)
+
+    def forward(self, x):
+        return upfirdn2d(x, self.kernel, up=1, down=self.factor, pad=self.pad)
+
+
 class Blur(nn.Module):
     """FIR filter with padding; after a transposed conv (upsample_factor 2) or before a strided one."""
 
@@ -61,6 +75,25 @@ class Blur(nn.Module):
 
     def forward(self, x):
         return upfirdn2d(x, self.kernel, pad=self.pad)
+
+
+def blur_before_stride2(blur_kernel, kernel_size):
+    """The FIR blur before a stride-2 k x k convolution (a 2x down-sampling conv): pads so that the
+    output is half the input."""
+    p = (len(blur_kernel) - 2) + (kernel_size - 1)
+    return Blur(blur_kernel, pad=((p + 1) // 2, p // 2))
+
+
+class ScaledLeakyReLU(nn.Module):
+    """leaky_relu(x, negative_slope) * sqrt(2) with no bias (the release's name; ConvLayer's activation
+    when its convolution has no bias)."""
+
+    def __init__(self, negative_slope=0.2):
+        super().__init__()
+        self.negative_slope = negative_slope
+
+    def forward(self, x):
+        return fused_leaky_relu(x, None, self.negative_slope)
 
 
 class EqualConv2d(nn.Module):
@@ -122,21 +155,29 @@ class ModulatedConv2d(nn.Module):
       over the activations at high resolution).
     - fused=True: build the per-sample weights and run one grouped convolution over the batch (the
       release's path). Both agree to float rounding; tests check them against a per-sample loop.
+
+    downsample: FIR blur, then a stride-2 convolution (in the release's signature; the generator does not
+    use it).
     """
 
     def __init__(self, in_channel, out_channel, kernel_size, style_dim, demodulate=True, upsample=False,
-                 blur_kernel=(1, 3, 3, 1), fused=False):
+                 downsample=False, blur_kernel=(1, 3, 3, 1), fused=False):
         super().__init__()
+        if upsample and downsample:
+            raise ValueError("ModulatedConv2d: upsample and downsample exclude each other")
         self.eps = 1e-8
         self.kernel_size = kernel_size
         self.in_channel = in_channel
         self.out_channel = out_channel
         self.upsample = upsample
+        self.downsample = downsample
         self.fused = fused
         if upsample:
             factor = 2
             p = (len(blur_kernel) - factor) - (kernel_size - 1)
             self.blur = Blur(blur_kernel, pad=((p + 1) // 2 + factor - 1, p // 2 + 1), upsample_factor=factor)
+        if downsample:
+            self.blur = blur_before_stride2(blur_kernel, kernel_size)
         self.scale = 1 / math.sqrt(in_channel * kernel_size ** 2)
         self.padding = kernel_size // 2
         self.weight = nn.Parameter(torch.randn(1, out_channel, in_channel, kernel_size, kernel_size))
@@ -144,8 +185,8 @@ class ModulatedConv2d(nn.Module):
         self.demodulate = demodulate
 
     def extra_repr(self):
-        return (f"{self.in_channel}, {self.out_channel}, {self.kernel_size}, "
-                f"demodulate={self.demodulate}, upsample={self.upsample}, fused={self.fused}")
+        return (f"{self.in_channel}, {self.out_channel}, {self.kernel_size}, demodulate={self.demodulate}, "
+                f"upsample={self.upsample}, downsample={self.downsample}, fused={self.fused}")
 
     def forward(self, x, style):
         s = self.modulation(style)  # [B, in]
@@ -177,9 +218,13 @@ class ModulatedConv2d(nn.Module):
         """x [B, in, H, W] with the shared weight w [out, in, k, k] -> [B, out, H', W']."""
         if self.upsample:
             return self.blur(precision.conv_transpose2d(x, w.transpose(0, 1), stride=2))
+        if self.downsample:
+            return precision.conv2d(self.blur(x), w, stride=2)
         return precision.conv2d(x, w, padding=self.padding)
 
     def _forward_grouped(self, x, s):
+        if self.downsample:
+            x = self.blur(x)
         batch, in_channel, height, width = x.shape
         weight = self.scale * self.weight * s.view(batch, 1, in_channel, 1, 1)  # [B, out, in, k, k]
         if self.demodulate:
@@ -193,7 +238,10 @@ class ModulatedConv2d(nn.Module):
             out = out.view(batch, self.out_channel, out.shape[2], out.shape[3])
             return self.blur(out)
         weight = weight.view(batch * self.out_channel, in_channel, k, k)
-        out = precision.conv2d(x, weight, padding=self.padding, groups=batch)
+        if self.downsample:
+            out = precision.conv2d(x, weight, stride=2, groups=batch)
+        else:
+            out = precision.conv2d(x, weight, padding=self.padding, groups=batch)
         return out.view(batch, self.out_channel, out.shape[2], out.shape[3])
 
 
@@ -237,7 +285,9 @@ class ConstantInput(nn.Module):
         super().__init__()
         self.input = nn.Parameter(torch.randn(1, channel, size, size))
 
-    def forward(self, batch):
+    def forward(self, latent):
+        """latent: the W+ codes [B, n_latent, 512] (the release's call) or the batch size B."""
+        batch = latent if isinstance(latent, int) else latent.shape[0]
         # The synthesis runs channels_last whatever the parameters' layout: every convolution, transposed
         # convolution and FIR blur after this one follows its input's layout, and oneDNN / cuDNN are
         # faster in it (CPU: ~1.2x float32, ~2x bfloat16). A plain Generator is as fast as one prepared
@@ -280,7 +330,8 @@ class ToRGB(nn.Module):
 
 
 class ConvLayer(nn.Sequential):
-    """[Blur] -> EqualConv2d -> [FusedLeakyReLU]; keys .0/.1/.2 as rosinality (fixes the D layout).
+    """[Blur] -> EqualConv2d -> [FusedLeakyReLU, or ScaledLeakyReLU without bias]; keys .0/.1/.2 as
+    rosinality (fixes the D layout).
 
     The convolution has no bias of its own when an activation follows (the activation holds it).
     """
@@ -289,16 +340,14 @@ class ConvLayer(nn.Sequential):
                  bias=True, activate=True):
         layers = []
         if downsample:
-            factor = 2
-            p = (len(blur_kernel) - factor) + (kernel_size - 1)
-            layers.append(Blur(blur_kernel, pad=((p + 1) // 2, p // 2)))
+            layers.append(blur_before_stride2(blur_kernel, kernel_size))
             stride, padding = 2, 0
         else:
             stride, padding = 1, kernel_size // 2
         layers.append(EqualConv2d(in_channel, out_channel, kernel_size, padding=padding, stride=stride,
                                   bias=bias and not activate))
         if activate:
-            layers.append(FusedLeakyReLU(out_channel, bias=bias))
+            layers.append(FusedLeakyReLU(out_channel) if bias else ScaledLeakyReLU())
         super().__init__(*layers)
 
 

@@ -12,14 +12,17 @@ import torch
 from torch import nn
 
 from layers import (
-    Blur, ConstantInput, ConvLayer, EqualConv2d, EqualLinear, ModulatedConv2d, NoiseInjection, PixelNorm,
-    ResBlock, StyledConv, ToRGB, Upsample, at_least_float32, channels_last_, make_kernel)
+    Blur, ConstantInput, ConvLayer, Downsample, EqualConv2d, EqualLinear, ModulatedConv2d, NoiseInjection,
+    PixelNorm, ResBlock, ScaledLeakyReLU, StyledConv, ToRGB, Upsample, at_least_float32, channels_last_,
+    make_kernel)
+from op import FusedLeakyReLU, fused_leaky_relu, upfirdn2d
 from style_encoder import StyleEncoder
 
 __all__ = [  # the release's model.py namespace: code written against it imports these from here
     "Generator", "Discriminator", "ProjectionDiscriminator", "StyleEncoder", "Blur", "ConstantInput", "ConvLayer",
-    "EqualConv2d", "EqualLinear", "ModulatedConv2d", "NoiseInjection", "PixelNorm", "ResBlock", "StyledConv",
-    "ToRGB", "Upsample", "make_kernel"]
+    "Downsample", "EqualConv2d", "EqualLinear", "FusedLeakyReLU", "ModulatedConv2d", "NoiseInjection", "PixelNorm",
+    "ResBlock", "ScaledLeakyReLU", "StyledConv", "ToRGB", "Upsample", "fused_leaky_relu", "make_kernel",
+    "upfirdn2d"]
 
 # Generator keys that a plain StyleGAN2 file (rosinality's layout) lacks: the style encoder, the style
 # mapping MLP and the WBM weights.
@@ -180,7 +183,7 @@ class Generator(nn.Module):
         if len(noise) != self.num_layers:  # zip() below would stop early: a smaller image, no error
             raise ValueError(f"noise: {len(noise)} maps given, the {self.size} px generator has {self.num_layers} "
                              f"noise layers")
-        out = self.input(latent.shape[0])
+        out = self.input(latent)  # [N, C, 4, 4], channels_last
         out = self.conv1(out, latent[:, 0], noise=noise[0])
         skip = self.to_rgb1(out, latent[:, 1])
         i = 1
@@ -190,7 +193,9 @@ class Generator(nn.Module):
             out = conv2(out, latent[:, i + 1], noise=noise2)
             skip = to_rgb(out, latent[:, i + 2], skip)
             i += 2
-        return skip
+        # The image leaves in the standard layout, as the release's does: code written against it calls
+        # .view() on it (a 12 MB copy at 1024 px, next to a forward of ~10^12 FLOPs).
+        return skip.contiguous()  # [N, 3, size, size]
 
     def forward(self, styles=None, return_latents=False, inject_index=None, truncation=1, truncation_latent=None,
                 input_is_latent=False, noise=None, randomize_noise=True, style_image=None, z_embed=None,

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from inference import (DTYPES, Report, add_common_args, add_generator_args, add_indicator_arg, add_photo_args,
-                       check_indicator, check_model_files, distinct_names, encode_faces, encode_styles,
+                       check_model_files, distinct_names, encode_faces, encode_styles,
                        keep_freed_memory, list_inputs, load_aligner, load_blendgan, load_psp, read_input,
                        release_freed_memory, resize, run_job, stem, validate_common, write_jpeg)
 from utils import ten2img
@@ -31,7 +31,6 @@ def parse_args(argv=None):
     add_common_args(p)
     opts = p.parse_args(argv)
     validate_common(p, opts)
-    check_indicator(p, opts.add_weight_index, opts.size)
     return opts
 
 

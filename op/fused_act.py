@@ -105,15 +105,22 @@ def fused_leaky_relu(x, bias, negative_slope=0.2, scale=2 ** 0.5, impl="auto"):
 
 class FusedLeakyReLU(nn.Module):
     """Per-channel bias followed by the scaled leaky ReLU; the bias (zeros at init) is the state-dict
-    key `bias`, as in the official checkpoints (`*.activate.bias`)."""
+    key `bias`, as in the official checkpoints (`*.activate.bias`).
 
-    def __init__(self, channels, bias=True, negative_slope=0.2, scale=2 ** 0.5, impl="auto"):
+    The release's signature (channel, negative_slope, scale); ``bias`` is keyword-only, since rosinality's
+    later op put it second: a positional bool there is refused rather than read as the slope.
+    """
+
+    def __init__(self, channel, negative_slope=0.2, scale=2 ** 0.5, *, bias=True, impl="auto"):
         super().__init__()
+        if isinstance(negative_slope, bool):
+            raise TypeError("FusedLeakyReLU(channel, negative_slope=0.2, scale=sqrt(2), *, bias=True): "
+                            f"negative_slope={negative_slope}; pass bias by keyword")
         if bias:
-            self.bias = nn.Parameter(torch.zeros(channels))  # [C]
+            self.bias = nn.Parameter(torch.zeros(channel))  # [C]
         else:
             self.register_parameter("bias", None)
-        self.channels = channels
+        self.channel = channel
         self.negative_slope = negative_slope
         self.scale = scale
         self.impl = impl
@@ -122,5 +129,5 @@ class FusedLeakyReLU(nn.Module):
         return fused_leaky_relu(x, self.bias, self.negative_slope, self.scale, impl=self.impl)
 
     def extra_repr(self):
-        return (f"{self.channels}, bias={self.bias is not None}, negative_slope={self.negative_slope}, "
+        return (f"{self.channel}, bias={self.bias is not None}, negative_slope={self.negative_slope}, "
                 f"scale={self.scale:.4g}")

@@ -35,6 +35,14 @@ def output_size_for(n_styles):
     return 2 ** ((n_styles + 2) // 2)
 
 
+def get_keys(ckpt, name):
+    """The weights of checkpoint dict ``ckpt`` (inside 'state_dict' when it has one) whose keys start
+    with ``name``, without that prefix and the '.' after it: the release's rule, which compares the first
+    len(name) characters."""
+    weights = ckpt[WEIGHTS_WRAPPER] if WEIGHTS_WRAPPER in ckpt else ckpt
+    return {k[len(name) + 1:]: v for k, v in weights.items() if isinstance(k, str) and k[:len(name)] == name}
+
+
 def read_psp_checkpoint(path, n_styles):
     """Read a pSp checkpoint; return (encoder state dict without the prefix, latent_avg).
 
@@ -49,9 +57,7 @@ def read_psp_checkpoint(path, n_styles):
     where = f"checkpoint {path}" + (f" ['{WEIGHTS_WRAPPER}']" if weights is not ckpt else "")
     if not isinstance(weights, dict):
         raise CheckpointError(f"{where}: expected a dict of weights, found {type(weights).__name__}")
-    # Same rule as the release: keys whose first 7 characters are 'encoder' drop the first 8.
-    state_dict = {k[len(ENCODER_PREFIX) + 1:]: v for k, v in weights.items()
-                  if isinstance(k, str) and k[:len(ENCODER_PREFIX)] == ENCODER_PREFIX}
+    state_dict = get_keys(ckpt, ENCODER_PREFIX)
     if not state_dict:
         have = ", ".join(sorted(map(str, weights.keys()))[:8]) or "nothing"
         raise CheckpointError(f"{where}: no '{ENCODER_PREFIX}.*' weights, not a pSp encoder checkpoint "
@@ -96,7 +102,7 @@ def _broadcasts(shape, n_styles):
 class PSPEncoder(nn.Module):
     """Face image [N, 3, H, W] (RGB, [-1, 1]) -> W+ code [N, n_styles, 512] for input_is_latent=True.
 
-    ckpt_path: a released (or compatible) psp_encoder.pt, or None for a randomly initialised encoder
+    encoder_ckpt_path: a released (or compatible) psp_encoder.pt, or None for a randomly initialised encoder
         with latent_avg = 0 (tests, training).
     output_size: the generator's output size; n_styles = 2*log2(output_size) - 2 must match the file.
     device: optional convenience, same as calling ``.to(device)`` after construction.
@@ -107,13 +113,13 @@ class PSPEncoder(nn.Module):
     the state dict keys are exactly those of the released file (``encoder.*``).
     """
 
-    def __init__(self, ckpt_path=None, output_size=1024, device=None):
+    def __init__(self, encoder_ckpt_path=None, output_size=1024, device=None):
         super().__init__()
         n_styles = n_styles_for(output_size)
         state_dict = latent_avg = None
-        if ckpt_path is not None:
+        if encoder_ckpt_path is not None:
             # Read and validate the file before building ~270M parameters.
-            state_dict, latent_avg = read_psp_checkpoint(ckpt_path, n_styles)
+            state_dict, latent_avg = read_psp_checkpoint(encoder_ckpt_path, n_styles)
         self.output_size = output_size
         self.n_styles = n_styles
         self.face_pool = nn.AdaptiveAvgPool2d(ENCODER_INPUT_SIZE)
@@ -125,7 +131,7 @@ class PSPEncoder(nn.Module):
             with torch.device("meta"):
                 self.encoder = GradualStyleEncoder(50, "ir_se", n_styles)
             load_state_dict_strict(self.encoder, state_dict,
-                                   f"checkpoint {ckpt_path} ('{ENCODER_PREFIX}.' weights)", assign=True)
+                                   f"checkpoint {encoder_ckpt_path} ('{ENCODER_PREFIX}.' weights)", assign=True)
         if latent_avg is None:
             latent_avg = torch.zeros(n_styles, STYLE_DIM)
         self.register_buffer(LATENT_AVG, latent_avg, persistent=False)

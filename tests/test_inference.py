@@ -121,15 +121,21 @@ def test_generate_pairs_reference_guided_and_natural_indicator(ckpts, tmp_path, 
     img = read_rgb(str(out / "000000.jpg"))
     # identical halves give identical JPEG blocks; only the decoder's chroma upsampling at the seam differs
     assert np.array_equal(img[:, 1:SIZE - 1], img[:, SIZE + 1:-1])
-    # 11 is beyond this generator's 10 layers: refused with or without --size (without it, once the
-    # checkpoint says its size; it was checked against 1024 px's 18 then), before anything is written
-    for size_args in ([], ["--size", SIZE]):
-        with pytest.raises(SystemExit) as exit_info:
-            run_main(generate_image_pairs, ["--ckpt", ckpt, "--pics", 1, "--outdir", tmp_path / "beyond", "--device",
-                                            "cpu", "--add_weight_index", 11] + size_args)
-        assert "--add_weight_index must be in [-10, 10] for size 64 (10 layers; 10 = natural face), got 11" in str(
-            exit_info.value) + capsys.readouterr().err
-    assert not (tmp_path / "beyond").exists()
+    # beyond this generator's 10 layers, as the release: 18 (1024 px's natural face) is the natural face,
+    # -11 full style as 0; each noted once, with or without --size
+    capsys.readouterr()
+    for index, same_as, size_args, meaning in ((18, 10, [], "the natural face, as 10"),
+                                               (-11, 0, ["--size", SIZE], "full style, as 0")):
+        outs = []
+        for i in (index, same_as):
+            run_main(generate_image_pairs, ["--ckpt", ckpt, "--pics", 1, "--outdir", tmp_path / f"i{i}", "--device",
+                                            "cpu", "--style_img", os.path.join(STYLES, styles[0]),
+                                            "--add_weight_index", i] + size_args)
+            outs.append((tmp_path / f"i{i}" / "000000.jpg").read_bytes())
+        assert outs[0] == outs[1], index
+        err = capsys.readouterr().err
+        assert err.count(f"--add_weight_index {index} is outside [-10, 10] for this 64 px generator (10 layers); "
+                         f"{'every' if index > 0 else 'no'} layer keeps the face code: {meaning}") == 1, err
 
 
 def test_style_transfer_folder_outputs_and_values(ckpts, tmp_path):

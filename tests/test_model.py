@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict, save_checkpoint
 from conftest import reference_file
-from layers import channels_last_
+from layers import ModulatedConv2d, channels_last_
 from model import Discriminator, Generator, ProjectionDiscriminator, guess_generator_config, wbm_face_weight
 from style_encoder import VGG19_TAPS, Projector, StyleEncoder, gram_dim
 
@@ -180,7 +180,14 @@ def reference_modulated_conv(x, conv, style):
         if conv.demodulate:
             w = w / torch.sqrt((w ** 2).sum(dim=(1, 2, 3), keepdim=True) + 1e-8)
         xb = x[b:b + 1]
-        if conv.upsample:
+        if conv.downsample:
+            # FIR blur (true convolution: flipped kernel) with the pads that halve the size, then stride 2
+            ker = conv.blur.kernel.flip(0, 1)
+            p0, p1 = conv.blur.pad
+            y = F.conv2d(F.pad(xb, (p0, p1, p0, p1)), ker.expand(xb.shape[1], 1, *ker.shape).contiguous(),
+                         groups=xb.shape[1])
+            y = F.conv2d(y, w, stride=2)
+        elif conv.upsample:
             # transposed conv stride 2 == zero-insert then conv with the flipped kernel, full padding
             n, c, h, wd = xb.shape
             up = xb.new_zeros(n, c, 2 * h - 1, 2 * wd - 1)
@@ -200,15 +207,49 @@ def reference_modulated_conv(x, conv, style):
 def test_modulated_conv_matches_per_sample_reference():
     g = small_generator().double()
     torch.manual_seed(3)
+    # the release's signature: downsample before blur_kernel (a positional call); the generator has none
+    down = ModulatedConv2d(6, 5, 3, 16, True, False, True, [1, 3, 3, 1]).double()
+    assert down.blur.pad == (2, 2)  # 8 px + 4 - 3 (blur) = 9, stride-2 valid 3x3 conv -> 4 px
+    with torch.no_grad():
+        down.modulation.bias.uniform_(0.5, 1.5)
     # batch 2 modulates activations, batch 1 the weight (fused=False); fused=True is the grouped path
-    for conv, batch in itertools.product((g.convs[0].conv, g.convs[1].conv, g.to_rgbs[0].conv), (1, 2)):
+    for conv, batch in itertools.product((g.convs[0].conv, g.convs[1].conv, g.to_rgbs[0].conv, down), (1, 2)):
         x = torch.randn(batch, conv.in_channel, 8, 8, dtype=torch.float64)
         style = torch.randn(batch, 16, dtype=torch.float64)
         ref = reference_modulated_conv(x, conv, style)
+        assert ref.shape[2] == {True: 4, False: 8}[conv.downsample] * (2 if conv.upsample else 1)
         for fused in (False, True):
             conv.fused = fused
             assert torch.allclose(conv(x, style), ref, atol=1e-10), (conv, batch, fused)
         conv.fused = False
+    with pytest.raises(ValueError, match="exclude each other"):
+        ModulatedConv2d(6, 5, 3, 16, upsample=True, downsample=True)
+
+
+def test_release_namespace_and_calls():
+    """Code written against the release: names it imports from model.py, ConstantInput called with the
+    latent (its synthesis loop), and an output image in the standard layout (.view() on it works)."""
+    import model as model_module
+    import model_encoder
+    assert (model_encoder.StyleEncoder, model_encoder.Projector) == (StyleEncoder, Projector)
+    for name in ("Downsample", "ScaledLeakyReLU", "FusedLeakyReLU", "fused_leaky_relu", "upfirdn2d",
+                 "ModulatedConv2d", "StyledConv", "ToRGB", "EqualLinear", "ConstantInput", "Blur", "Upsample"):
+        assert name in model_module.__all__ and hasattr(model_module, name), name
+    torch.manual_seed(4)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    ker = torch.tensor([1., 3., 3., 1.], dtype=torch.float64)
+    ker = torch.outer(ker, ker) / ker.sum() ** 2
+    # 2x FIR down-sampling = blur with pads (1, 1), keep every second sample
+    want = F.conv2d(F.pad(x, (1, 1, 1, 1)), ker.expand(3, 1, 4, 4).contiguous(), groups=3)[..., ::2, ::2]
+    assert torch.allclose(model_module.Downsample([1, 3, 3, 1]).double()(x), want, atol=1e-12)
+    assert torch.allclose(model_module.ScaledLeakyReLU(0.2)(x), F.leaky_relu(x, 0.2) * math.sqrt(2), atol=1e-12)
+
+    g = small_generator(size=16)
+    z = torch.randn(2, 16)
+    with torch.no_grad():
+        image, latent = g([z], return_latents=True, randomize_noise=False)
+    assert torch.equal(g.input(latent), g.input(2)) and g.input(latent).shape == (2, g.input.input.shape[1], 4, 4)
+    assert image.is_contiguous() and image.view(2, -1).shape == (2, 3 * 16 * 16)
 
 
 def test_fused_and_activation_modulation_agree_on_whole_generator():

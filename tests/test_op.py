@@ -338,9 +338,11 @@ def test_fused_leaky_relu_module():
     np.testing.assert_allclose(module(x).detach().numpy(), expected, rtol=1e-6, atol=1e-6)
     module(x).sum().backward()
     assert module.bias.grad is not None and module.bias.grad.shape == (4,)
-    no_bias = FusedLeakyReLU(4, bias=False, negative_slope=0.1, scale=1.0)
+    no_bias = FusedLeakyReLU(4, 0.1, 1.0, bias=False)  # the release's positional order, then bias by keyword
     assert list(no_bias.state_dict()) == [] and no_bias.bias is None
     np.testing.assert_allclose(no_bias(x).numpy(), fused_lrelu_numpy(x.numpy(), None, 0.1, 1.0), rtol=1e-6)
+    with pytest.raises(TypeError, match="pass bias by keyword"):
+        FusedLeakyReLU(4, False)  # rosinality's later (channel, bias, ...) order: refused, not slope 0
 
 
 # ---------------------------------------------------------------------------------------------------

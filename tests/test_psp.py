@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from checkpoint import CheckpointError
 from conftest import reference_file
 from psp_encoder.encoders import GradualStyleEncoder
-from psp_encoder.psp_encoders import PSPEncoder
+from psp_encoder.psp_encoders import PSPEncoder, get_keys
 
 # From the schema (PSPEncoder_1024_encoder): checked even where the JSON file is not at hand.
 RELEASE_1024_KEYS = 621
@@ -243,6 +243,14 @@ def test_both_release_layouts_load_and_match_reference(release):
 
     _, out_wrapped = _encode(release["paths"]["wrapped"], x)
     assert torch.equal(out_wrapped, out_flat)  # bit-identical across the two layouts
+    # the release's keyword and helper: get_keys(ckpt, 'encoder') unwraps 'state_dict' and drops the prefix
+    psp = PSPEncoder(encoder_ckpt_path=release["paths"]["wrapped"], output_size=SIZE)
+    wrapped = torch.load(release["paths"]["wrapped"])
+    keys = get_keys(wrapped, "encoder")
+    assert sorted(keys) == sorted(k[len("encoder."):] for k in release["weights"])
+    assert all(torch.equal(keys[k], release["weights"][f"encoder.{k}"]) for k in keys)
+    assert all(torch.equal(v, keys[k]) for k, v in psp.encoder.state_dict().items())
+    assert get_keys(wrapped, "decoder") and not set(get_keys(wrapped, "decoder")) & set(keys)
 
 
 def test_weights_are_the_files_tensors_widened_to_float32(release, tmp_path):
