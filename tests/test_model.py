@@ -171,22 +171,46 @@ def test_forward_returns_truncation_mixing_and_noise():
     assert torch.equal(m1, m2)
 
 
+def reference_linear(x, weight, bias, lr_mul, activate):
+    """EqualLinear written out: x (W lr_mul / sqrt(in))^T + b lr_mul, then leaky ReLU(0.2) * sqrt(2)."""
+    out = x @ (weight * lr_mul / math.sqrt(weight.shape[1])).t() + bias * lr_mul
+    return F.leaky_relu(out, 0.2) * math.sqrt(2) if activate else out
+
+
+def fir_kernel(gain=1):
+    """The [1, 3, 3, 1] FIR kernel as a 4x4 filter summing to ``gain``."""
+    k = torch.tensor([1., 3., 3., 1.], dtype=torch.float64)
+    return torch.outer(k, k) / 64 * gain
+
+
+def reference_fir(x, kernel, pad):
+    """True 2-D convolution of every channel with ``kernel`` after zero padding (p0, p1) on each side."""
+    c = x.shape[1]
+    x = F.pad(x, (pad[0], pad[1], pad[0], pad[1]))
+    return F.conv2d(x, kernel.flip(0, 1).to(x.dtype).expand(c, 1, *kernel.shape).contiguous(), groups=c)
+
+
+def zero_insert(x):
+    """[N, C, H, W] -> [N, C, 2H, 2W] with the samples at even positions."""
+    n, c, h, w = x.shape
+    up = x.new_zeros(n, c, 2 * h, 2 * w)
+    up[..., ::2, ::2] = x
+    return up
+
+
 def reference_modulated_conv(x, conv, style):
     """Per-sample loop: StyleGAN2 Eq. 1-3 written out, upsampling by zero-insertion + FIR (independent path)."""
     outs = []
     for b in range(x.shape[0]):
-        s = conv.modulation(style[b:b + 1])[0]  # [in]
+        s = reference_linear(style[b:b + 1], conv.modulation.weight, conv.modulation.bias, 1, False)[0]  # [in]
         w = conv.weight[0] * s.view(1, -1, 1, 1) / math.sqrt(conv.in_channel * conv.kernel_size ** 2)
         if conv.demodulate:
             w = w / torch.sqrt((w ** 2).sum(dim=(1, 2, 3), keepdim=True) + 1e-8)
         xb = x[b:b + 1]
         if conv.downsample:
-            # FIR blur (true convolution: flipped kernel) with the pads that halve the size, then stride 2
-            ker = conv.blur.kernel.flip(0, 1)
-            p0, p1 = conv.blur.pad
-            y = F.conv2d(F.pad(xb, (p0, p1, p0, p1)), ker.expand(xb.shape[1], 1, *ker.shape).contiguous(),
-                         groups=xb.shape[1])
-            y = F.conv2d(y, w, stride=2)
+            # FIR blur with the pads that halve the size (4 - 2 + k - 1 in all), then a stride-2 valid conv
+            p = 4 - 2 + conv.kernel_size - 1
+            y = F.conv2d(reference_fir(xb, fir_kernel(), ((p + 1) // 2, p // 2)), w, stride=2)
         elif conv.upsample:
             # transposed conv stride 2 == zero-insert then conv with the flipped kernel, full padding
             n, c, h, wd = xb.shape
@@ -194,14 +218,80 @@ def reference_modulated_conv(x, conv, style):
             up[..., ::2, ::2] = xb
             k = conv.kernel_size
             y = F.conv2d(F.pad(up, (k - 1,) * 4), w.flip(2, 3))
-            # blur: true convolution with the 4x4 kernel (flip), pad (1, 1)
-            ker = conv.blur.kernel.flip(0, 1)
-            y = F.pad(y, (1, 1, 1, 1))
-            y = F.conv2d(y, ker.expand(y.shape[1], 1, 4, 4).contiguous(), groups=y.shape[1])
+            y = reference_fir(y, fir_kernel(gain=4), (1, 1))  # blur, gain 4 (the zero-inserted samples)
         else:
             y = F.conv2d(xb, w, padding=conv.kernel_size // 2)
         outs.append(y)
     return torch.cat(outs)
+
+
+def reference_generator(g, z, z_embed=None, index=None, psi=1.0, centre=None):
+    """StyleGAN2 + WBM written out with torch.nn.functional from g's parameters (float64): mapping MLPs
+    (PixelNorm, lr_mul 0.01), truncation of the face code, the release's blend (face weight A =
+    clamp(add_weight), A[:, :i] = 1), then the synthesis: 4x4 constant, per resolution an up-sampling and a
+    plain modulated conv (each + weight * noise, bias, leaky ReLU * sqrt 2) and ToRGB (+ bias, + the 2x FIR
+    up-sampled skip: zero insertion, pads (2, 1), gain 4); latents 0, 1 then (i, i+1, i+2) per block."""
+    def mapping(code, mlp):
+        x = code / torch.sqrt(code.pow(2).mean(1, keepdim=True) + 1e-8)
+        for lin in list(mlp)[1:]:
+            x = reference_linear(x, lin.weight, lin.bias, 0.01, True)
+        return x
+
+    def styled_conv(x, layer, w, noise):
+        out = reference_modulated_conv(x, layer.conv, w) + layer.noise.weight * noise
+        return F.leaky_relu(out + layer.activate.bias.view(1, -1, 1, 1), 0.2) * math.sqrt(2)
+
+    def to_rgb(x, layer, w, skip):
+        out = reference_modulated_conv(x, layer.conv, w) + layer.bias
+        return out if skip is None else out + reference_fir(zero_insert(skip), fir_kernel(gain=4), (2, 1))
+
+    w_f = mapping(z, g.style)  # [N, dim]
+    if centre is not None:
+        w_f = centre + psi * (w_f - centre)
+    latent = w_f.unsqueeze(1).repeat(1, g.n_latent, 1)  # [N, n_latent, dim]
+    if z_embed is not None:
+        a = g.add_weight.clamp(0, 1).clone()  # [1, n_latent, 1]
+        if index is not None:
+            a[:, :index] = 1
+        latent = latent * a + mapping(z_embed, g.embedding).unsqueeze(1) * (1 - a)
+    noise = [getattr(g.noises, f"noise_{j}") for j in range(g.num_layers)]
+    x = g.input.input.repeat(z.shape[0], 1, 1, 1)
+    x = styled_conv(x, g.conv1, latent[:, 0], noise[0])
+    skip = to_rgb(x, g.to_rgb1, latent[:, 1], None)
+    for k, rgb in enumerate(g.to_rgbs):
+        x = styled_conv(x, g.convs[2 * k], latent[:, 1 + 2 * k], noise[1 + 2 * k])
+        x = styled_conv(x, g.convs[2 * k + 1], latent[:, 2 + 2 * k], noise[2 + 2 * k])
+        skip = to_rgb(x, rgb, latent[:, 3 + 2 * k], skip)
+    return skip
+
+
+def test_generator_matches_written_out_stylegan2():
+    """The whole forward against reference_generator, with every bias, noise strength and WBM weight
+    non-trivial (trained-like), truncation at the scripts' 0.75, several indicators and the natural face."""
+    g = small_generator(size=32).double()
+    gen = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, p in g.named_parameters():
+            if name.startswith("embedder."):
+                continue
+            if name.startswith(("style.", "embedding.")) and name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 30)  # x lr_mul 0.01
+            elif name.endswith("modulation.bias"):
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+            elif name.endswith("bias") or name.endswith("noise.weight"):
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    z = torch.randn(2, 16, generator=gen, dtype=torch.float64)
+    z_embed = torch.randn(2, 16, generator=gen, dtype=torch.float64)
+    centre = torch.randn(1, 16, generator=gen, dtype=torch.float64)
+    cases = [dict(), dict(z_embed=z_embed), dict(z_embed=z_embed, index=3), dict(z_embed=z_embed, index=-2),
+             dict(z_embed=z_embed, index=4, psi=0.75, centre=centre)]
+    with torch.no_grad():
+        for case in cases:
+            want = reference_generator(g, z, **case)
+            got, _ = g([z], z_embed=case.get("z_embed"), add_weight_index=case.get("index"),
+                       truncation=case.get("psi", 1), truncation_latent=case.get("centre"), randomize_noise=False)
+            assert want.shape == got.shape == (2, 3, 32, 32)
+            assert torch.allclose(got, want, rtol=0, atol=1e-9 * want.abs().max()), case
 
 
 def test_modulated_conv_matches_per_sample_reference():
@@ -385,20 +475,29 @@ def test_style_encoder_matches_independent_vgg_gram():
 
     torch.manual_seed(4)
     vgg = torchvision.models.vgg19(weights=None)
+    for m in vgg.features:  # He init: Gram entries up to ~1e-2, not ~1e-4
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
     enc = StyleEncoder(8, 4, load_pretrained_vgg=False, pool_size=48)
     enc.load_vgg(vgg.state_dict())
+    with torch.no_grad():  # trained-like MLP biases: an output of order 1 (an atol would swallow ~1e-4)
+        for lin in enc.embedder_mlp:
+            lin.bias.uniform_(-0.5, 0.5)
     x = torch.rand(2, 3, 40, 56) * 2 - 1
     with torch.no_grad():
         gram = enc.embedder(x)
         assert gram.shape == (2, 610304)
-        # independent: torchvision's own module, einsum Gram, manual equalized-lr MLP
+        # independent: torchvision's own module, einsum Gram, manual equalized-lr MLP; the taps are the
+        # indices of relu1_2, relu2_2, relu3_4, relu4_4, relu5_4 in torchvision's vgg19().features
+        taps = (3, 8, 17, 26, 35)
+        assert tuple(VGG19_TAPS.values()) == taps
         h = F.adaptive_avg_pool2d(x, (48, 48))
         feats = []
         for i, layer in enumerate(vgg.features):
             h = layer(h)
-            if i in VGG19_TAPS.values():
+            if i in taps:
                 feats.append(h.clone())
-            if i == max(VGG19_TAPS.values()):
+            if i == taps[-1]:
                 break
         blocks = []
         for f in feats:
@@ -407,13 +506,12 @@ def test_style_encoder_matches_independent_vgg_gram():
             assert torch.allclose(gm, gm.transpose(1, 2))
             blocks.append(gm.reshape(n, -1))
         ref = torch.cat(blocks, 1)
-        assert torch.allclose(gram, ref, rtol=1e-4, atol=1e-7)
+        assert torch.allclose(gram, ref, rtol=1e-4, atol=1e-6 * ref.abs().max())
         z = ref
-        for j, lin in enumerate(enc.embedder_mlp):
-            z = z @ (lin.weight * lin.scale).t() + lin.bias * lin.lr_mul
-            if j < 3:
-                z = F.leaky_relu(z, 0.2) * math.sqrt(2)
-        assert torch.allclose(enc(x), z, rtol=1e-4, atol=1e-5)
+        for j, lin in enumerate(enc.embedder_mlp):  # lr_mul 1: W / sqrt(in), b
+            z = reference_linear(z, lin.weight, lin.bias, 1, activate=j < 3)
+        assert z.abs().max() > 0.1 and (z < 0).any()  # the last layer is linear
+        assert torch.allclose(enc(x), z, rtol=1e-4, atol=1e-5 * z.abs().max())
 
 
 def test_vgg_weights_from_local_file_hub_cache_and_clear_error(tmp_path, monkeypatch):
