@@ -271,6 +271,8 @@ def test_generator_matches_written_out_stylegan2():
     g = small_generator(size=32).double()
     gen = torch.Generator().manual_seed(11)
     with torch.no_grad():
+        # every layer its own face weight (two outside [0, 1]): each latent row differs when blended
+        g.add_weight.copy_(torch.tensor([0.2, 0.7, 1.3, -0.2, 0.5, 0.9, 0.1, 0.6]).view(1, 8, 1))
         for name, p in g.named_parameters():
             if name.startswith("embedder."):
                 continue
