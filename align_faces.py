@@ -27,6 +27,7 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 from tqdm import tqdm
 
+from fileio import folder_problems
 from imageio_utils import UnreadableImageError, list_images, read_image_rgb, save_image_atomic, to_rgb
 
 # dlib's 68-point layout (iBUG 300-W): index ranges of the parts the crop is built from.
@@ -353,6 +354,8 @@ def parse_args(argv=None):
         parser.error(f'--input_img_path {args.input_img_path} does not exist')
     if args.predictor is not None and not os.path.isfile(args.predictor):
         parser.error(f'--predictor {args.predictor} is not a file')
+    for problem in folder_problems('--outdir', args.outdir):
+        parser.error(problem)
     return AlignOptions(**vars(args))
 
 

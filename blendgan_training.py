@@ -85,6 +85,7 @@ from torch import nn
 import distributed
 from checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict, require_key
 from dataset import MultiResolutionDataset, PairedLoader, infinite_loader, lmdb_problems, random_flip, to_tensor
+from fileio import folder_problems
 from imageio_utils import read_image_rgb
 from model import BLENDGAN_ONLY_KEYS, Discriminator, Generator, ProjectionDiscriminator, guess_generator_config
 from prepare_data import resize_and_center_crop
@@ -215,6 +216,7 @@ def validate(opts):
         problems.append(f"--resume {opts.resume}: no such file (or pass 'latest')")
     if str(opts.device).startswith("cuda") and not torch.cuda.is_available():
         problems.append(f"--device {opts.device}: torch sees no GPU; use --device cpu")
+    problems += folder_problems("--out_dir", opts.out_dir)
     problems += lmdb_problems(lmdbs, size)  # opens the LMDBs, before any model is built
     return problems
 

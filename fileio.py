@@ -41,3 +41,23 @@ def pid_alive(pid):
     except PermissionError:  # someone else's live process
         return True
     return True
+
+
+def folder_problem(path):
+    """Why ``path`` cannot be (made) an output folder, or None when it can: a file where it or one of its
+    parents should be a folder, or a nearest existing folder this user may not write in. Checked when the
+    options are read, before any work that would otherwise end in a traceback at the first write."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        return f"{probe} is a file, not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"no permission to write in {probe}"
+    return None
+
+
+def folder_problems(flag, path):
+    """[one line] naming option ``flag`` when ``path`` cannot be an output folder, else []."""
+    problem = folder_problem(path)
+    return [f"{flag} {path}: {problem}"] if problem else []

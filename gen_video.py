@@ -14,9 +14,9 @@ import torch
 from tqdm import tqdm
 
 from inference import (DTYPES, Report, add_common_args, add_generator_args, add_indicator_arg, add_photo_args,
-                       check_model_files, distinct_names, encode_faces, encode_styles,
-                       keep_freed_memory, list_inputs, load_aligner, load_blendgan, load_psp, read_input,
-                       release_freed_memory, resize, run_job, stem, validate_common)
+                       check_model_files, distinct_names, encode_faces, encode_styles, finite_rows,
+                       keep_freed_memory, list_inputs, load_aligner, load_blendgan, load_psp, nonfinite_reason,
+                       read_input, release_freed_memory, resize, run_job, stem, validate_common)
 from video import HOLD_FRAMES, compose_frame, interpolation_alphas, sliding_window, write_mp4
 
 
@@ -35,6 +35,22 @@ def parse_args(argv=None):
     if opts.n_styles < 2:
         p.error("--n_styles must be >= 2 (a video walks between styles)")
     return opts
+
+
+class NonFiniteFrame(ValueError):
+    """A frame of NaN/inf pixels: the face's video is not written."""
+
+
+def frames_per_face(n_styles):
+    """(n_styles - 1) walks of len(interpolation_alphas()) frames, then the final hold."""
+    return (n_styles - 1) * len(interpolation_alphas()) + HOLD_FRAMES
+
+
+def counted(frames, progress):
+    """``frames``, advancing ``progress`` by one after each."""
+    for frame in frames:
+        yield frame
+        progress.update()
 
 
 @torch.no_grad()
@@ -58,6 +74,8 @@ def face_frames(g, code, face_img, style_imgs, z_styles, opts):
             z = z_all[firsts[d:d + opts.batch]]
             batch, _ = g([code.expand(len(z), -1, -1)], z_embed=z, add_weight_index=opts.add_weight_index,
                          theta=opts.theta, input_is_latent=True, randomize_noise=False)
+            if not all(finite_rows(batch)):
+                raise NonFiniteFrame(nonfinite_reason(opts.dtype))
         window = sliding_window(style_imgs[k], style_imgs[k + 1], alpha)
         frame = compose_frame(face_img, window, batch[d - batch_start])
         yield frame
@@ -119,11 +137,19 @@ def gen_videos(opts):
     g, _ = load_blendgan(opts.ckpt, size, opts.channel_multiplier, device, dtype, opts.compile,
                          with_style_encoder=False)
     os.makedirs(opts.outdir, exist_ok=True)
-    for (path, face, out), code in zip(tqdm(todo, desc="videos", unit="face"), codes):
+    n_frames = frames_per_face(opts.n_styles)
+    progress = tqdm(total=len(todo) * n_frames, desc="videos", unit="frame")  # a 1024 px face takes minutes
+    for k, ((path, face, out), code) in enumerate(zip(todo, codes)):
+        progress.set_postfix_str(f"face {k + 1}/{len(todo)}: {stem(path)}")
         picks = walks[path]
         frames = face_frames(g, code, face, [style_cache[p] for p in picks], [z_cache[p] for p in picks], opts)
-        write_mp4(out, frames, fps=opts.fps, crf=opts.crf)
-        report.written += 1
+        try:
+            write_mp4(out, counted(frames, progress), fps=opts.fps, crf=opts.crf)  # no file unless complete
+            report.written += 1
+        except NonFiniteFrame as e:
+            report.skip(out, str(e))
+        progress.update((k + 1) * n_frames - progress.n)
+    progress.close()
     return report
 
 

@@ -14,8 +14,8 @@ from tqdm import tqdm
 
 from checkpoint import load_checkpoint
 from inference import (DTYPES, Report, add_common_args, add_generator_args, add_indicator_arg,
-                       check_model_files, encode_styles, keep_freed_memory, load_blendgan, read_input, run_job,
-                       truncation_centre, validate_common, write_jpeg)
+                       check_model_files, encode_styles, finite_rows, keep_freed_memory, load_blendgan,
+                       nonfinite_reason, read_input, run_job, truncation_centre, validate_common, write_jpeg)
 from utils import ten2img
 
 
@@ -72,8 +72,13 @@ def generate_pairs(opts):
         natural, _ = g([z], **kw)
         stylized, _ = g([z], z_embed=z_embed.expand(len(z), -1), add_weight_index=opts.add_weight_index,
                         theta=opts.theta, **kw)
-        for k, (a, b) in enumerate(zip(ten2img(natural), ten2img(stylized))):
-            write_jpeg(os.path.join(opts.outdir, f"{start + k:06d}.jpg"), np.concatenate([a, b], axis=1))
+        finite = [a and b for a, b in zip(finite_rows(natural), finite_rows(stylized))]
+        for k, (a, b, ok) in enumerate(zip(ten2img(natural), ten2img(stylized), finite)):
+            path = os.path.join(opts.outdir, f"{start + k:06d}.jpg")
+            if not ok:
+                report.skip(path, nonfinite_reason(opts.dtype))
+                continue
+            write_jpeg(path, np.concatenate([a, b], axis=1))
             report.written += 1
     return report
 

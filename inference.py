@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict, require_key
-from fileio import atomic_write_bytes
+from fileio import atomic_write_bytes, folder_problems
 from imageio_utils import UnreadableImageError, read_image_rgb
 from layers import channels_last_
 from model import Generator, guess_generator_config, infer_generator_config, n_latent_for
@@ -79,6 +79,18 @@ def validate_common(parser, opts):
         parser.error(f"--device {opts.device}: CUDA is not available on this machine; use --device cpu")
     if opts.dtype == "float16" and not opts.device.startswith("cuda"):
         parser.error("--dtype float16 needs a CUDA device (use bfloat16 on CPU)")
+    for problem in folder_problems("--outdir", opts.outdir):
+        parser.error(problem)
+
+
+def finite_rows(image):
+    """[N] bools for image [N, ...]: False where it holds NaN/inf (an overflow, e.g. in float16)."""
+    return torch.isfinite(image).flatten(1).all(1).tolist()
+
+
+def nonfinite_reason(dtype_name):
+    """The skip message of an output that finite_rows rejects."""
+    return f"non-finite values in the {dtype_name} image (overflow?): not written; try --dtype float32"
 
 
 def missing_hint(flag, default_name):

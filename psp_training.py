@@ -51,6 +51,7 @@ import distributed
 import trainutil
 from checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict, require_key, save_checkpoint
 from dataset import MultiResolutionDataset, infinite_loader, lmdb_problems, random_flip, to_tensor
+from fileio import folder_problems
 from imageio_utils import read_image_rgb
 from inference import load_blendgan
 from psp_encoder.arcface import ID_INPUT_SIZE, load_arcface
@@ -149,6 +150,7 @@ def validate(options):
     # a bad --size: the LMDBs are still checked, at any resolution (one message for it, not two)
     lmdb_size = None if "size" in not_powers else options.size
     problems += lmdb_problems([("LMDB", path) for path in options.lmdb], lmdb_size)
+    problems += folder_problems("--out_dir", options.out_dir)
     if not options.lmdb:
         problems.append("at least one LMDB of faces is needed")
     # option field -> its flag (blendgan_ckpt is train_psp.py's --ckpt)

@@ -42,6 +42,7 @@ import distributed
 import trainutil
 from checkpoint import CheckpointError, load_state_dict_strict, save_checkpoint
 from dataset import MultiResolutionDataset, lmdb_problems
+from fileio import folder_problems
 from style_encoder import STYLE_POOL_SIZE, Projector, StyleEncoder, gram_dim, nt_xent
 from utils import img2ten
 
@@ -124,6 +125,7 @@ def validate(options):
     if options.num_workers < 0:
         problems.append("--num_workers must be >= 0")
     problems += lmdb_problems([("LMDB", path) for path in options.lmdb], options.size)
+    problems += folder_problems("--out_dir", options.out_dir)
     if options.vgg_ckpt is not None and not os.path.isfile(options.vgg_ckpt):
         problems.append(f"--vgg_ckpt {options.vgg_ckpt}: file not found")
     if options.resume not in (None, "", "latest") and not os.path.isfile(options.resume):

@@ -16,9 +16,9 @@ import torch
 from tqdm import tqdm
 
 from inference import (DTYPES, Report, add_common_args, add_generator_args, add_indicator_arg, add_photo_args,
-                       check_model_files, distinct_names, encode_faces, encode_styles,
-                       keep_freed_memory, list_inputs, load_aligner, load_blendgan, load_psp, read_input,
-                       release_freed_memory, resize, run_job, stem, validate_common, write_jpeg)
+                       check_model_files, distinct_names, encode_faces, encode_styles, finite_rows,
+                       keep_freed_memory, list_inputs, load_aligner, load_blendgan, load_psp, nonfinite_reason,
+                       read_input, release_freed_memory, resize, run_job, stem, validate_common, write_jpeg)
 from utils import ten2img
 
 
@@ -90,11 +90,9 @@ def style_transfer(opts):
         s_idx = torch.tensor([s for _, s in chunk])
         out, _ = g([codes[f_idx]], z_embed=z_embeds[s_idx], add_weight_index=opts.add_weight_index,
                    theta=opts.theta, input_is_latent=True, randomize_noise=False)
-        finite = torch.isfinite(out).flatten(1).all(1).tolist()  # [N]: an overflow gives NaN/inf pixels
-        for (f, s), result, ok in zip(chunk, ten2img(out), finite):
+        for (f, s), result, ok in zip(chunk, ten2img(out), finite_rows(out)):
             if not ok:
-                report.skip(out_path(f, s), f"non-finite values in the {opts.dtype} image (overflow?): "
-                                            "not written; try --dtype float32")
+                report.skip(out_path(f, s), nonfinite_reason(opts.dtype))
                 continue
             write_jpeg(out_path(f, s), np.concatenate([face_thumbs[f], style_thumbs[s], result], axis=1))
             report.written += 1

@@ -1,4 +1,5 @@
 """The three inference scripts end to end on CPU with size-64 release-layout checkpoints built here."""
+import itertools
 import os
 import shutil
 import subprocess
@@ -228,43 +229,59 @@ def test_bad_inputs_are_named_and_skipped(ckpts, tmp_path, capsys):
     assert not (tmp_path / "none").exists() or not os.listdir(tmp_path / "none")
 
 
-def test_non_finite_output_is_named_and_not_written(ckpts, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("script", ["style_transfer_folder", "generate_image_pairs", "gen_video"])
+def test_non_finite_output_is_named_and_not_written(script, ckpts, tmp_path, capsys, monkeypatch):
     """A float16 overflow gives NaN pixels (seen on a GPU before PixelNorm / demodulation were computed in
-    float32): such an image is not written as garbage; it is named with the reason and the batch goes on."""
+    float32): such an output (image, or the video of that face) is not written as garbage; it is named with
+    the reason and the batch goes on. The generator's first call returns one NaN pixel in its first image."""
+    module = {"style_transfer_folder": style_transfer_folder, "generate_image_pairs": generate_image_pairs,
+              "gen_video": gen_video}[script]
     ckpt, psp_ckpt = ckpts
     faces = tmp_path / "faces"
     faces.mkdir()
     for name in sorted(os.listdir(FACES))[:2]:
         shutil.copy(os.path.join(FACES, name), faces / name)
-    real_load = style_transfer_folder.load_blendgan
+    real_load = module.load_blendgan
+    calls = []
 
     def load_poisoned(*args, **kwargs):
         g, *rest = real_load(*args, **kwargs)
         forward = g.forward
 
-        def first_image_nan(*a, **kw):
+        def first_call_nan(*a, **kw):
             img, latents = forward(*a, **kw)
-            img = img.clone()
-            img[0, 0, 0, 0] = float("nan")
+            if not calls:
+                img = img.clone()
+                img[0, 0, 0, 0] = float("nan")
+            calls.append(len(img))
             return img, latents
 
-        g.forward = first_image_nan
+        g.forward = first_call_nan
         return (g, *rest)
 
-    monkeypatch.setattr(style_transfer_folder, "load_blendgan", load_poisoned)
+    monkeypatch.setattr(module, "load_blendgan", load_poisoned)
     style = os.path.join(STYLES, sorted(os.listdir(STYLES))[0])
-    out = tmp_path / "out"
-    code = run_main(style_transfer_folder, ["--ckpt", ckpt, "--psp_encoder_ckpt", psp_ckpt, "--input_img_path", faces,
-                                            "--style_img_path", style, "--outdir", out, "--device", "cpu",
-                                            "--batch", "2"])
-    err = capsys.readouterr()
-    stem = os.path.splitext(os.path.basename(style))[0]
+    style_stem = os.path.splitext(os.path.basename(style))[0]
     first, second = (os.path.splitext(n)[0] for n in sorted(os.listdir(faces)))
-    assert code == 0
-    assert os.listdir(out) == [f"{second}_v_{stem}.jpg"]
-    assert f"{first}_v_{stem}.jpg: non-finite values in the float32 image" in err.err
-    assert "1 stylized faces written, 1 input(s) skipped" in err.out
-    assert read_rgb(str(out / f"{second}_v_{stem}.jpg")).shape == (SIZE, 3 * SIZE, 3)
+    out = tmp_path / "out"
+    photos = ["--psp_encoder_ckpt", psp_ckpt, "--input_img_path", faces]
+    argv, bad, good, summary = {
+        "style_transfer_folder": (photos + ["--style_img_path", style, "--batch", 2], f"{first}_v_{style_stem}.jpg",
+                                  f"{second}_v_{style_stem}.jpg", "1 stylized faces written"),
+        "generate_image_pairs": (["--pics", 2, "--batch", 2], "000000.jpg", "000001.jpg", "1 pairs written"),
+        "gen_video": (photos + ["--style_img_path", STYLES, "--n_styles", 2, "--batch", 32], f"{first}.mp4",
+                      f"{second}.mp4", "1 videos written"),
+    }[script]
+    code = run_main(module, ["--ckpt", ckpt, "--outdir", out, "--device", "cpu"] + argv)
+    err = capsys.readouterr()
+    assert code == 0 and calls
+    assert os.listdir(out) == [good]  # nothing of the bad output, not even a temporary file
+    assert f"{bad}: non-finite values in the float32 image" in err.err
+    assert f"{summary}, 1 input(s) skipped" in err.out
+    if script == "gen_video":
+        assert read_mp4(str(out / good))[0].shape == (31 + 10, SIZE, 3 * SIZE, 3)
+    else:
+        assert read_rgb(str(out / good)).shape[0] == SIZE
 
 
 def test_missing_checkpoint_is_one_clear_line(tmp_path):
@@ -274,6 +291,23 @@ def test_missing_checkpoint_is_one_clear_line(tmp_path):
     lines = [line for line in r.stderr.strip().splitlines() if line]
     assert len(lines) == 1, r.stderr
     assert "nope.pt" in lines[0] and "pretrained_models/blendgan.pt" in lines[0] and "onion-liu/BlendGAN" in lines[0]
+
+
+def test_output_folder_that_is_a_file_is_refused_when_parsing(tmp_path, capsys):
+    """--outdir naming a file (or a folder below one) stops at parsing with one line, not with a traceback
+    at the first write after minutes of work."""
+    import align_faces
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    scripts = [generate_image_pairs, style_transfer_folder, gen_video, align_faces]
+    for module, outdir in itertools.product(scripts, (a_file, a_file / "sub")):
+        argv = ["--outdir", str(outdir)] + (["--input_img_path", FACES] if module is align_faces else [])
+        with pytest.raises(SystemExit) as exit_info:
+            module.parse_args(argv)
+        assert exit_info.value.code == 2, module
+        assert f"--outdir {outdir}: {a_file} is a file, not a folder" in capsys.readouterr().err, module
+    assert generate_image_pairs.parse_args(["--outdir", str(tmp_path / "new" / "folder")])  # to be made: fine
 
 
 def test_style_walks_match_release_picks():

@@ -373,8 +373,12 @@ def test_cli_validates_options(assets, tmp_path, capsys, monkeypatch):
         train_style_encoder.parse_args([str(tmp_path / "missing"), "--out_dir", str(tmp_path)])
     assert "prepare_data.py" in capsys.readouterr().err
     # a folder that holds no LMDB, and a size the LMDB does not have: one line at parsing, no traceback
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
     for argv, message in (([str(tmp_path), "--out_dir", str(tmp_path)], f"LMDB {tmp_path}: not an LMDB"),
-                          ([assets["lmdb"], "--out_dir", str(tmp_path), "--size", "128"], "--size 128")):
+                          ([assets["lmdb"], "--out_dir", str(tmp_path), "--size", "128"], "--size 128"),
+                          ([assets["lmdb"], "--out_dir", str(a_file / "run")],
+                           f"--out_dir {a_file / 'run'}: {a_file} is a file, not a folder")):
         with pytest.raises(SystemExit):
             train_style_encoder.parse_args(argv)
         assert message in capsys.readouterr().err, message
