@@ -647,6 +647,35 @@ def test_discriminators_shapes_and_projection_formula():
     assert d(torch.randn(3, 3, 32, 32)).shape == (3, 1)
 
 
+def test_resblock_matches_written_out_reference():
+    """The discriminator's residual block with torch.nn.functional (float64, non-zero biases): conv1 a 3x3
+    conv + bias + leaky ReLU * sqrt 2; conv2 the FIR blur (pads 2, 2), a 3x3 stride-2 conv, bias, leaky ReLU
+    * sqrt 2; skip the blur (pads 1, 1) and a 1x1 stride-2 conv without bias or activation; the sum / sqrt 2
+    (a mean of two paths of unit variance would halve the variance instead of keeping it)."""
+    from layers import ResBlock
+
+    torch.manual_seed(17)
+    block = ResBlock(3, 5).double()
+    with torch.no_grad():
+        block.conv1[1].bias.normal_()
+        block.conv2[2].bias.normal_()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+
+    def lrelu(v, bias):
+        return F.leaky_relu(v + bias.view(1, -1, 1, 1), 0.2) * math.sqrt(2)
+
+    w1, w2, w_skip = block.conv1[0].weight, block.conv2[1].weight, block.skip[1].weight
+    with torch.no_grad():
+        h = lrelu(F.conv2d(x, w1 / math.sqrt(3 * 3 * 3), padding=1), block.conv1[1].bias)  # [2, 3, 8, 8]
+        main = lrelu(F.conv2d(reference_fir(h, fir_kernel(), (2, 2)), w2 / math.sqrt(3 * 3 * 3), stride=2),
+                     block.conv2[2].bias)  # [2, 5, 4, 4]
+        skip = F.conv2d(reference_fir(x, fir_kernel(), (1, 1)), w_skip / math.sqrt(3), stride=2)  # [2, 5, 4, 4]
+        want = (main + skip) / math.sqrt(2)
+        got = block(x)
+    assert got.shape == (2, 5, 4, 4)
+    assert float(main.abs().mean()) > 0.1 and float(skip.abs().mean()) > 0.1
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-10)
+
 
 def test_minibatch_stddev_is_finite_in_float16():
     """Under float16 autocast (--amp on GPUs without bfloat16) a group of identical samples has variance 0;

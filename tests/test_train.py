@@ -1,5 +1,7 @@
 """train.py / blendgan_training.py: losses and the pairs each D is fed under both readings of Eq. 8 (paper Eq.
-6-9), two generator passes per step, regularisers, queue, one iteration, a short run that must learn in the
+6-9), two generator passes per step, regularisers (their weights and intervals: the gradients of lazy R1 and
+path length), Adam's lazy-regularisation correction, g_ema's decay over every rank's images, the code G's Eq. 8
+term pairs its image with, the WBM clamp after a G step, queue, one iteration, a short run that must learn in the
 right direction, the non-finite guard and float16 loss scaling, exact resume (also after SIGKILL), two gloo
 processes under torchrun (identical weights; the gradients of one process with the combined batch),
 fine-tuning that moves g_ema toward the reference, the data check, inference compatibility.
@@ -385,6 +387,176 @@ def test_path_length_formula_and_double_backward(narrow):
 
     _directional_check(value, g.convs[1].conv.weight, 6)
     _directional_check(value, g.style[1].weight, 6)
+
+
+# ---- the phases' weights and intervals, the optimizers, g_ema, the WBM clamp -----------------------
+
+def _fixed_batch(s, seed):
+    """A Batch of two random x_f and x_s (different images) with their codes z_s."""
+    gen = torch.Generator().manual_seed(seed)
+    x_f, x_s = torch.rand(2, 3, 8, 8, generator=gen) * 2 - 1, torch.rand(2, 3, 8, 8, generator=gen) * 2 - 1
+    return bt.Batch(x_f, x_s, bt.encode_styles(s, x_s))
+
+
+def _assert_grads(named, want, what):
+    """Each (name, parameter)'s .grad against ``want`` (autograd.grad's tuple, None = no path: an exact zero)."""
+    for (name, p), w in zip(named, want):
+        w = torch.zeros_like(p) if w is None else w
+        assert p.grad is not None, (what, name)
+        error = float((p.grad - w).abs().max())  # float32 double backward, summed in another order
+        assert error <= 1e-4 * float(w.abs().max()) + 1e-7, (what, name, error)
+
+
+def test_r1_step_gradient_is_half_r1_times_interval_on_each_ds_real_images(narrow):
+    """Lazy R1 (StyleGAN2 App. B): each D's gradient is that of r1 / 2 * d_reg_every * E||grad_x D(x)||^2, with
+    x the real images that D judges: x_f for D_face, x_s for D_style, (x_s, z_s) for D_style_latent."""
+    torch.manual_seed(6)
+    s = _state(r1=3.0, d_reg_every=5)
+    b = _fixed_batch(s, 60)
+    start = {name: copy.deepcopy(d) for name, d in s.nets.discriminators().items()}  # the step moves the weights
+    stats = bt.d_reg_step(s, b)
+    for name, stat, x, extra in (("d_face", "r1_face", b.x_f, ()), ("d_style", "r1_style", b.x_s, ()),
+                                 ("d_style_latent", "r1_style_latent", b.x_s, (b.z_s,))):
+        d = start[name]
+        x = x.clone().requires_grad_(True)
+        (grad_x,) = torch.autograd.grad(d(x, *extra).sum(), x, create_graph=True)  # [2, 3, 8, 8]
+        penalty = grad_x.pow(2).sum(dim=(1, 2, 3)).mean()
+        assert stats[stat] == pytest.approx(float(penalty.detach()), rel=1e-5), stat
+        want = torch.autograd.grad(3.0 / 2 * 5 * penalty, list(d.parameters()), allow_unused=True)
+        _assert_grads(s.nets.discriminators()[name].named_parameters(), want, name)
+
+
+def test_path_length_step_gradient_is_weight_times_interval(narrow):
+    """Lazy path length: G's gradient is that of path_regularize * g_reg_every * E(L - a)^2 on a batch of
+    batch / path_batch_shrink natural faces (L and a written out, StyleGAN2 Sec. 3.2)."""
+    torch.manual_seed(7)
+    s = _state(batch=4, path_batch_shrink=2, path_regularize=0.7, g_reg_every=3, mixing=0.0)
+    s.mean_path_length = torch.tensor(0.3)
+    start = copy.deepcopy(s.nets.g)
+    torch.manual_seed(70)
+    stats = bt.g_reg_step(s)
+    torch.manual_seed(70)  # the same draws in the same order: z_f, G's noise, the projection y
+    z = torch.randn(2, STYLE_DIM)
+    img, latents = start([z], return_latents=True)  # [2, 3, 8, 8], [2, n_latent, STYLE_DIM]
+    y = torch.randn_like(img) / math.sqrt(8 * 8)
+    (jt_y,) = torch.autograd.grad((img * y).sum(), latents, create_graph=True)
+    lengths = jt_y.pow(2).sum(2).mean(1).sqrt()  # [2]
+    target = 0.3 + 0.01 * (float(lengths.detach().mean()) - 0.3)
+    penalty = (lengths - target).pow(2).mean()
+    assert stats["path_loss"] == pytest.approx(float(penalty.detach()), rel=1e-4)
+    assert stats["mean_path_length"] == pytest.approx(target, rel=1e-5)
+    trainable = [(k, p) for k, p in start.named_parameters() if not k.startswith("embedder.")]
+    want = torch.autograd.grad(0.7 * 3 * penalty, [p for _, p in trainable], allow_unused=True)
+    after = dict(s.nets.g.named_parameters())
+    _assert_grads([(k, after[k]) for k, _ in trainable], want, "g")
+
+
+def test_lazy_regularisers_run_on_their_own_intervals(narrow, monkeypatch):
+    """R1 at iterations 0, d_reg_every, 2 d_reg_every, ...; the path length at multiples of g_reg_every."""
+    s = _state(d_reg_every=3, g_reg_every=2)
+    b = _fixed_batch(s, 61)
+    ran = []
+    monkeypatch.setattr(bt, "d_step", lambda s_, b_: {})
+    monkeypatch.setattr(bt, "g_step", lambda s_, b_: {})
+    monkeypatch.setattr(bt, "d_reg_step", lambda s_, b_: ran.append(("r1", s_.iteration)) or {})
+    monkeypatch.setattr(bt, "g_reg_step", lambda s_: ran.append(("path", s_.iteration)) or {})
+    for _ in range(7):
+        bt.train_iteration(s, b)
+    assert [it for phase, it in ran if phase == "r1"] == [0, 3, 6]
+    assert [it for phase, it in ran if phase == "path"] == [0, 2, 4, 6]
+
+
+def test_adam_carries_the_lazy_regularisation_correction(narrow):
+    """StyleGAN2 App. B: with a regulariser every k steps, Adam's lr * c and betas ** c, c = k / (k + 1)."""
+    s = _state(lr=0.003, d_reg_every=4, g_reg_every=3)
+    for optim, c, params in ((s.d_optim, 4 / 5, s.nets.d_parameters()), (s.g_optim, 3 / 4, s.nets.g_trainable())):
+        (group,) = optim.param_groups
+        assert group["lr"] == pytest.approx(0.003 * c, rel=1e-12)
+        assert group["betas"][0] == 0 and group["betas"][1] == pytest.approx(0.99 ** c, rel=1e-12)
+        assert [id(p) for p in group["params"]] == [id(p) for p in params]
+    assert not any(name.startswith("embedder.") for name, p in s.nets.g.named_parameters()
+                   if any(p is q for q in s.g_optim.param_groups[0]["params"]))
+
+
+def test_g_ema_half_life_counts_the_images_of_every_rank(narrow, monkeypatch):
+    """g_ema's per-step decay 0.5 ** (batch * world_size / half-life images): with 4 processes a step averages
+    4 * batch images, as the half-life in images says."""
+    s = _state(ema_kimg=0.01)  # half-life 10 images
+    b = _fixed_batch(s, 62)
+    for phase in ("d_step", "g_step"):
+        monkeypatch.setattr(bt, phase, lambda s_, b_: {})
+    for phase in ("d_reg_step", "g_reg_step"):
+        monkeypatch.setattr(bt, phase, lambda *args: {})
+    monkeypatch.setattr(bt.distributed, "get_world_size", lambda: 4)
+    with torch.no_grad():
+        for name, p in s.nets.g.named_parameters():
+            if not name.startswith("embedder."):
+                p.add_(torch.randn_like(p))
+    old = {k: v.detach().clone() for k, v in s.nets.g_ema.named_parameters()}
+    bt.train_iteration(s, b)
+    decay = 0.5 ** (2 * 4 / 10)
+    for name, p in s.nets.g_ema.named_parameters():
+        if name.startswith("embedder."):
+            continue
+        new = dict(s.nets.g.named_parameters())[name]
+        assert torch.allclose(p, old[name] + (1 - decay) * (new - old[name]), atol=1e-6), name
+
+
+@pytest.mark.parametrize("reading", bt.EQ8_READINGS)
+def test_g_step_scores_the_stylized_image_with_its_eq8_code(narrow, reading):
+    """G's Eq. 8 term: D_style_latent on (x_s^, z_s^-), the queue code that D saw the same image with.
+    'conditional': the code x_s^ was made from; 'paper': x_s^ is made from the batch's z_s, paired with a
+    queue code (never its own z_s). The loss is softplus(-D(x_s^, z_s^-)) on that pair."""
+    torch.manual_seed(9)
+    s = _state(eq8=reading, mixing=0.0)
+    b = _fixed_batch(s, 63)
+    queue = torch.randn(6, STYLE_DIM) * 3 + 5  # far from the batch's codes
+    s.queue.push(queue)
+    made = []
+    forward = s.nets.g.forward
+
+    def recording(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        made.append((kwargs.get("z_embed"), out[0].detach().clone()))
+        return out
+
+    s.nets.g.forward = recording
+    judged = []
+    hook = s.nets.d_style_latent.register_forward_hook(
+        lambda module, args, out: judged.append((args[0].detach().clone(), args[1].detach().clone(),
+                                                 out.detach().clone())))
+    stats = bt.g_step(s, b)
+    hook.remove()
+    assert len(made) == 2 and len(judged) == 1
+    (code, stylized), (image, pair, logits) = made[1], judged[0]
+    assert torch.equal(image, stylized)
+    assert all(any(torch.equal(row, q) for q in queue) for row in pair)  # z_s^-: queue codes
+    if reading == "conditional":
+        assert torch.equal(pair, code)
+    else:
+        assert torch.equal(code, b.z_s) and not torch.equal(pair, b.z_s)
+    want = torch.log1p(torch.exp(-logits.double())).mean()
+    assert stats["g_style_latent"] == pytest.approx(float(want), rel=1e-5)
+
+
+def test_wbm_weights_clamped_after_a_g_step_without_path_length(narrow, monkeypatch):
+    """The WBM weights stay in [0, 1] after every G step, also in an iteration without the path-length step
+    (which clamps too): weights at the bounds, with gradients that push every one of them out."""
+    torch.manual_seed(11)
+    s = _state(g_reg_every=4, mixing=0.0)
+    s.iteration = 1  # 1 % 4: no path-length step this iteration
+    b = _fixed_batch(s, 64)
+    monkeypatch.setattr(bt, "g_reg_step", lambda s_: pytest.fail("the path-length step ran"))
+    g = s.nets.g
+    with torch.no_grad():
+        g.add_weight.copy_((torch.arange(g.add_weight.numel()) % 2).float().view_as(g.add_weight))
+    start = g.add_weight.detach().clone()
+    outward = torch.where(start == 1, -1.0, 1.0)  # a descent step raises the ones and lowers the zeros
+    hook = g.add_weight.register_hook(lambda grad: outward.clone())
+    bt.train_iteration(s, b)
+    hook.remove()
+    assert bool((s.g_optim.state[g.add_weight]["exp_avg"] == outward).all())  # the step pushed them out
+    assert torch.equal(g.add_weight.detach(), start)
 
 
 # ---- one iteration with the real channel table, StyleGAN2 initialisation, inference -------------
