@@ -363,6 +363,8 @@ def main(argv=None):
     options = parse_args(argv)
     try:
         summary = align_images(options)
+    except FileNotFoundError as e:  # no images under --input_img_path: one line, not a traceback
+        raise SystemExit(f'error: {e}')
     except KeyboardInterrupt:
         print(f'interrupted: the PNGs already in {options.outdir} are complete', file=sys.stderr)
         return 130

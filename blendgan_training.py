@@ -88,6 +88,7 @@ from dataset import MultiResolutionDataset, PairedLoader, infinite_loader, lmdb_
 from fileio import folder_problems
 from imageio_utils import read_image_rgb
 from model import BLENDGAN_ONLY_KEYS, Discriminator, Generator, ProjectionDiscriminator, guess_generator_config
+from model_zoo import file_not_found
 from prepare_data import resize_and_center_crop
 from trainutil import (CheckpointManager, NonFiniteGuard, RunMonitor, accumulate, checkpoint_tag, default_device,
                        gather_rng_states, load_optimizer_state, load_scaler_state, load_tagged_checkpoint, options_dict,
@@ -209,8 +210,9 @@ def validate(opts):
     if opts.style_encoder_ckpt is None and opts.blendgan_ckpt is None and not resuming:
         problems.append("--style_encoder_ckpt is required (the frozen style encoder E_style), unless the "
                         "generator comes from --blendgan_ckpt or --resume")
-    problems += [f"--{flag} {getattr(opts, flag)}: no such file"
-                 for flag in ("style_encoder_ckpt", "stylegan2_ckpt", "blendgan_ckpt", "vgg_ckpt")
+    published = {"style_encoder_ckpt": None, "stylegan2_ckpt": "stylegan2-ffhq-config-f.pt",
+                 "blendgan_ckpt": "blendgan.pt", "vgg_ckpt": "vgg19-dcbb9e9d.pth"}
+    problems += [file_not_found(f"--{flag}", getattr(opts, flag), name) for flag, name in published.items()
                  if getattr(opts, flag) is not None and not os.path.isfile(getattr(opts, flag))]
     if opts.resume not in (None, "latest") and not os.path.isfile(opts.resume):
         problems.append(f"--resume {opts.resume}: no such file (or pass 'latest')")

@@ -554,6 +554,16 @@ def list_files(manifest, folder, mirror=None, out=print):
     return 0
 
 
+def file_not_found(flag, path, name=None, folder="pretrained_models"):
+    """The trainers' line for a weights file given with ``flag`` and absent: with the download_models.py
+    command and the place it writes, when ``name`` is a MANIFEST file (the README's paths are those)."""
+    line = f"{flag} {path}: file not found"
+    entry = next((e for e in MANIFEST if e.name == name), None)
+    if entry is not None:
+        line += f" ({COMMAND} {name} writes {target_path(entry, folder)})"
+    return line
+
+
 def missing_files_message(missing, folder="pretrained_models"):
     """One line for all the files a script needs and does not find (the scripts' and app's message).
 

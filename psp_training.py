@@ -54,6 +54,7 @@ from dataset import MultiResolutionDataset, infinite_loader, lmdb_problems, rand
 from fileio import folder_problems
 from imageio_utils import read_image_rgb
 from inference import load_blendgan
+from model_zoo import file_not_found
 from psp_encoder.arcface import ID_INPUT_SIZE, load_arcface
 from psp_encoder.psp_encoders import ENCODER_INPUT_SIZE, LATENT_AVG, PSPEncoder, psp_state_dict_for_release
 from utils import img2ten, save_grid, tile_rows
@@ -153,13 +154,16 @@ def validate(options):
     problems += folder_problems("--out_dir", options.out_dir)
     if not options.lmdb:
         problems.append("at least one LMDB of faces is needed")
-    # option field -> its flag (blendgan_ckpt is train_psp.py's --ckpt)
-    files = {"blendgan_ckpt": "ckpt", "lpips_alexnet": "lpips_alexnet", "id_weights": "id_weights",
-             "encoder_backbone": "encoder_backbone", "sample_style_img": "sample_style_img"}
-    for name, flag in files.items():
+    # option field -> its flag (blendgan_ckpt is train_psp.py's --ckpt), and the published file it names
+    files = {"blendgan_ckpt": ("ckpt", "blendgan.pt"),
+             "lpips_alexnet": ("lpips_alexnet", "alexnet-owt-7be5be79.pth"),
+             "id_weights": ("id_weights", "model_ir_se50.pth"),
+             "encoder_backbone": ("encoder_backbone", "model_ir_se50.pth"),
+             "sample_style_img": ("sample_style_img", None)}
+    for name, (flag, published) in files.items():
         path = getattr(options, name)
         if path is not None and not os.path.isfile(path):
-            problems.append(f"--{flag} {path}: file not found")
+            problems.append(file_not_found(f"--{flag}", path, published))
     if options.resume not in (None, "", "latest") and not os.path.isfile(options.resume):
         problems.append(f"--resume {options.resume}: file not found")
     if options.encoder_from_scratch and options.encoder_backbone:

@@ -43,6 +43,7 @@ import trainutil
 from checkpoint import CheckpointError, load_state_dict_strict, save_checkpoint
 from dataset import MultiResolutionDataset, lmdb_problems
 from fileio import folder_problems
+from model_zoo import file_not_found
 from style_encoder import STYLE_POOL_SIZE, Projector, StyleEncoder, gram_dim, nt_xent
 from utils import img2ten
 
@@ -127,7 +128,7 @@ def validate(options):
     problems += lmdb_problems([("LMDB", path) for path in options.lmdb], options.size)
     problems += folder_problems("--out_dir", options.out_dir)
     if options.vgg_ckpt is not None and not os.path.isfile(options.vgg_ckpt):
-        problems.append(f"--vgg_ckpt {options.vgg_ckpt}: file not found")
+        problems.append(file_not_found("--vgg_ckpt", options.vgg_ckpt, "vgg19-dcbb9e9d.pth"))
     if options.resume not in (None, "", "latest") and not os.path.isfile(options.resume):
         problems.append(f"--resume {options.resume}: file not found")
     return problems

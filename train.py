@@ -1,7 +1,7 @@
 """Train BlendGAN (paper Sec. 3.2-3.4, A.1) or fine-tune it on one style image (A.5).
 
     python train.py FFHQ_LMDB AAHQ_LMDB --out_dir runs/blendgan --style_encoder_ckpt style_encoder.pt \
-        --stylegan2_ckpt stylegan2-ffhq-config-f.pt --size 1024 --batch 8 --iter 200000
+        --stylegan2_ckpt pretrained_models/stylegan2-ffhq-config-f.pt --size 1024 --batch 8 --iter 200000
     torchrun --nproc_per_node=4 train.py FFHQ_LMDB AAHQ_LMDB --batch 2 ...   (one process per GPU; the
         paper's global batch 8 = 4 x 2)
     python train.py FFHQ_LMDB --finetune_style_img ref.jpg --blendgan_ckpt blendgan.pt --out_dir runs/ft

@@ -1,7 +1,7 @@
 """Train the pSp encoder (face photo -> W+) for a BlendGAN generator (paper A.3), so real photos can be stylized.
 
     python train_psp.py FFHQ_LMDB --ckpt runs/blendgan/checkpoints/NNNNNN.pt --out_dir runs/psp \\
-        --lpips_alexnet alexnet-owt-7be5be79.pth --id_weights model_ir_se50.pth --encoder_backbone model_ir_se50.pth
+        --id_weights pretrained_models/model_ir_se50.pth --encoder_backbone pretrained_models/model_ir_se50.pth
     torchrun --nproc_per_node=4 train_psp.py ...the same arguments...                # 4 GPUs, DDP
     python train_psp.py ...the same arguments... --resume latest                    # continue exactly
 

@@ -1139,7 +1139,11 @@ def test_command_line_validation(data, tmp_path, capsys, monkeypatch):
            ([data["faces"], "--finetune_style_img", os.path.join(STYLES, "100000.jpg")], "--blendgan_ckpt"),
            ([data["faces"], "--finetune_style_img", os.path.join(STYLES, "100000.jpg")] + fresh, "--blendgan_ckpt"),
            (base + ["--mixing", "1.5"], "--mixing"),
-           (base + ["--resume", "/nonexistent.pt"], "--resume")]
+           (base + ["--resume", "/nonexistent.pt"], "--resume"),
+           (base + ["--stylegan2_ckpt", "ffhq.pt"], "--stylegan2_ckpt ffhq.pt: file not found (python download_models.py "
+                                                    "stylegan2-ffhq-config-f.pt writes pretrained_models/stylegan2-ffhq"),
+           (base + ["--out_dir", data["style_encoder"]], f"--out_dir {data['style_encoder']}: {data['style_encoder']} "
+                                                         "is a file, not a folder")]
     for argv, message in bad:
         with pytest.raises(SystemExit):
             train_script.parse_args(argv)

@@ -509,7 +509,8 @@ def test_cli_validates_options(assets, trained, tmp_path, capsys):
              (["--encoder_input_size", "48"], "--encoder_input_size must be a power of two"),
              (["--l2_weight", "0", "--lpips_weight", "0", "--w_norm_weight", "0"], "every loss weight is 0"),
              (["--flip", "2"], "--flip is a probability"),
-             (["--id_weights", str(tmp_path / "missing.pth")], "missing.pth: file not found"),
+             (["--id_weights", str(tmp_path / "missing.pth")], "missing.pth: file not found (python download_models.py "
+                                                                 "model_ir_se50.pth writes pretrained_models/model_ir_se50.pth)"),
              (["--out_dir", os.path.join(good[0], "data.mdb")], "data.mdb is a file, not a folder")]
     cases.append((["--size", "48"], "--size must be a power of two"))
     for extra, message in cases:
