@@ -436,3 +436,140 @@ def test_compiled_networks_match_eager(ckpts):
         assert codes.shape == (2, g.n_latent, 512)
         assert (codes_c - codes).abs().max() <= 1e-4 * codes.abs().max()
     assert torch.equal(g_c.get_z_embed(face), g.get_z_embed(face))  # methods reach the wrapped module
+
+
+def explicit_wbm(g, w_face, w_style, index, theta=None):
+    """The blended W+ [N, n_latent, 512] written out layer by layer (paper Eq. 4-5 in the release's terms):
+    A_j = the stored face weight clamped to [0, 1]; A_j = 1 for the layers j before the indicator (Python
+    slicing: a negative index counts from the end, -n_latent forces none); theta at the boundary layer
+    gives it the style weight theta * (1 - A_j). w_face: [N, 512] or W+; w_style: [N, 512]."""
+    n = g.n_latent
+    first = index if index >= 0 else n + index  # the first layer that is not forced to the face code
+    layers = []
+    for j in range(n):
+        a = float(g.add_weight[0, j, 0].clamp(0, 1))
+        if j < first:
+            a = 1.0
+        elif j == first and theta is not None:
+            a = 1 - theta * (1 - a)
+        face = w_face[:, j] if w_face.ndim == 3 else w_face
+        layers.append(face * a + w_style * (1 - a))
+    return torch.stack(layers, 1)
+
+
+def synthesize(g, w_plus):
+    """The image of an explicit W+ code: no mapping, truncation or blending inside the forward."""
+    with torch.no_grad():
+        return ten2img(g([w_plus], input_is_latent=True, randomize_noise=False)[0])
+
+
+def test_generate_pairs_centre_without_latent_avg_and_checkpoint_truncation(ckpts, tmp_path, monkeypatch):
+    """No 'latent_avg' in the checkpoint (it is optional): the centre is the mean of the FACE mapping over
+    --truncation_mean codes drawn first from the seeded CPU generator; the checkpoint's 'truncation'
+    overrides --truncation (format notes Sec. 1)."""
+    ckpt, _ = ckpts
+    real_load = generate_image_pairs.load_blendgan
+
+    def load_without_avg(*args, **kwargs):  # the checkpoint as read, without rewriting its 1.3 GB
+        g, c = real_load(*args, **kwargs)
+        c = {k: v for k, v in c.items() if k != "latent_avg"}
+        return g, {**c, "truncation": 0.5}
+
+    monkeypatch.setattr(generate_image_pairs, "load_blendgan", load_without_avg)
+    out = tmp_path / "out"
+    assert run_main(generate_image_pairs, ["--ckpt", ckpt, "--pics", 2, "--batch", 2, "--seed", 5,
+                                           "--truncation", 0.9, "--truncation_mean", 64, "--outdir", out,
+                                           "--device", "cpu"]) == 0
+    g, _ = load_blendgan(ckpt, with_style_encoder=False)
+    rng = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        centre_z = torch.randn(64, 512, generator=rng)  # drawn before the style code and the face codes
+        z_embed = torch.randn(1, 512, generator=rng)
+        z = torch.cat([torch.randn(1, 512, generator=rng) for _ in range(2)])  # [2, 512]
+        centre = g.style(centre_z).mean(0)  # [512]
+        w_face = centre + 0.5 * (g.style(z) - centre)  # [2, 512]
+        natural = synthesize(g, w_face[:, None].repeat(1, g.n_latent, 1))
+        stylized = synthesize(g, explicit_wbm(g, w_face, g.embedding(z_embed), 6))
+        untruncated = synthesize(g, g.style(z)[:, None].repeat(1, g.n_latent, 1))
+    for k in range(2):
+        got = read_rgb(str(out / f"{k:06d}.jpg"))
+        assert np.abs(got - jpeg_roundtrip(np.concatenate([natural[k], stylized[k]], axis=1))).mean() < 0.5, k
+        assert np.abs(natural[k].astype(float) - untruncated[k]).mean() > 3.0  # the truncation really acts
+
+
+def test_generate_pairs_theta_weights_the_boundary_layer(ckpts, tmp_path):
+    """--theta (paper Eq. 5) reaches the generator: the boundary layer i gets the style weight theta * alpha_i."""
+    ckpt, _ = ckpts
+    out = tmp_path / "out"
+    assert run_main(generate_image_pairs, ["--ckpt", ckpt, "--pics", 1, "--seed", 2, "--add_weight_index", 4,
+                                           "--theta", 0.2, "--outdir", out, "--device", "cpu"]) == 0
+    g, c = load_blendgan(ckpt, with_style_encoder=False)
+    rng = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        z_embed = torch.randn(1, 512, generator=rng)
+        z = torch.randn(1, 512, generator=rng)
+        centre = c["latent_avg"][0]  # [512]
+        w_face = centre + 0.75 * (g.style(z) - centre)  # [1, 512]
+        w_style = g.embedding(z_embed)  # [1, 512]
+        natural = synthesize(g, w_face[:, None].repeat(1, g.n_latent, 1))[0]
+        with_theta = synthesize(g, explicit_wbm(g, w_face, w_style, 4, theta=0.2))[0]
+        without = synthesize(g, explicit_wbm(g, w_face, w_style, 4))[0]
+    got = read_rgb(str(out / "000000.jpg"))
+    assert np.abs(got - jpeg_roundtrip(np.concatenate([natural, with_theta], axis=1))).mean() < 0.5
+    assert np.abs(got[:, SIZE:] - without.astype(float)).mean() > 2.0  # theta changes the stylized half
+
+
+def stem_of(path):
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def test_style_transfer_folder_theta_weights_the_boundary_layer(ckpts, tmp_path):
+    """--theta reaches style_transfer_folder.py's generator as well (W+ face codes from pSp)."""
+    ckpt, psp_ckpt = ckpts
+    face_path = os.path.join(FACES, sorted(os.listdir(FACES))[0])
+    style_path = os.path.join(STYLES, sorted(os.listdir(STYLES))[1])
+    out = tmp_path / "out"
+    assert run_main(style_transfer_folder, ["--ckpt", ckpt, "--psp_encoder_ckpt", psp_ckpt, "--input_img_path",
+                                            face_path, "--style_img_path", style_path, "--outdir", out,
+                                            "--add_weight_index", 4, "--theta", 0.2, "--device", "cpu"]) == 0
+    g, _ = load_blendgan(ckpt)
+    psp = load_psp(psp_ckpt, SIZE)
+    face, style = read_rgb(face_path), read_rgb(style_path)
+    with torch.no_grad():
+        codes = psp(img2ten(face))  # [1, n_latent, 512]
+        w_style = g.embedding(g.get_z_embed(img2ten(style)))  # [1, 512]
+        with_theta = synthesize(g, explicit_wbm(g, codes, w_style, 4, theta=0.2))[0]
+        without = synthesize(g, explicit_wbm(g, codes, w_style, 4))[0]
+    got = read_rgb(str(out / f"{stem_of(face_path)}_v_{stem_of(style_path)}.jpg"))
+    expected = jpeg_roundtrip(np.concatenate([resize(face, SIZE), resize(style, SIZE), with_theta], axis=1))
+    assert np.abs(got - expected).mean() < 0.5
+    assert np.abs(got[:, 2 * SIZE:] - without.astype(float)).mean() > 2.0  # theta changes the result
+
+
+def test_indicator_minus_n_latent_is_python_slicing(ckpts, tmp_path, capsys):
+    """--add_weight_index -n_latent (-10 at 64 px) is inside the accepted range (no note) and, as the
+    release's A[:, :-10] = 1, forces no layer to the face code: every layer blended, the same files as 0."""
+    ckpt, _ = ckpts
+    files = {}
+    for index in (-10, 0):
+        out = tmp_path / f"i{index}"
+        capsys.readouterr()
+        assert run_main(generate_image_pairs, ["--ckpt", ckpt, "--pics", 1, "--seed", 4, "--add_weight_index", index,
+                                               "--outdir", out, "--device", "cpu"]) == 0
+        assert "add_weight_index" not in capsys.readouterr().err, index
+        files[index] = (out / "000000.jpg").read_bytes()
+    assert files[-10] == files[0]
+    g, c = load_blendgan(ckpt, with_style_encoder=False)
+    rng = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        z_embed = torch.randn(1, 512, generator=rng)
+        z = torch.randn(1, 512, generator=rng)
+        centre = c["latent_avg"][0]  # [512]
+        w_face = centre + 0.75 * (g.style(z) - centre)  # [1, 512]
+        a = g.add_weight.clamp(0, 1)  # [1, n_latent, 1]: the learned weights on every layer
+        w_plus = w_face[:, None] * a + g.embedding(z_embed)[:, None] * (1 - a)
+        stylized = synthesize(g, w_plus)[0]
+        at_six = synthesize(g, explicit_wbm(g, w_face, g.embedding(z_embed), 6))[0]
+    got = read_rgb(str(tmp_path / "i-10" / "000000.jpg"))[:, SIZE:]
+    assert np.abs(got - jpeg_roundtrip(stylized)).mean() < 0.5
+    assert np.abs(got - at_six.astype(float)).mean() > 2.0  # not the default indicator's image
