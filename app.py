@@ -28,7 +28,7 @@ from inference import (DTYPES, Report, add_generator_args, check_model_files, de
                        encode_styles, image_size, list_inputs, load_aligner, load_blendgan, load_psp, looks_aligned,
                        read_input, resize, truncation_centre, validate_common)
 from op.precision import cpu_native_lowp
-from utils import ten2img
+from utils import HelpFormatter, ten2img
 from video import compose_frame, interpolation_alphas, sliding_window, write_mp4
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -47,7 +47,7 @@ class DemoError(Exception):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     add_generator_args(p)
     p.add_argument("--psp_encoder_ckpt", default="pretrained_models/psp_encoder.pt", help="pSp encoder checkpoint")
     p.add_argument("--predictor", default=None, help="dlib 68-landmark model (default: face-recognition-models' file)")

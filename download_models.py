@@ -16,10 +16,11 @@ import os
 import sys
 
 import model_zoo
+from utils import HelpFormatter
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("names", nargs="*", metavar="NAME",
                    help=f"files to get (default: {' '.join(model_zoo.INFERENCE_FILES)}); --list shows them all")
     p.add_argument("--all", action="store_true", help="every known file (inference, training, evaluation)")

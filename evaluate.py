@@ -30,10 +30,11 @@ from evaluation import (MODES, ImageSet, Protocol, evaluation_settings, load_met
                         real_statistics, run_protocol)
 from imageio_utils import UnreadableImageError
 from inference import DTYPES, add_common_args, load_blendgan, truncation_centre, validate_common
+from utils import HelpFormatter
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--ckpt", default="pretrained_models/blendgan.pt", help="BlendGAN checkpoint (g_ema)")
     p.add_argument("--size", type=int, default=None, help="output size; None: the checkpoint's")
     p.add_argument("--channel_multiplier", type=int, default=None, help="generator width; None: the checkpoint's")

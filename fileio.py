@@ -1,8 +1,11 @@
 """Atomic file output, the one mechanism behind every file the project writes (images, videos, JSON,
 checkpoints): write to a temporary file in the same folder, then os.replace it onto the target. Also
-``pid_alive``, which tells a temporary or lock left by a killed process from one still in use."""
+``pid_alive``, which tells a temporary or lock left by a killed process from one still in use, and
+``exit_on_sigterm``, which lets those temporaries be removed when a job scheduler stops the process."""
 import contextlib
 import os
+import signal
+import threading
 import uuid
 
 
@@ -61,3 +64,23 @@ def folder_problems(flag, path):
     """[one line] naming option ``flag`` when ``path`` cannot be an output folder, else []."""
     problem = folder_problem(path)
     return [f"{flag} {path}: {problem}"] if problem else []
+
+
+@contextlib.contextmanager
+def exit_on_sigterm():
+    """Within the block, SIGTERM (how job schedulers and `kill` stop a process) raises SystemExit(143) in
+    the main thread, as Ctrl-C raises KeyboardInterrupt: the cleanup blocks run (atomic_path removes its
+    temporary file, ffmpeg is closed) instead of the process vanishing mid-write. The previous handler is
+    restored after; off the main thread nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -16,11 +16,11 @@ from checkpoint import load_checkpoint
 from inference import (DTYPES, Report, add_common_args, add_generator_args, add_indicator_arg,
                        check_model_files, encode_styles, finite_rows, keep_freed_memory, load_blendgan,
                        nonfinite_reason, read_input, run_job, truncation_centre, validate_common, write_jpeg)
-from utils import ten2img
+from utils import HelpFormatter, ten2img
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     add_generator_args(p)
     p.add_argument("--pics", type=int, default=20, help="number of pairs to generate")
     p.add_argument("--style_img", default=None, help="reference style image (reference-guided); none: a random style code")

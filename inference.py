@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict, require_key
-from fileio import atomic_write_bytes, folder_problems
+from fileio import atomic_write_bytes, exit_on_sigterm, folder_problems
 from imageio_utils import UnreadableImageError, read_image_rgb
 from layers import channels_last_
 from model import Generator, guess_generator_config, infer_generator_config, n_latent_for
@@ -224,7 +224,8 @@ def run_job(job, opts, what):
     """The scripts' main: seed, run job(opts) -> Report, one-line errors, summary, exit code."""
     torch.manual_seed(opts.seed)
     try:
-        report = job(opts)
+        with exit_on_sigterm():  # a stopped job leaves no temporary files behind
+            report = job(opts)
     except (CheckpointError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}")
     print(report.summary(what))

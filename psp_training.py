@@ -56,6 +56,7 @@ from imageio_utils import read_image_rgb
 from inference import load_blendgan
 from model_zoo import file_not_found
 from psp_encoder.arcface import ID_INPUT_SIZE, load_arcface
+from psp_encoder.encoders import STYLE_DIM
 from psp_encoder.psp_encoders import ENCODER_INPUT_SIZE, LATENT_AVG, PSPEncoder, psp_state_dict_for_release
 from utils import img2ten, save_grid, tile_rows
 
@@ -464,6 +465,9 @@ def _train(options, device, log):
         options = dataclasses.replace(options, size=ckpt["options"].get("size"))
 
     g, _ = load_blendgan(options.blendgan_ckpt, device=device)
+    if g.style_dim != STYLE_DIM:  # GradualStyleEncoder's heads write 512-D codes, as the release's
+        raise ValueError(f"--ckpt {options.blendgan_ckpt}: its generator has {g.style_dim}-D latents; the pSp "
+                         f"encoder writes {STYLE_DIM}-D W+ codes (train BlendGAN with --style_dim {STYLE_DIM})")
     g.requires_grad_(False)  # frozen; gradients flow through it to the codes only
     size = options.size or min(g.size, ENCODER_INPUT_SIZE[0])
     if size > g.size:

@@ -57,6 +57,8 @@ def imagenet_vgg19_state_dict(vgg_ckpt=None):
     """
     from torchvision.models import VGG19_Weights
 
+    from checkpoint import CheckpointError, load_checkpoint
+
     if vgg_ckpt is None:
         url = VGG19_Weights.IMAGENET1K_V1.url
         cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
@@ -65,12 +67,11 @@ def imagenet_vgg19_state_dict(vgg_ckpt=None):
         else:
             try:
                 return VGG19_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
-            except Exception as e:
-                raise RuntimeError(
-                    f"could not get the ImageNet VGG-19 weights ({type(e).__name__}: {e}). Download {url} "
-                    f"and put it at {cached}, or pass its path as vgg_ckpt / --vgg_ckpt") from None
-    from checkpoint import load_checkpoint
-
+            except Exception as e:  # a CheckpointError: the trainers print it as one line
+                raise CheckpointError(
+                    f"could not get the ImageNet VGG-19 weights ({type(e).__name__}: {e}): python download_models.py "
+                    f"{os.path.basename(url)} puts them at {cached} (published at {url}), or pass the file's path "
+                    f"as vgg_ckpt / --vgg_ckpt") from None
     return load_checkpoint(vgg_ckpt)
 
 

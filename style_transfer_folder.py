@@ -19,11 +19,11 @@ from inference import (DTYPES, Report, add_common_args, add_generator_args, add_
                        check_model_files, distinct_names, encode_faces, encode_styles, finite_rows,
                        keep_freed_memory, list_inputs, load_aligner, load_blendgan, load_psp, nonfinite_reason,
                        read_input, release_freed_memory, resize, run_job, stem, validate_common, write_jpeg)
-from utils import ten2img
+from utils import HelpFormatter, ten2img
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     add_generator_args(p)
     add_photo_args(p, style_help="style image or folder of them", outputs="outputs")
     add_indicator_arg(p, 6)

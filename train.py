@@ -14,12 +14,13 @@ import sys
 
 import trainutil
 from blendgan_training import EQ8_READINGS, TrainOptions, resolve_defaults, train, validate
+from utils import HelpFormatter
 
 
 def build_parser():
     d = TrainOptions(ffhq_lmdb="")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("ffhq_lmdb", help="LMDB of natural faces (FFHQ), from prepare_data.py")
     p.add_argument("aahq_lmdb", nargs="?", default=None,
                    help="LMDB of artistic faces (AAHQ); not used with --finetune_style_img")
@@ -101,7 +102,8 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    return trainutil.run_trainer(train, parse_args(argv), lambda result: None)
+    return trainutil.run_trainer(train, parse_args(argv),
+                                 lambda s: s.last_checkpoint and f"done at step {s.iteration}: {s.last_checkpoint}")
 
 
 if __name__ == "__main__":

@@ -19,12 +19,13 @@ import sys
 
 import trainutil
 from psp_training import AMP_DTYPES, PSPTrainOptions, train, validate
+from utils import HelpFormatter
 
 
 def parse_args(argv=None):
     d = PSPTrainOptions(lmdb=[], blendgan_ckpt="", out_dir="")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("lmdb", nargs="+", metavar="LMDB", help="LMDB(s) of FFHQ-aligned faces made by prepare_data.py")
     p.add_argument("--ckpt", dest="blendgan_ckpt", metavar="CKPT", required=True,
                    help="BlendGAN checkpoint (train.py or the release's blendgan.pt): its g_ema is the frozen "

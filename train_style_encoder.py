@@ -15,6 +15,7 @@ import sys
 
 import trainutil
 from style_encoder_training import AMP_DTYPES, TrainOptions, train, validate
+from utils import HelpFormatter
 
 
 def _pair(text):
@@ -28,7 +29,7 @@ def _pair(text):
 def parse_args(argv=None):
     d = TrainOptions(lmdb=[], out_dir="")
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("lmdb", nargs="+", metavar="LMDB", help="LMDB(s) made by prepare_data.py (artistic images)")
     p.add_argument("--out_dir", required=True, help="run folder: checkpoints/, logs/, config.json")
     p.add_argument("--size", type=int, default=d.size, help="LMDB resolution to read; also the size of the views")

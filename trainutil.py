@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from fileio import atomic_path, atomic_write_bytes
+from fileio import atomic_path, atomic_write_bytes, exit_on_sigterm
 from distributed import all_gather_object, cleanup, get_rank, get_world_size, is_main, unwrap
 
 CHECKPOINT_NAME = re.compile(r"^(\d{6,})\.pt$")
@@ -578,7 +578,8 @@ def run_trainer(train, options, done, expected=()):
     process group is left in any case.
     """
     try:
-        result = train(options)
+        with exit_on_sigterm():  # a scheduler's stop leaves no temporary checkpoint behind
+            result = train(options)
     except (NonFiniteLossError, CheckpointError, *expected) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

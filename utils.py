@@ -2,7 +2,10 @@
 
 ``cv2ten``/``ten2cv`` keep the release's names and BGR convention for code written against it;
 ``img2ten``/``ten2img`` are the RGB versions the scripts use. Tensors are [N, 3, H, W] RGB in [-1, 1].
+Also the scripts' shared ``HelpFormatter``.
 """
+import argparse
+
 import numpy as np
 import torch
 from PIL import Image
@@ -53,3 +56,14 @@ def save_grid(grid01, path):
     """[3, H, W] in [0, 1] -> PNG at `path`, written atomically (a sample grid of the trainers)."""
     save_image_atomic(Image.fromarray(ten2img(grid01 * 2 - 1)[0]), path)
 
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with '(default: ...)' where it informs: not on switches (a store_false flag would read
+    'default: True'), on options without a default, or where the help text already says its default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.nargs == 0 or action.default is None or "default" in text:
+            return text
+        return super()._get_help_string(action)

@@ -909,6 +909,14 @@ def test_resume_after_sigkill_matches_uninterrupted_run(narrow, data, tmp_path):
     assert not torch.equal(got4["g_ema"]["style.1.weight"], got2["g_ema"]["style.1.weight"])
 
 
+def test_command_line_run_ends_naming_its_last_checkpoint(narrow, data, tmp_path, capsys):
+    opts = small_options(data, tmp_path / "cli", iter=1, save_every=1)
+    assert train_script.main(cli_args(opts)) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    path = os.path.join(opts.out_dir, "checkpoints", "000001.pt")
+    assert last == f"done at step 1: {path}" and os.path.isfile(path)
+
+
 def test_eq8_reading_default_and_kept_on_resume(narrow, data, tmp_path):
     """--eq8 not given: a new run reads Eq. 8 as 'conditional'; a resumed run goes on with its checkpoint's
     reading (a run begun as 'paper' is not switched halfway); given, it wins, with a note."""

@@ -502,6 +502,19 @@ def test_command_line_run_with_identity_loss_bf16_and_the_notes(assets, tmp_path
     assert all(torch.isfinite(v).all() for v in psp.state_dict().values())
 
 
+def test_generator_of_another_latent_width_is_one_line(assets, tmp_path, capsys):
+    """train.py --style_dim 16 makes a generator pSp cannot invert (its heads write 512-D codes): one line
+    naming the file, not a shape error from deep inside the run."""
+    torch.manual_seed(0)
+    g = model.Generator(SIZE, 16, 2, channel_multiplier=1, load_pretrained_vgg=False, style_pool_size=32)
+    ckpt = str(tmp_path / "g16.pt")
+    torch.save({"g_ema": g.state_dict()}, ckpt)
+    assert train_psp.main(cli_args(options(assets, tmp_path / "run", blendgan_ckpt=ckpt))) == 1
+    err = capsys.readouterr().err
+    assert f"--ckpt {ckpt}: its generator has 16-D latents; the pSp encoder writes 512-D W+ codes" in err
+    assert "Traceback" not in err
+
+
 def test_cli_validates_options(assets, trained, tmp_path, capsys):
     opts, result = trained
     good = cli_args(options(assets, tmp_path / "run"))

@@ -1,0 +1,61 @@
+"""fileio.py: output-folder checks, and a SIGTERM that leaves no temporary file behind."""
+import os
+import signal
+import subprocess
+import sys
+
+import fileio
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Writes half a file through atomic_path, says so, then waits to be stopped.
+WRITER = """import contextlib, sys, time
+sys.path.insert(0, {root!r})
+from fileio import atomic_path, exit_on_sigterm
+guard = exit_on_sigterm() if sys.argv[2] == "guarded" else contextlib.nullcontext()
+with guard:
+    with atomic_path(sys.argv[1]) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(b"half")
+        print("ready", flush=True)
+        time.sleep(60)
+"""
+
+
+def test_folder_problem_names_the_file_in_the_way(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    assert fileio.folder_problem(a_file) == f"{a_file} is a file, not a folder"
+    assert fileio.folder_problem(a_file / "sub" / "deeper") == f"{a_file} is a file, not a folder"
+    assert fileio.folder_problem(tmp_path) is None and fileio.folder_problem(tmp_path / "new" / "nested") is None
+    assert fileio.folder_problems("--outdir", a_file) == [f"--outdir {a_file}: {a_file} is a file, not a folder"]
+    assert fileio.folder_problems("--outdir", tmp_path) == []
+
+
+def stop_writer(tmp_path, mode):
+    """Run WRITER, SIGTERM it once its temporary file exists; (exit code, files left in the folder)."""
+    out = tmp_path / mode
+    out.mkdir()
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER.format(root=ROOT))
+    proc = subprocess.Popen([sys.executable, str(script), str(out / "result.bin"), mode], stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=30)
+    return code, sorted(os.listdir(out))
+
+
+def test_sigterm_removes_the_temporary_file_and_exits_143(tmp_path):
+    code, left = stop_writer(tmp_path, "guarded")
+    assert code == 128 + signal.SIGTERM and left == []
+    # without the guard the process dies mid-write and its temporary file stays (what the guard is for)
+    code, left = stop_writer(tmp_path, "unguarded")
+    assert code == -signal.SIGTERM and len(left) == 1 and left[0].startswith(".result.bin.")
+
+
+def test_sigterm_handler_is_restored_after_the_block():
+    before = signal.getsignal(signal.SIGTERM)
+    with fileio.exit_on_sigterm():
+        assert signal.getsignal(signal.SIGTERM) is not before
+    assert signal.getsignal(signal.SIGTERM) is before
