@@ -87,7 +87,8 @@ def build_parser():
     t.add_argument("--num_workers", type=int, default=d.num_workers, help="data-loading processes per rank")
     o = p.add_argument_group("output")
     o.add_argument("--save_every", type=int, default=d.save_every, help="checkpoint interval (iterations)")
-    o.add_argument("--keep_checkpoints", type=int, default=d.keep_checkpoints, help="checkpoints kept (the newest)")
+    o.add_argument("--keep_checkpoints", "--keep", type=int, default=d.keep_checkpoints,
+                   help="checkpoints kept (the newest); --keep is the other trainers' name for it")
     o.add_argument("--sample_every", type=int, default=d.sample_every, help="sample-grid interval (iterations)")
     o.add_argument("--n_sample", type=int, default=d.n_sample, help="rows of the sample grid")
     o.add_argument("--log_every", type=int, default=d.log_every, help="scalar-logging interval (iterations)")

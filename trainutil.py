@@ -528,7 +528,8 @@ def add_run_args(parser, defaults):
     of the style-encoder and pSp trainers (defaults: their options dataclass)."""
     d = defaults
     parser.add_argument("--save_every", type=int, default=d.save_every, help="iterations between checkpoints")
-    parser.add_argument("--keep", type=int, default=d.keep, help="checkpoints kept (the newest)")
+    parser.add_argument("--keep", "--keep_checkpoints", type=int, default=d.keep,
+                        help="checkpoints kept (the newest); --keep_checkpoints is train.py's name for it")
     parser.add_argument("--log_every", type=int, default=d.log_every, help="iterations between logged scalars")
     parser.add_argument("--resume", default=None,
                         help="checkpoint to continue from, or 'latest' (newest in --out_dir)")

@@ -1136,6 +1136,7 @@ def test_command_line_validation(data, tmp_path, capsys, monkeypatch):
     base = [data["faces"], data["styles"], "--style_encoder_ckpt", data["style_encoder"]]
     opts = train_script.parse_args(base + ["--size", "32"])
     assert (opts.batch, opts.iter, opts.size, opts.eq8) == (8, 200000, 32, None)  # None: see test_eq8_reading...
+    assert train_script.parse_args(base + ["--size", "32", "--keep", "5"]).keep_checkpoints == 5  # the others' name
     fresh = ["--resume", "latest", "--out_dir", str(tmp_path / "no-checkpoint-yet")]  # latest = a new run here
     bad = [(base + ["--size", "48"], "power of two"),
            (base + ["--size", "64"], f"FFHQ_LMDB {data['faces']} holds no images at resolution 64"),
