@@ -399,7 +399,9 @@ def fetch(entry, folder, mirror=None, retries=3):
     os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
     unreachable = []
     for source in source_urls(entry, mirror):
-        manual = f"open {browser_url(source)} in a browser and save the file as {target}"
+        # by hand: from the publisher (a mirror that fails is not where to look next)
+        page = browser_url(entry.sources[0] if mirror else source)
+        manual = f"open {page} in a browser and save the file as {target}"
         drive = source.startswith(DRIVE_PREFIX)
         # gdown keeps its own partial file beside its output; ours is the HTTP range download's
         part = part_path(target) + (".drive" if drive else "")
@@ -427,8 +429,9 @@ def fetch(entry, folder, mirror=None, retries=3):
                        + (f"; note: {note}" if note else ""))
     source, reason = unreachable[0]
     host = urlparse(browser_url(source)).hostname
+    page = browser_url(entry.sources[0] if mirror else source)
     return Outcome(entry.name, "unreachable",
-                   f"{entry.name}: cannot reach {host} ({reason}); download {browser_url(source)} and save it as "
+                   f"{entry.name}: cannot reach {host} ({reason}); download {page} and save it as "
                    f"{target}, or use --mirror URL_PREFIX (or ${MIRROR_ENV})")
 
 
