@@ -217,7 +217,8 @@ def test_html_page_is_reported_as_one_with_the_manual_fallback(fresh, tmp_path, 
     assert model_zoo.browser_url("gdrive:abc") == "https://drive.google.com/file/d/abc/view"
     # a mirror that serves a bad file: the fallback is the publisher's page, not the mirror again
     mirrored = WeightFile("quota.html", "tests", ("gdrive:FILEID",), "blendgan", dict(G_ARGS))
-    assert download_models.main(["--dir", str(tmp_path), "--mirror", fresh.url, "quota.html"], manifest=(mirrored,)) == 1
+    code = download_models.main(["--dir", str(tmp_path), "--mirror", fresh.url, "quota.html"], manifest=(mirrored,))
+    assert code == 1
     (line,) = lines_of(capsys)
     assert "HTML page" in line and "open https://drive.google.com/file/d/FILEID/view in a browser" in line
     assert fresh.url not in line.split("Manual fallback")[-1]

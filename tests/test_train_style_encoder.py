@@ -387,7 +387,8 @@ def test_cli_validates_options(assets, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert se.validate(options(assets, tmp_path, batch=1)) == []
     # train.py's name for --keep works here too
-    assert train_style_encoder.parse_args([assets["lmdb"], "--out_dir", str(tmp_path), "--keep_checkpoints", "5"]).keep == 5
+    argv = [assets["lmdb"], "--out_dir", str(tmp_path), "--keep_checkpoints", "5"]
+    assert train_style_encoder.parse_args(argv).keep == 5
     with pytest.raises(SystemExit):
         train_style_encoder.parse_args(["--help"])
     assert "global batch" in capsys.readouterr().out
