@@ -387,7 +387,7 @@ def test_cli_validates_options(assets, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert se.validate(options(assets, tmp_path, batch=1)) == []
     # train.py's name for --keep works here too
-    argv = [assets["lmdb"], "--out_dir", str(tmp_path), "--keep_checkpoints", "5"]
+    argv = [assets["lmdb"], "--out_dir", str(tmp_path), "--size", "64", "--keep_checkpoints", "5"]
     assert train_style_encoder.parse_args(argv).keep == 5
     with pytest.raises(SystemExit):
         train_style_encoder.parse_args(["--help"])
