@@ -27,7 +27,7 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 from tqdm import tqdm
 
-from fileio import folder_problems
+from fileio import exit_on_sigterm, folder_problems
 from imageio_utils import UnreadableImageError, list_images, read_image_rgb, save_image_atomic, to_rgb
 
 # dlib's 68-point layout (iBUG 300-W): index ranges of the parts the crop is built from.
@@ -362,7 +362,8 @@ def parse_args(argv=None):
 def main(argv=None):
     options = parse_args(argv)
     try:
-        summary = align_images(options)
+        with exit_on_sigterm():  # stopped by a scheduler: the PNGs written are complete, no temporaries left
+            summary = align_images(options)
     except FileNotFoundError as e:  # no images under --input_img_path: one line, not a traceback
         raise SystemExit(f'error: {e}')
     except KeyboardInterrupt:

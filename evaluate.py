@@ -28,6 +28,7 @@ import torch
 from checkpoint import CheckpointError
 from evaluation import (MODES, ImageSet, Protocol, evaluation_settings, load_metric_networks, parse_indicators,
                         real_statistics, run_protocol)
+from fileio import exit_on_sigterm
 from imageio_utils import UnreadableImageError
 from inference import DTYPES, add_common_args, load_blendgan, truncation_centre, validate_common
 from utils import HelpFormatter
@@ -119,7 +120,8 @@ def evaluate(opts):
 def main(argv=None):
     opts = parse_args(argv)
     try:
-        table = evaluate(opts)
+        with exit_on_sigterm():  # a stopped run leaves no temporary files behind
+            table = evaluate(opts)
     except (CheckpointError, ValueError, FileNotFoundError, UnreadableImageError) as e:
         raise SystemExit(f"error: {e}")
     print(table)

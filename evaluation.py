@@ -370,18 +370,22 @@ class PartialResults:
     """Finished rows kept in OUTDIR/partial_results.json (rewritten atomically after each row).
 
     The file records the settings that determine the numbers; a rerun with other settings is refused
-    rather than mixing rows of different evaluations.
+    rather than mixing rows of different evaluations. ``previous``: {setting: the value an older version
+    of this file recorded for the same thing} (the metric weights were named by path before their hash),
+    accepted as equal; the file is rewritten with the current values at the next row.
     """
 
-    def __init__(self, outdir, settings):
+    def __init__(self, outdir, settings, previous=None):
         self.path = os.path.join(outdir, "partial_results.json")
         self.settings = json.loads(json.dumps(settings))  # as it reads back from the file
         self.rows = {}
         if os.path.isfile(self.path):
             with open(self.path) as f:
                 data = json.load(f)
-            if data.get("settings") != self.settings:
-                old = data.get("settings", {})
+            previous = {k: v for k, v in (previous or {}).items() if v is not None}
+            old = {k: self.settings.get(k) if k in previous and v == previous[k] else v
+                   for k, v in data.get("settings", {}).items()}
+            if old != self.settings:
                 diff = [f"{k}: {old.get(k)!r} -> {self.settings.get(k)!r}" for k in sorted(set(old) | set(self.settings))
                         if old.get(k) != self.settings.get(k)]
                 raise ValueError(f"{self.path} holds rows of an evaluation with other settings ({'; '.join(diff)}); "
@@ -404,7 +408,10 @@ def run_protocol(g, modes, indicators, protocol, real_mu, real_sigma, extractor,
     refs: ImageSet of reference images (reference-guided rows). Returns the Markdown table.
     """
     os.makedirs(outdir, exist_ok=True)
-    partial = PartialResults(outdir, settings)
+    # results files written before the metric weights were identified by hash name them by path
+    previous = {"inception": getattr(extractor, "weights_file", None),
+                "lpips_alexnet": getattr(lpips_model, "weights_file", None)}
+    partial = PartialResults(outdir, settings, previous)
     todo = [(m, i) for m in modes for i in indicators if row_key(m, i) not in partial.rows]
     for m, i in [(m, i) for m in modes for i in indicators if (m, i) not in todo]:
         print(f"{m}-guided i={i}: kept from {partial.path}")

@@ -27,7 +27,7 @@ import lmdb
 from PIL import Image
 from tqdm import tqdm
 
-from fileio import pid_alive
+from fileio import exit_on_sigterm, pid_alive
 from imageio_utils import UnreadableImageError, encode_image, list_images, read_image_rgb
 
 RESAMPLE = {'lanczos': Image.Resampling.LANCZOS, 'bilinear': Image.Resampling.BILINEAR,
@@ -385,7 +385,8 @@ def parse_args(argv=None):
 def main(argv=None):
     options = parse_args(argv)
     try:
-        summary = prepare(options)
+        with exit_on_sigterm():  # stopped by a scheduler: cleaned up as after Ctrl-C
+            summary = prepare(options)
     except ValueError as error:
         print(f'error: {error}', file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ DIR/config.json. The losses and phases are in blendgan_training.py.
 import argparse
 import sys
 
+import distributed
 import trainutil
 from blendgan_training import EQ8_READINGS, TrainOptions, resolve_defaults, train, validate
 from utils import HelpFormatter
@@ -104,7 +105,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     return trainutil.run_trainer(train, parse_args(argv),
-                                 lambda s: s.last_checkpoint and f"done at step {s.iteration}: {s.last_checkpoint}")
+                                 lambda s: distributed.is_main() and f"done at step {s.iteration}: {s.last_checkpoint}")
 
 
 if __name__ == "__main__":

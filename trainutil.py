@@ -28,7 +28,7 @@ import re
 import sys
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -578,8 +578,12 @@ def run_trainer(train, options, done, expected=()):
     on stderr and exit code 1 (the last good checkpoint stays); anything else keeps its traceback. The
     process group is left in any case.
     """
+    # A scheduler's stop leaves no temporary checkpoint behind. One process only: a DDP rank waiting in a
+    # collective runs no Python signal handler until the collective times out (30 min), so there SIGTERM
+    # keeps its default, immediate effect (torchrun stops the ranks with it).
+    guard = exit_on_sigterm() if get_world_size() == 1 else nullcontext()
     try:
-        with exit_on_sigterm():  # a scheduler's stop leaves no temporary checkpoint behind
+        with guard:
             result = train(options)
     except (NonFiniteLossError, CheckpointError, *expected) as e:
         print(f"error: {e}", file=sys.stderr)

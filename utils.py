@@ -64,6 +64,6 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.nargs == 0 or action.default is None or "default" in text:
+        if action.nargs == 0 or action.default is None or "default:" in text:
             return text
         return super()._get_help_string(action)

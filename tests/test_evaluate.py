@@ -494,6 +494,13 @@ def test_cli_end_to_end_with_weights_files(tiny_g, inception_file, alexnet_file,
     shutil.copy(inception_file, copy)
     assert evaluate.main([str(copy if a == inception_file else a) for a in args]) == 0
     assert "reference-guided i=0: kept" in capsys.readouterr().out
+    # results written when the weights were named by their path: still this evaluation's rows
+    partial = json.loads((out / "partial_results.json").read_text())
+    assert partial["settings"]["inception"] == f"sha256:{digest}"
+    partial["settings"].update(inception=os.path.abspath(inception_file), lpips_alexnet=os.path.abspath(alexnet_file))
+    (out / "partial_results.json").write_text(json.dumps(partial))
+    assert evaluate.main([str(a) for a in args]) == 0
+    assert "reference-guided i=0: kept" in capsys.readouterr().out
     assert os.stat(out / "real_stats.npz").st_mtime_ns == stats_mtime and read_csv(out / "table1.csv") == rows
     # other Inception weights: the cached statistics are refused, not mixed with the new features
     other = tmp_path / "other_inception.pth"

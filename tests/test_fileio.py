@@ -59,3 +59,19 @@ def test_sigterm_handler_is_restored_after_the_block():
     with fileio.exit_on_sigterm():
         assert signal.getsignal(signal.SIGTERM) is not before
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_trainers_guard_one_process_runs_only(monkeypatch):
+    """run_trainer turns SIGTERM into SystemExit for a one-process run; under torchrun (WORLD_SIZE > 1)
+    the default stays, since a rank blocked in a collective would not run the handler."""
+    import trainutil
+
+    seen = []
+    record = lambda options: seen.append(signal.getsignal(signal.SIGTERM))  # noqa: E731
+    default = signal.getsignal(signal.SIGTERM)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert trainutil.run_trainer(record, None, lambda result: None) == 0
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert trainutil.run_trainer(record, None, lambda result: None) == 0
+    assert seen[0] is not default and seen[1] is default
+    assert signal.getsignal(signal.SIGTERM) is default

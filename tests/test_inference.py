@@ -497,20 +497,28 @@ def test_generate_pairs_centre_without_latent_avg_and_checkpoint_truncation(ckpt
         assert np.abs(natural[k].astype(float) - untruncated[k]).mean() > 3.0  # the truncation really acts
 
 
+def pairs_codes(ckpt, seed):
+    """What generate_image_pairs.py draws for one latent-guided pair with --seed ``seed`` (CPU generator:
+    the style code, then the face code) at the default --truncation 0.75 around the checkpoint's latent_avg:
+    (g, w_face [1, 512], w_style [1, 512])."""
+    g, c = load_blendgan(ckpt, with_style_encoder=False)
+    rng = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        z_embed = torch.randn(1, 512, generator=rng)
+        z = torch.randn(1, 512, generator=rng)
+        centre = c["latent_avg"][0]  # [512]
+        w_face = centre + 0.75 * (g.style(z) - centre)
+        return g, w_face, g.embedding(z_embed)
+
+
 def test_generate_pairs_theta_weights_the_boundary_layer(ckpts, tmp_path):
     """--theta (paper Eq. 5) reaches the generator: the boundary layer i gets the style weight theta * alpha_i."""
     ckpt, _ = ckpts
     out = tmp_path / "out"
     assert run_main(generate_image_pairs, ["--ckpt", ckpt, "--pics", 1, "--seed", 2, "--add_weight_index", 4,
                                            "--theta", 0.2, "--outdir", out, "--device", "cpu"]) == 0
-    g, c = load_blendgan(ckpt, with_style_encoder=False)
-    rng = torch.Generator().manual_seed(2)
+    g, w_face, w_style = pairs_codes(ckpt, 2)
     with torch.no_grad():
-        z_embed = torch.randn(1, 512, generator=rng)
-        z = torch.randn(1, 512, generator=rng)
-        centre = c["latent_avg"][0]  # [512]
-        w_face = centre + 0.75 * (g.style(z) - centre)  # [1, 512]
-        w_style = g.embedding(z_embed)  # [1, 512]
         natural = synthesize(g, w_face[:, None].repeat(1, g.n_latent, 1))[0]
         with_theta = synthesize(g, explicit_wbm(g, w_face, w_style, 4, theta=0.2))[0]
         without = synthesize(g, explicit_wbm(g, w_face, w_style, 4))[0]
@@ -559,17 +567,12 @@ def test_indicator_minus_n_latent_is_python_slicing(ckpts, tmp_path, capsys):
         assert "add_weight_index" not in capsys.readouterr().err, index
         files[index] = (out / "000000.jpg").read_bytes()
     assert files[-10] == files[0]
-    g, c = load_blendgan(ckpt, with_style_encoder=False)
-    rng = torch.Generator().manual_seed(4)
+    g, w_face, w_style = pairs_codes(ckpt, 4)
     with torch.no_grad():
-        z_embed = torch.randn(1, 512, generator=rng)
-        z = torch.randn(1, 512, generator=rng)
-        centre = c["latent_avg"][0]  # [512]
-        w_face = centre + 0.75 * (g.style(z) - centre)  # [1, 512]
         a = g.add_weight.clamp(0, 1)  # [1, n_latent, 1]: the learned weights on every layer
-        w_plus = w_face[:, None] * a + g.embedding(z_embed)[:, None] * (1 - a)
+        w_plus = w_face[:, None] * a + w_style[:, None] * (1 - a)
         stylized = synthesize(g, w_plus)[0]
-        at_six = synthesize(g, explicit_wbm(g, w_face, g.embedding(z_embed), 6))[0]
+        at_six = synthesize(g, explicit_wbm(g, w_face, w_style, 6))[0]
     got = read_rgb(str(tmp_path / "i-10" / "000000.jpg"))[:, SIZE:]
     assert np.abs(got - jpeg_roundtrip(stylized)).mean() < 0.5
     assert np.abs(got - at_six.astype(float)).mean() > 2.0  # not the default indicator's image
