@@ -16,7 +16,7 @@ from PIL import Image
 from torchvision import transforms
 
 import prepare_data
-from dataset import InfiniteSampler, MultiResolutionDataset, PairedLoader
+from dataset import InfiniteSampler, MultiResolutionDataset, PairedLoader, random_flip
 from imageio_utils import UnreadableImageError, list_images, read_image_rgb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -402,3 +402,27 @@ def test_paired_loader_independent_shuffles(numbered_lmdbs):
     assert twin_a[:, 0, 0, 0].tolist() != twin_b[:, 0, 0, 0].tolist()
     again = PairedLoader(natural, artistic, batch_size=3, seed=7)
     assert next(again)[0][:, 0, 0, 0].tolist() == nat_ids[:3]
+
+
+def test_random_flip_mirrors_exactly_the_drawn_images_left_to_right():
+    x = torch.arange(16 * 3 * 4 * 5, dtype=torch.float32).view(16, 3, 4, 5)  # H != W: a vertical flip differs
+    u = torch.rand(16, generator=torch.Generator().manual_seed(7))  # the draws random_flip makes from that seed
+    chosen = (u < 0.5).tolist()
+    assert 0 < sum(chosen) < 16
+    assert any(0.25 <= v < 0.5 for v in u.tolist())  # a draw that p / 2 would not flip
+    out = random_flip(x, 0.5, torch.Generator().manual_seed(7)).numpy()
+    xs = x.numpy()
+    for i, flip in enumerate(chosen):
+        expected = xs[i, :, :, ::-1] if flip else xs[i]
+        np.testing.assert_array_equal(out[i], expected, err_msg=str(i))
+
+
+@pytest.mark.parametrize('p,low,high', [(0.0, 0.0, 0.0), (0.5, 0.46, 0.54), (0.2, 0.17, 0.23), (1.0, 1.0, 1.0)])
+def test_random_flip_rate_is_p(p, low, high):
+    n = 4000
+    x = torch.tensor([0.0, 1.0]).view(1, 1, 1, 2).repeat(n, 3, 1, 1)  # flipped rows start with 1
+    out = random_flip(x, p, torch.Generator().manual_seed(11))
+    flipped = out[:, :, 0, 0] == 1  # [n, 3]
+    assert (flipped.all(1) == flipped.any(1)).all()  # an image is flipped in every channel or in none
+    rate = flipped[:, 0].float().mean().item()
+    assert low <= rate <= high, rate
