@@ -1,9 +1,11 @@
 """The three inference scripts end to end on CPU with size-64 release-layout checkpoints built here."""
 import itertools
+import math
 import os
 import shutil
 import subprocess
 import sys
+import types
 
 import cv2
 import numpy as np
@@ -14,7 +16,7 @@ from PIL import Image
 import gen_video
 import generate_image_pairs
 import style_transfer_folder
-from inference import encode_faces, encode_styles, load_blendgan, load_psp, resize
+from inference import encode_faces, encode_styles, load_blendgan, load_psp, pooled_batches, resize
 from model import Generator
 from psp_encoder.psp_encoders import PSPEncoder
 from utils import img2ten, ten2img
@@ -576,3 +578,100 @@ def test_indicator_minus_n_latent_is_python_slicing(ckpts, tmp_path, capsys):
     got = read_rgb(str(tmp_path / "i-10" / "000000.jpg"))[:, SIZE:]
     assert np.abs(got - jpeg_roundtrip(stylized)).mean() < 0.5
     assert np.abs(got - at_six.astype(float)).mean() > 2.0  # not the default indicator's image
+
+
+def block_mean(rgb, factor):
+    """uint8 [H, W, 3] -> float64 [3, H / factor, W / factor] in [-1, 1]: the mean of each factor x factor block."""
+    x = (rgb.astype(np.float64) / 255 - 0.5) / 0.5
+    h, w = x.shape[0] // factor, x.shape[1] // factor
+    return x.reshape(h, factor, w, factor, 3).mean(axis=(1, 3)).transpose(2, 0, 1)
+
+
+def random_faces(n, side, seed):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (side, side, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def test_pooled_batches_average_blocks_to_the_pool_size():
+    images = random_faces(3, 512, 0) + random_faces(1, 768, 1)
+    got = list(pooled_batches(images, 256, 3, "cpu", torch.float32))
+    assert [tuple(b.shape) for b in got] == [(3, 3, 256, 256), (1, 3, 256, 256)]
+    pooled = torch.cat(got).numpy()
+    for i, (im, factor) in enumerate(zip(images, (2, 2, 2, 3))):
+        np.testing.assert_allclose(pooled[i], block_mean(im, factor), rtol=0, atol=1e-5, err_msg=str(i))
+
+
+def test_encode_faces_and_styles_feed_their_encoders_block_averages():
+    images = random_faces(3, 512, 2)
+    seen = []
+
+    def psp(x):
+        seen.append(x.clone())
+        return torch.zeros(len(x), 10, 512)
+
+    assert tuple(encode_faces(psp, images, 2, "cpu", torch.float32).shape) == (3, 10, 512)
+    faces = torch.cat(seen).numpy()
+    assert faces.shape == (3, 3, 256, 256)  # pSp's input size: every 512 px face is averaged 2 x 2
+    for i, im in enumerate(images):
+        np.testing.assert_allclose(faces[i], block_mean(im, 2), rtol=0, atol=1e-5, err_msg=str(i))
+    seen.clear()
+    pool = types.SimpleNamespace(output_size=(128, 128))
+    g = types.SimpleNamespace(embedder=types.SimpleNamespace(embedder=types.SimpleNamespace(pool=pool)),
+                              style_dim=4, get_z_embed=lambda x: seen.append(x.clone()) or torch.zeros(len(x), 4))
+    assert tuple(encode_styles(g, images, 2, "cpu", torch.float32).shape) == (3, 4)
+    styles = torch.cat(seen).numpy()
+    assert styles.shape == (3, 3, 128, 128)
+    for i, im in enumerate(images):
+        np.testing.assert_allclose(styles[i], block_mean(im, 4), rtol=0, atol=1e-5, err_msg=str(i))
+
+
+def test_interpolation_alphas_are_the_release_sigmoid_schedule():
+    expected = [0.0] + [1 / (1 + math.exp(-(-5.0 + 0.5 * i))) for i in range(20)] + [1.0] * 10
+    got = interpolation_alphas()
+    assert len(got) == 31
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
+    assert abs(got[1] - 0.0066928509242848554) < 1e-12  # sigmoid(-5)
+    assert got[11] == 0.5  # sigmoid(0)
+
+
+def test_sliding_window_moves_from_previous_to_next_style():
+    h, w = 8, 3
+    prev = np.repeat(np.arange(h, dtype=np.uint8)[:, None, None], w, axis=1).repeat(3, axis=2)  # row r: value r
+    nxt = prev + 100
+    np.testing.assert_array_equal(sliding_window(prev, nxt, 0.0), prev)
+    np.testing.assert_array_equal(sliding_window(prev, nxt, 1.0), nxt)
+    half = sliding_window(prev, nxt, 0.5)  # prev's lower half above next's upper half
+    np.testing.assert_array_equal(half[:, 0, 0], [4, 5, 6, 7, 100, 101, 102, 103])
+    np.testing.assert_array_equal(sliding_window(prev, nxt, 0.9)[:, 0, 0], [7, 100, 101, 102, 103, 104, 105, 106])
+
+
+def test_face_frames_walk_from_each_style_to_the_next():
+    side = 8
+    z_styles = torch.tensor([[-0.5, 1.0], [0.5, 2.0], [-1.0, 3.0]])  # result image value: first coordinate
+    calls = []
+
+    def g(codes, z_embed, **kwargs):
+        calls.append(z_embed.clone())
+        return z_embed[:, :1].view(-1, 1, 1, 1).expand(-1, 3, side, side).clone(), None
+
+    colours = (10, 120, 230)
+    style_imgs = [np.full((side, side, 3), c, dtype=np.uint8) for c in colours]
+    face = np.full((side, side, 3), 60, dtype=np.uint8)
+    opts = types.SimpleNamespace(batch=4, add_weight_index=7, theta=None, dtype="float32")
+    frames = list(gen_video.face_frames(g, torch.zeros(1, 4, 512), face, style_imgs, z_styles, opts))
+    assert len(frames) == 2 * 31 + 10
+    first = [0.0] + [1 / (1 + math.exp(5.0 - 0.5 * i)) for i in range(3)]  # the first four alphas
+    expected = torch.stack([z_styles[0] + a * (z_styles[1] - z_styles[0]) for a in first])
+    assert torch.equal(calls[0][0], z_styles[0])
+    torch.testing.assert_close(calls[0], expected, rtol=0, atol=1e-6)
+
+    def result(t):
+        return frames[t][:, 2 * side:]
+
+    def window(t):
+        return frames[t][:, side:2 * side].astype(int)
+
+    for t, value, colour in [(0, -0.5, 10), (30, 0.5, 120), (31, 0.5, 120), (61, -1.0, 230), (71, -1.0, 230)]:
+        assert (result(t) == int((value * 0.5 + 0.5) * 255)).all(), t
+        assert (np.abs(window(t) - colour) <= 1).all(), t
+    assert (np.abs(window(11)[:4] - 10) <= 1).all() and (np.abs(window(11)[4:] - 120) <= 1).all()  # alpha 0.5
