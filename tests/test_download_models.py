@@ -396,3 +396,33 @@ def test_google_drive_files_go_through_gdown_and_the_same_checks(files, tmp_path
     outcome = model_zoo.fetch(entry, str(tmp_path))
     assert outcome.status == "unreachable" and outcome.line.startswith("blendgan.pt: cannot reach drive.google.com")
     assert os.listdir(tmp_path) == []
+
+
+def test_right_keys_with_one_wrong_shape_or_latent_avg_are_refused_naming_the_key():
+    """Same keys, same element count, one tensor transposed: refused, as is a latent_avg that does not
+    broadcast to [n_styles, 512]."""
+    import re
+
+    expected = {"conv.weight": torch.empty(4, 6), "conv.bias": torch.empty(4)}
+    model_zoo.compare_layout({"conv.weight": torch.zeros(4, 6), "conv.bias": torch.zeros(4)}, expected, "toy")
+    message = "toy: 1 mis-shaped (file vs expected): conv.weight [6, 4] float32 vs [4, 6] float32"
+    with pytest.raises(model_zoo.LayoutError, match=f"^{re.escape(message)}$"):
+        model_zoo.compare_layout({"conv.weight": torch.zeros(6, 4), "conv.bias": torch.zeros(4)}, expected, "toy")
+
+    g = model_zoo.generator_layout(**G_ARGS)
+    name = next(k for k, v in g.items() if v.dim() == 4 and v.shape[0] != v.shape[1])
+    flipped = {**g, name: g[name].transpose(0, 1)}
+    assert flipped[name].numel() == g[name].numel() and flipped.keys() == g.keys()
+    assert model_zoo.check_blendgan({"g_ema": g}, **G_ARGS) == ""
+    with pytest.raises(model_zoo.LayoutError, match=rf"1 mis-shaped \(file vs expected\): {name} "):
+        model_zoo.check_blendgan({"g_ema": flipped}, **G_ARGS)
+
+    from psp_encoder.encoders import GradualStyleEncoder
+
+    with torch.device("meta"):
+        encoder = {f"encoder.{k}": v for k, v in GradualStyleEncoder(50, "ir_se", 8).state_dict().items()}
+    for good in (torch.empty(512), torch.empty(8, 512), torch.empty(1, 8, 512), torch.empty(1, 512)):
+        assert model_zoo.check_psp({**encoder, "latent_avg": good}, 32) == ""
+    for bad in (torch.empty(512, 8), torch.empty(4, 512), torch.empty(8, 256), torch.empty(2, 8, 512)):
+        with pytest.raises(model_zoo.LayoutError, match=f"'latent_avg' .*found {re.escape(str(list(bad.shape)))}"):
+            model_zoo.check_psp({**encoder, "latent_avg": bad}, 32)

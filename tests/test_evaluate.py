@@ -510,3 +510,68 @@ def test_cli_end_to_end_with_weights_files(tiny_g, inception_file, alexnet_file,
     os.remove(out / "partial_results.json")
     with pytest.raises(SystemExit, match=f"statistics of the Inception weights sha256:{digest}, not of {other}"):
         evaluate.main([str(other if a == inception_file else a) for a in args])
+
+
+class PatternGenerator(nn.Module):
+    """A stand-in generator: 128 px outputs of fine random texture set by the codes, and a linear style encoder."""
+
+    def __init__(self, dim=8, size=128):
+        super().__init__()
+        rng = torch.Generator().manual_seed(11)
+        self.register_buffer("texture", torch.randn(3, size, size, generator=rng))
+        self.embedder = nn.Linear(3, dim)
+
+    def forward(self, styles, z_embed=None, **kwargs):
+        zf = styles[0]
+        return torch.tanh(zf[:, :3, None, None] * self.texture + z_embed[:, :3, None, None]), None
+
+    def get_z_embed(self, images):
+        return self.embedder(images.mean((2, 3)))
+
+
+def test_row_feeds_exactly_n_samples_to_fid_and_antialiased_lpips_inputs():
+    """n_samples 7 with 3 styles and 2 faces per step: the second step holds 3 images, only 1 of which is
+    for FID. Outputs of 128 px reach LPIPS at 32 px through an antialiased (area-like) resize."""
+    g = PatternGenerator()
+    protocol = Protocol(n_samples=7, lpips_faces=2, n_styles=3, lpips_size=32)
+    n_faces = protocol.n_faces()
+    gen = torch.Generator().manual_seed(4)
+    z_face, z_style = torch.randn(n_faces, 8, generator=gen), torch.randn(n_faces, 3, 8, generator=gen)
+    fid_inputs, lpips_inputs = [], []
+
+    def extractor(x01):
+        fid_inputs.append(x01.clone())
+        return x01.mean((2, 3))
+
+    class RecordingLPIPS:
+        def features(self, face):
+            lpips_inputs.append(face.clone())
+            return [face]
+
+        def distance(self, a, b):
+            return ((a[0] - b[0]) ** 2).mean((1, 2, 3))
+
+    row = evaluation.evaluate_row(g, 0, z_face, z_style, protocol, np.zeros(3), np.eye(3), extractor,
+                                  RecordingLPIPS(), batch=6)
+
+    saved = []  # face-major 8-bit outputs, one face at a time
+    with torch.no_grad():
+        for k in range(n_faces):
+            out, _ = g([z_face[k:k + 1].expand(3, -1)], z_embed=z_style[k])
+            saved.append(torch.floor(torch.clamp((out * 0.5 + 0.5) * 255, 0, 255)))
+    saved = torch.cat(saved)  # [9, 3, 128, 128]
+    assert n_faces == 3 and [len(x) for x in fid_inputs] == [6, 1] and row["n_fid"] == 7
+    assert torch.equal(torch.cat(fid_inputs), saved[:7] / 255)
+
+    assert len(lpips_inputs) == 2 and all(x.shape == (3, 3, 32, 32) for x in lpips_inputs)
+    expected_div = []
+    for k in range(2):
+        x = saved[3 * k:3 * k + 3] / 255 * 2 - 1
+        smooth = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False, antialias=True)
+        aliased = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
+        assert (smooth - aliased).abs().mean() > 0.1
+        assert (smooth - x.view(3, 3, 32, 4, 32, 4).mean((3, 5))).abs().mean() < 0.5 * (smooth - aliased).abs().mean()
+        assert torch.allclose(lpips_inputs[k], smooth, atol=1e-5)
+        expected_div.append(np.mean([((smooth[a] - smooth[b]) ** 2).mean().item() for a in range(3)
+                                     for b in range(a + 1, 3)]))
+    assert row["lpips"] == pytest.approx(np.mean(expected_div), rel=1e-5)

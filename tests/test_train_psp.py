@@ -622,3 +622,61 @@ def test_torchrun_two_cpu_processes_stay_identical(assets, tmp_path):
     assert os.path.isfile(tmp_path / "ddp" / "samples" / "000001.png")
     assert not os.path.exists(tmp_path / "ddp" / "psp_encoder.pt")
 
+
+
+
+def test_losses_see_the_output_block_averaged_to_the_data_size_and_w_norm_about_latent_avg(assets, tmp_path,
+                                                                                          monkeypatch):
+    """Faces at 16 px for a 64 px generator: the loss compares each 4 x 4 block mean of the output with
+    the face (as pSp pools 1024 to 256), and the logged W-norm is measured from latent_avg, not from 0."""
+    lmdb = str(tmp_path / "faces16.lmdb")
+    prepare_data.prepare(prepare_data.PrepareOptions(out=lmdb, paths=[FACES], size=(16,), n_worker=0))
+    real_encoder = model.StyleEncoder
+
+    def on_meta(*args, **kwargs):
+        with torch.device("meta"):
+            return real_encoder(*args, **kwargs)
+
+    torch.manual_seed(7)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(model, "StyleEncoder", on_meta)
+        g64 = model.Generator(64, 512, 2, channel_multiplier=1, load_pretrained_vgg=False, style_pool_size=32)
+    g64.embedder = None  # no sample grids in this run: the style encoder is never used
+    with torch.no_grad():
+        for layer in [g64.conv1, *g64.convs]:
+            layer.noise.weight.fill_(0.05)
+    monkeypatch.setattr(pt, "load_blendgan", lambda path, device="cpu": (g64.to(device).eval(), None))
+    seen = []
+    real_losses = pt.reconstruction_losses
+
+    class LossesSeen(Exception):
+        pass
+
+    def recording(losses, x, y_hat, codes, latent_avg):
+        total, stats = real_losses(losses, x, y_hat, codes, latent_avg)
+        seen.append((x.detach().clone(), y_hat.detach().clone(), codes.detach().clone(), stats["w_norm"].item()))
+        raise LossesSeen  # the first step's inputs and logged terms are all this test needs
+
+    monkeypatch.setattr(pt, "reconstruction_losses", recording)
+    opts = options(assets, tmp_path / "run16", lmdb=[lmdb], size=16, iter=1, lpips_weight=0.0, lpips_alexnet=None,
+                   n_sample=0, sample_style_img=None)
+    with fast_cpu(), pytest.raises(LossesSeen):
+        pt.train(opts)
+    assert len(seen) == 1
+    x, y_hat, codes, logged_w_norm = seen[0]
+    assert x.shape == y_hat.shape == (2, 3, 16, 16) and codes.shape == (2, 10, 512)
+
+    with torch.no_grad(), fast_cpu():
+        raw, _ = g64([codes], input_is_latent=True, randomize_noise=False)  # [2, 3, 64, 64]
+    blocks = raw.double().view(2, 3, 16, 4, 16, 4).mean((3, 5))
+    assert torch.allclose(y_hat.double(), blocks, atol=1e-5)
+    bilinear = F.interpolate(raw, size=(16, 16), mode="bilinear", align_corners=False).double()
+    assert (bilinear - blocks).abs().max() > 1e-3
+
+    z = torch.randn(1000, 512, generator=torch.Generator().manual_seed(opts.seed))
+    with torch.no_grad():
+        latent_avg = g64.style(z).double().mean(0)  # [512], the same for every W+ entry
+    distances = [float(((codes[i].double() - latent_avg) ** 2).sum().sqrt()) for i in range(2)]
+    assert logged_w_norm == pytest.approx(np.mean(distances), rel=1e-5)
+    from_zero = np.mean([float(codes[i].double().norm()) for i in range(2)])
+    assert abs(from_zero - np.mean(distances)) > 0.01 * np.mean(distances)
