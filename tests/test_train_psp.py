@@ -63,18 +63,24 @@ def fast_cpu():
         torch.backends.mkldnn.enabled = previous
 
 
-def tiny_generator():
-    """Generator(32, 512, 2) with a cheaply filled style encoder and trained-like WBM and noise weights."""
+def generator_with_meta_style_encoder(size):
+    """model.Generator(size, 512, 2, channel_multiplier=1) whose style encoder is built on the meta device
+    (its 610304 x 512 layer is never allocated or initialised)."""
     real = model.StyleEncoder
 
     def on_meta(*args, **kwargs):
         with torch.device("meta"):
             return real(*args, **kwargs)
 
-    torch.manual_seed(0)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(model, "StyleEncoder", on_meta)
-        g = model.Generator(SIZE, 512, 2, channel_multiplier=1, load_pretrained_vgg=False, style_pool_size=32)
+        return model.Generator(size, 512, 2, channel_multiplier=1, load_pretrained_vgg=False, style_pool_size=32)
+
+
+def tiny_generator():
+    """Generator(32, 512, 2) with a cheaply filled style encoder and trained-like WBM and noise weights."""
+    torch.manual_seed(0)
+    g = generator_with_meta_style_encoder(SIZE)
     g.embedder.to_empty(device="cpu")
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -631,16 +637,8 @@ def test_losses_see_the_output_block_averaged_to_the_data_size_and_w_norm_about_
     the face (as pSp pools 1024 to 256), and the logged W-norm is measured from latent_avg, not from 0."""
     lmdb = str(tmp_path / "faces16.lmdb")
     prepare_data.prepare(prepare_data.PrepareOptions(out=lmdb, paths=[FACES], size=(16,), n_worker=0))
-    real_encoder = model.StyleEncoder
-
-    def on_meta(*args, **kwargs):
-        with torch.device("meta"):
-            return real_encoder(*args, **kwargs)
-
     torch.manual_seed(7)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(model, "StyleEncoder", on_meta)
-        g64 = model.Generator(64, 512, 2, channel_multiplier=1, load_pretrained_vgg=False, style_pool_size=32)
+    g64 = generator_with_meta_style_encoder(64)
     g64.embedder = None  # no sample grids in this run: the style encoder is never used
     with torch.no_grad():
         for layer in [g64.conv1, *g64.convs]:
