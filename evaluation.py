@@ -26,7 +26,7 @@ from fileio import atomic_write_bytes
 from imageio_utils import UnreadableImageError, list_images, read_image_rgb
 from inference import encode_styles
 from metrics import FeatureStats, frechet_distance, load_inception, load_lpips, lpips_diversity, style_consistency
-from model_zoo import ALEXNET_URL, INCEPTION_URL, pretrained_file
+from model_zoo import ALEXNET_URL, INCEPTION_URL, pretrained_file, sha256_of
 
 MODES = ("latent", "reference")
 METRICS = ("fid", "lpips", "style_consistency")
@@ -41,12 +41,17 @@ def load_metric_networks(inception=None, lpips_alexnet=None, allow_download=True
 
     Each weights file is the path given (--inception, --lpips_alexnet), else the torch hub cache, else a
     download when allowed (model_zoo.pretrained_file: a missing file raises a CheckpointError saying where
-    to put it).
+    to put it). Each network carries ``weights_file`` (its path) and ``weights_id`` ('sha256:<digest>').
     """
     extractor = load_inception(pretrained_file("FID Inception-v3", INCEPTION_URL, inception, "--inception",
                                                allow_download))
     lpips_model = load_lpips(pretrained_file("LPIPS AlexNet backbone", ALEXNET_URL, lpips_alexnet, "--lpips_alexnet",
                                              allow_download))
+    for features in (extractor, lpips_model):
+        # What the FID statistics cache and the settings record: the weights' content, so that a copy
+        # elsewhere (a job's local scratch) is the same network and other weights are not (hashing
+        # ~100-250 MB takes a fraction of a second; pSp training, which loads LPIPS too, does not need it).
+        features.weights_id = f"sha256:{sha256_of(features.weights_file)}"
     return extractor, lpips_model
 
 

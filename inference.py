@@ -79,8 +79,9 @@ def validate_common(parser, opts):
         parser.error(f"--device {opts.device}: CUDA is not available on this machine; use --device cpu")
     if opts.dtype == "float16" and not opts.device.startswith("cuda"):
         parser.error("--dtype float16 needs a CUDA device (use bfloat16 on CPU)")
-    for problem in folder_problems("--outdir", opts.outdir) if hasattr(opts, "outdir") else []:  # app.py has none
-        parser.error(problem)
+    if hasattr(opts, "outdir"):  # app.py writes into no folder of the user's
+        for problem in folder_problems("--outdir", opts.outdir):
+            parser.error(problem)
 
 
 def finite_rows(image):

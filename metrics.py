@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict, with_batchnorm_counters
-from model_zoo import sha256_of
 
 INCEPTION_SIZE = 299  # the FID network's input side; every image is resized to it (bilinear, as pytorch-fid)
 ALEXNET_CONVS = (0, 3, 6, 8, 10)  # indices in torchvision's alexnet().features of the 5 conv layers
@@ -136,23 +135,15 @@ class InceptionFeatures(nn.Module):
         return self.blocks(2 * x - 1).flatten(1)  # [N, 2048]
 
 
-def with_weights_identity(features, path):
-    """``features`` with ``weights_file`` (the absolute path, for messages) and ``weights_id``
-    ('sha256:<digest>'), which the FID statistics cache and evaluate's settings record: the weights'
-    content, so that a copy elsewhere (a job's local scratch) is the same network and other weights are
-    not (hashing ~100 MB takes a fraction of a second)."""
-    features.weights_file = os.path.abspath(path)
-    features.weights_id = f"sha256:{sha256_of(path)}"
-    return features
-
-
 def load_inception(path):
     """InceptionFeatures (eval mode, CPU) with the FID weights file ``path`` (pt_inception-2015-12-05-6726825d.pth)."""
     with torch.device("meta"):
         net = fid_inception_v3()
     sd = with_batchnorm_counters(net, load_checkpoint(path))
     load_state_dict_strict(net, sd, path, assign=True)
-    return with_weights_identity(InceptionFeatures(net).eval(), path)
+    features = InceptionFeatures(net).eval()
+    features.weights_file = os.path.abspath(path)
+    return features
 
 
 class LPIPSFeatures(nn.Module):
@@ -210,7 +201,9 @@ def load_lpips(path):
     for k, lin in enumerate(model.lins):
         load_state_dict_strict(lin, {"model.1.weight": require_tensor(lins, f"lin{k}.model.1.weight", lin_path)},
                                f"{lin_path} (lin{k})")
-    return with_weights_identity(LPIPSFeatures(model.eval()), path)
+    features = LPIPSFeatures(model.eval())
+    features.weights_file = os.path.abspath(path)
+    return features
 
 
 def require_tensor(state_dict, key, path):

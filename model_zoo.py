@@ -307,6 +307,12 @@ def source_urls(entry, mirror=None):
     return list(entry.sources)
 
 
+def manual_page(entry, source, mirror=None):
+    """Where to get ``entry`` by hand after ``source`` failed: the publisher's page (a mirror that failed is
+    not where to look next)."""
+    return browser_url(entry.sources[0] if mirror else source)
+
+
 def browser_url(source):
     if source.startswith(DRIVE_PREFIX):
         return f"https://drive.google.com/file/d/{source[len(DRIVE_PREFIX):]}/view"
@@ -399,9 +405,7 @@ def fetch(entry, folder, mirror=None, retries=3):
     os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
     unreachable = []
     for source in source_urls(entry, mirror):
-        # by hand: from the publisher (a mirror that fails is not where to look next)
-        page = browser_url(entry.sources[0] if mirror else source)
-        manual = f"open {page} in a browser and save the file as {target}"
+        manual = f"open {manual_page(entry, source, mirror)} in a browser and save the file as {target}"
         drive = source.startswith(DRIVE_PREFIX)
         # gdown keeps its own partial file beside its output; ours is the HTTP range download's
         part = part_path(target) + (".drive" if drive else "")
@@ -429,10 +433,9 @@ def fetch(entry, folder, mirror=None, retries=3):
                        + (f"; note: {note}" if note else ""))
     source, reason = unreachable[0]
     host = urlparse(browser_url(source)).hostname
-    page = browser_url(entry.sources[0] if mirror else source)
     return Outcome(entry.name, "unreachable",
-                   f"{entry.name}: cannot reach {host} ({reason}); download {page} and save it as "
-                   f"{target}, or use --mirror URL_PREFIX (or ${MIRROR_ENV})")
+                   f"{entry.name}: cannot reach {host} ({reason}); download {manual_page(entry, source, mirror)} and "
+                   f"save it as {target}, or use --mirror URL_PREFIX (or ${MIRROR_ENV})")
 
 
 def remove(path):

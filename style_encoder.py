@@ -58,6 +58,7 @@ def imagenet_vgg19_state_dict(vgg_ckpt=None):
     from torchvision.models import VGG19_Weights
 
     from checkpoint import CheckpointError, load_checkpoint
+    from model_zoo import COMMAND
 
     if vgg_ckpt is None:
         url = VGG19_Weights.IMAGENET1K_V1.url
@@ -69,7 +70,7 @@ def imagenet_vgg19_state_dict(vgg_ckpt=None):
                 return VGG19_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
             except Exception as e:  # a CheckpointError: the trainers print it as one line
                 raise CheckpointError(
-                    f"could not get the ImageNet VGG-19 weights ({type(e).__name__}: {e}): python download_models.py "
+                    f"could not get the ImageNet VGG-19 weights ({type(e).__name__}: {e}): {COMMAND} "
                     f"{os.path.basename(url)} puts them at {cached} (published at {url}), or pass the file's path "
                     f"as vgg_ckpt / --vgg_ckpt") from None
     return load_checkpoint(vgg_ckpt)
