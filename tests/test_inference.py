@@ -16,7 +16,7 @@ from PIL import Image
 import gen_video
 import generate_image_pairs
 import style_transfer_folder
-from inference import encode_faces, encode_styles, load_blendgan, load_psp, pooled_batches, resize
+from inference import encode_faces, encode_styles, load_blendgan, load_psp, pooled_batches, resize, stem
 from model import Generator
 from psp_encoder.psp_encoders import PSPEncoder
 from utils import img2ten, ten2img
@@ -211,8 +211,8 @@ def test_bad_inputs_are_named_and_skipped(ckpts, tmp_path, capsys):
                                             "--device", "cpu"])
     err = capsys.readouterr()
     assert code == 0
-    stem = os.path.splitext(os.path.basename(style))[0]
-    assert sorted(os.listdir(out)) == sorted(f"{n}_v_{stem}.jpg" for n in ("good", "cmyk", "good16", "grey16"))
+    style_stem = os.path.splitext(os.path.basename(style))[0]
+    assert sorted(os.listdir(out)) == sorted(f"{n}_v_{style_stem}.jpg" for n in ("good", "cmyk", "good16", "grey16"))
     for name in bad:
         assert name in err.err, name
     assert "4 stylized faces written, 6 input(s) skipped" in err.out
@@ -529,10 +529,6 @@ def test_generate_pairs_theta_weights_the_boundary_layer(ckpts, tmp_path):
     assert np.abs(got[:, SIZE:] - without.astype(float)).mean() > 2.0  # theta changes the stylized half
 
 
-def stem_of(path):
-    return os.path.splitext(os.path.basename(path))[0]
-
-
 def test_style_transfer_folder_theta_weights_the_boundary_layer(ckpts, tmp_path):
     """--theta reaches style_transfer_folder.py's generator as well (W+ face codes from pSp)."""
     ckpt, psp_ckpt = ckpts
@@ -550,7 +546,7 @@ def test_style_transfer_folder_theta_weights_the_boundary_layer(ckpts, tmp_path)
         w_style = g.embedding(g.get_z_embed(img2ten(style)))  # [1, 512]
         with_theta = synthesize(g, explicit_wbm(g, codes, w_style, 4, theta=0.2))[0]
         without = synthesize(g, explicit_wbm(g, codes, w_style, 4))[0]
-    got = read_rgb(str(out / f"{stem_of(face_path)}_v_{stem_of(style_path)}.jpg"))
+    got = read_rgb(str(out / f"{stem(face_path)}_v_{stem(style_path)}.jpg"))
     expected = jpeg_roundtrip(np.concatenate([resize(face, SIZE), resize(style, SIZE), with_theta], axis=1))
     assert np.abs(got - expected).mean() < 0.5
     assert np.abs(got[:, 2 * SIZE:] - without.astype(float)).mean() > 2.0  # theta changes the result
