@@ -148,7 +148,7 @@ def gen_videos(opts):
             write_mp4(out, counted(frames, progress), fps=opts.fps, crf=opts.crf)  # no file unless complete
             report.written += 1
         except NonFiniteFrame as e:
-            report.skip(out, str(e))
+            report.drop(out, str(e))
         progress.update((k + 1) * n_frames - progress.n)
     progress.close()
     return report

@@ -76,7 +76,7 @@ def generate_pairs(opts):
         for k, (a, b, ok) in enumerate(zip(ten2img(natural), ten2img(stylized), finite)):
             path = os.path.join(opts.outdir, f"{start + k:06d}.jpg")
             if not ok:
-                report.skip(path, nonfinite_reason(opts.dtype))
+                report.drop(path, nonfinite_reason(opts.dtype))
                 continue
             write_jpeg(path, np.concatenate([a, b], axis=1))
             report.written += 1

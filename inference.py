@@ -90,8 +90,8 @@ def finite_rows(image):
 
 
 def nonfinite_reason(dtype_name):
-    """The skip message of an output that finite_rows rejects."""
-    return f"non-finite values in the {dtype_name} image (overflow?): not written; try --dtype float32"
+    """Why an output that finite_rows rejects is not written (Report.drop)."""
+    return f"non-finite values in the {dtype_name} image (overflow?); try --dtype float32"
 
 
 def missing_hint(flag, default_name):
@@ -170,7 +170,8 @@ class Report:
     """Counts what was processed, names what was skipped and why; decides the exit code."""
 
     def __init__(self):
-        self.skipped = []  # (path, reason)
+        self.skipped = []  # (path, reason): inputs that could not be used
+        self.dropped = []  # (path, reason): outputs computed but not written (non-finite values)
         self.written = 0
         self.existing = 0  # outputs kept from an earlier run (--skip_existing)
 
@@ -178,12 +179,19 @@ class Report:
         self.skipped.append((path, reason))
         print(f"skipped {path}: {reason}", file=sys.stderr)
 
+    def drop(self, path, reason):
+        self.dropped.append((path, reason))
+        print(f"not written {path}: {reason}", file=sys.stderr)
+
     def summary(self, what="images"):
         line = f"done: {self.written} {what} written, {len(self.skipped)} input(s) skipped"
+        if self.dropped:
+            line += f", {len(self.dropped)} output(s) not written"
         if self.existing:
             line += f", {self.existing} already there"
-        if self.skipped:
-            line += " (" + "; ".join(f"{os.path.basename(p)}: {r}" for p, r in self.skipped) + ")"
+        named = self.skipped + self.dropped
+        if named:
+            line += " (" + "; ".join(f"{os.path.basename(p)}: {r}" for p, r in named) + ")"
         return line
 
     def exit_code(self):

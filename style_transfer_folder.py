@@ -92,7 +92,7 @@ def style_transfer(opts):
                    theta=opts.theta, input_is_latent=True, randomize_noise=False)
         for (f, s), result, ok in zip(chunk, ten2img(out), finite_rows(out)):
             if not ok:
-                report.skip(out_path(f, s), nonfinite_reason(opts.dtype))
+                report.drop(out_path(f, s), nonfinite_reason(opts.dtype))
                 continue
             write_jpeg(out_path(f, s), np.concatenate([face_thumbs[f], style_thumbs[s], result], axis=1))
             report.written += 1

@@ -278,8 +278,8 @@ def test_non_finite_output_is_named_and_not_written(script, ckpts, tmp_path, cap
     err = capsys.readouterr()
     assert code == 0 and calls
     assert os.listdir(out) == [good]  # nothing of the bad output, not even a temporary file
-    assert f"{bad}: non-finite values in the float32 image" in err.err
-    assert f"{summary}, 1 input(s) skipped" in err.out
+    assert f"not written {out / bad}: non-finite values in the float32 image" in err.err
+    assert f"{summary}, 0 input(s) skipped, 1 output(s) not written ({bad}: non-finite" in err.out
     if script == "gen_video":
         assert read_mp4(str(out / good))[0].shape == (31 + 10, SIZE, 3 * SIZE, 3)
     else:
