@@ -295,7 +295,8 @@ def face_dataset(paths, size):
 def generator_latent_avg(g, n, seed, chunk=10_000):
     """Mean of the face mapping ``style`` over n codes z ~ N(0, I) drawn on the CPU from ``seed``: [style_dim].
 
-    Computed in chunks; the codes are the same for every device and chunk size.
+    Computed in chunks; the codes are the same for every device and chunk size (torch's CPU sampler fills
+    blocks of 16 values, so this holds while style_dim is a multiple of 16, as 512 is).
     """
     generator = torch.Generator().manual_seed(seed)
     device = g.input.input.device

@@ -193,6 +193,16 @@ def test_w_norm_is_the_mean_frobenius_distance_to_latent_avg():
     assert pt.w_norm(codes, avg.expand(8, 512)).item() == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.parametrize("chunk", [3, 10, 64])
+def test_generator_latent_avg_is_the_mapping_mean_over_seeded_codes_for_any_chunk(chunk):
+    torch.manual_seed(1)
+    mapping = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.LeakyReLU(0.2), torch.nn.Linear(16, 16))
+    g = type("G", (), {"style": mapping, "style_dim": 16, "input": type("C", (), {"input": torch.zeros(1)})})
+    z = torch.randn(10, 16, generator=torch.Generator().manual_seed(5))  # one draw of all 10 codes
+    expected = mapping(z).double().mean(dim=0).float()
+    assert torch.allclose(pt.generator_latent_avg(g, 10, seed=5, chunk=chunk), expected, atol=1e-6)
+
+
 def test_id_crop_is_psps_box_scaled_to_the_image():
     x = torch.arange(256.0).view(1, 1, 1, 256).expand(1, 3, 256, 256)  # pixel value = column index
     crop = pt.id_crop(x)
