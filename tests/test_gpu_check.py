@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
 
@@ -40,9 +41,10 @@ def test_cpu_tiny_run_writes_a_complete_report(tmp_path):
     assert "4.6" in md and "210" in md  # the paper's numbers beside ours
 
 
-def test_gpu_limits_fit_eight_minutes_and_the_build_comes_first():
+def test_gpu_limits_fit_eight_minutes_the_build_comes_first_and_the_compile_last():
     assert sum(gpu_check.GPU["limits"].values()) <= 8 * 60
-    assert [name for name, _ in gpu_check.STEPS][0] == "build"
+    names = [name for name, _ in gpu_check.STEPS]
+    assert names[0] == "build" and names[-1] == "bench_compile"
     assert set(gpu_check.GPU["limits"]) == set(gpu_check.CPU_TINY["limits"]) == {name for name, _ in gpu_check.STEPS}
     result = gpu_check.step_build(gpu_check.CPU_TINY, "cpu", None)
     assert result["ok"] and result["output"].startswith("skipped")
@@ -83,3 +85,51 @@ def test_steps_keep_the_callers_pythonpath(monkeypatch):
     ok, _, out = gpu_check.run([sys.executable, "-c", "import os; print(os.environ['PYTHONPATH'])"], 60)
     assert ok and out.strip() == os.pathsep.join([ROOT, "/carried/site"])
 
+
+
+def test_report_is_rewritten_after_every_step_and_a_raising_step_keeps_its_traceback(tmp_path, monkeypatch):
+    """A run killed from outside (the device's per-command limit) keeps the steps it finished."""
+    out = tmp_path / "report"
+    seen = {}
+
+    def first(cfg, device, out_dir):
+        return dict(ok=True, seconds=1.0, output="first done")
+
+    def second(cfg, device, out_dir):
+        seen["steps"] = [s["name"] for s in json.loads((out / "report.json").read_text())["steps"]]
+        seen["md"] = (out / "report.md").read_text()
+        raise ZeroDivisionError("second broke")
+
+    monkeypatch.setattr(gpu_check, "STEPS", [("first", first), ("second", second)])
+    assert gpu_check.main([str(out), "--cpu-tiny"]) == 1
+    assert seen["steps"] == ["first"] and "| first | ok | 1.0 |" in seen["md"]
+    report = json.loads((out / "report.json").read_text())
+    assert [s["name"] for s in report["steps"]] == ["first", "second"] and report["ok"] is False
+    broken = report["steps"][1]["output"]
+    assert broken.startswith("Traceback") and "ZeroDivisionError: second broke" in broken and "in second" in broken
+
+
+def _state(pid):
+    """The process's state letter (R, S, Z, ...), or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return None
+
+
+def test_a_killed_step_takes_the_processes_it_started_with_it(tmp_path):
+    """A timed-out build leaves no nvcc writing into the build folder, a torchrun no worker on the GPU."""
+    code = ("import subprocess, sys, time\n"
+            "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+            "print('CHILD', child.pid, flush=True)\n"
+            "time.sleep(60)\n")
+    ok, seconds, out = gpu_check.run([sys.executable, "-c", code], 3)
+    assert not ok and "[killed after 3 s]" in out and seconds < 30
+    pid = int(out.split("CHILD ")[1].split()[0])
+    deadline = time.time() + 10
+    while _state(pid) not in (None, "Z") and time.time() < deadline:
+        time.sleep(0.1)
+    assert _state(pid) in (None, "Z")
+    ok, _, out = gpu_check.run([sys.executable, "-c", "import sys; print('out'); sys.exit(3)"], 30)
+    assert not ok and out.startswith("out") and "[exit status 3]" in out

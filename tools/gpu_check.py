@@ -5,72 +5,97 @@ report (report.md + report.json) in the folder given.
     python tools/gpu_check.py OUT_DIR --cpu-tiny  # every step on the CPU at tiny size (what the test runs)
 
 Steps (each in its own subprocess with a time limit; a failing or timed-out step is reported and the
-run goes on; the GPU limits add up to 8 minutes):
-  build       builds the CUDA extensions once (op/build.py, nvcc) and runs their self-check, so that no
-              later step pays the build inside its own limit; skipped on the CPU
+run goes on; the GPU limits add up to 8 minutes; the report is rewritten after every step, so a run
+killed from outside keeps the steps it finished):
+  build       builds the CUDA extensions (op/build.py, nvcc; one process per extension, at once) and runs
+              their self-check, so that no later step pays the build inside its own limit; if it fails,
+              the later steps use the reference ops; skipped on the CPU
   op_check    op/check_cuda.py (CUDA kernels vs the PyTorch reference: forward, grad, gradgrad,
-              gradcheck) and the GPU-only tests of tests/test_op.py; CPU mode: the build self-check
-              logic with reference kernels standing in for the extension
-  op_speed    CUDA kernels vs the reference path, forward + backward (check_cuda --bench)
-  bench_g     bench.py: G at 1024 px, batch 1 and 16, float32 / bfloat16 / float16 eager, bfloat16 at the
-              largest batch with --compile;
-              the full style-transfer pair; images/s; peak memory
+              gradcheck, float16/bfloat16, one 67M-output case) and the GPU-only test of tests/test_op.py
+              that check_cuda does not repeat; CPU mode: the build self-check logic with reference kernels
+              standing in for the extension
+  op_speed    CUDA kernels vs the reference path, forward + backward (check_cuda --bench-only)
+  bench_g     bench.py: G at 1024 px, batch 1 and 16, float16 / bfloat16 / float32 eager; the full
+              style-transfer pair; images/s; peak memory
   transfer_4gb  style_transfer_folder.py at 1024 px in float16 under a 4 GB CUDA memory cap
               (torch.cuda.set_per_process_memory_fraction), the release's issue #16
   train       bench.py --train at 256 px (batch 2) and 1024 px (batch 4), in float32 and in bfloat16
               (train.py's --amp); the style-encoder SimCLR step at batch 64
-  ddp         a 1-process NCCL torchrun of train.py for a few iterations at 256 px
+  ddp         train.py for a few iterations at 256 px under torchrun, 1 process, in a process group made
+              by a small driver (NCCL on the GPU, gloo on the CPU) so that DDP really wraps the networks
+              (train.py alone makes no process group for a world of one)
+  bench_compile  bench.py --compile: G at the largest batch in bfloat16 (GPU only; last, as a cold
+              compile may use its whole limit)
 The paper's numbers for comparison: 4.6 images/s BlendGAN training on 4 V100s, ~210 images/s for the
 style encoder.
 """
 import argparse
+import contextlib
 import json
 import os
 import platform
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER = {"BlendGAN training, 4 V100 (images/s)": 4.6, "style encoder training (images/s)": 210}
 
-# Per-mode sizes and limits (seconds). A step's limit is shared by its runs (COMPILE_SHARE of bench_g for
-# the compiled run). GPU: the limits add up to 480 s, so the whole check ends within 8 minutes.
-# H200, 2026-11-28 (cached build): one bench.py process at 1024 px ~15-60 s, one training configuration at
-# 1024 px ~30 s, the DDP run 78 s (with style_dim 512; the step now uses 64); the first build 51 s;
-# op_check 34 s (check_cuda ~14 s, the GPU tests ~20 s of their 20 s half: raised to 25 s each, as
-# check_cuda now also compares half precision and one 67M-output case, ~3 s more). Not yet measured
-# there: the torch.compile of G (its share may be too short on a cold cache). A killed bench.py keeps the
-# rows it printed before.
-GPU = dict(size=1024, batches=(1, 16), dtypes=("float32", "bfloat16", "float16"), compile=True,
+# Per-mode sizes and limits (seconds). GPU: the limits add up to 480 s, so the whole check ends within
+# 8 minutes (plus ~20 s outside the limits: checkpoints and LMDBs made here). The compiled G run comes
+# last: on a cold compile cache it may not print a row in its time, and then nothing else is lost.
+# H200, 2026-11-28 (session 5): the first build 51 s with the two extensions one after the other (now at
+# once: about the longer of the two); check_cuda ~14 s (+~3 s since: half precision, one 67M-output case);
+# one bench.py process at 1024 px ~15-60 s, of which ~6 s per network set (now built once per size and
+# dtype, not per batch); one training configuration at 1024 px ~30 s; the transfer step 26 s; the DDP run
+# 78 s with style_dim 512 (the step now uses 64). Not yet measured there: torch.compile of G. A killed
+# bench.py keeps the rows it printed before.
+GPU = dict(size=1024, batches=(1, 16), dtypes=("float16", "bfloat16", "float32"), compile=True,
            train=((256, 2), (1024, 4)), simclr_batch=64, ddp_size=256, ddp_iter=5, repeat=3,
-           limits=dict(build=60, op_check=50, op_speed=20, bench_g=150, transfer_4gb=35, train=100, ddp=65))
+           limits=dict(build=60, op_check=45, op_speed=20, bench_g=85, transfer_4gb=35, train=100, ddp=65,
+                       bench_compile=70))
 CPU_TINY = dict(size=32, batches=(1, 2), dtypes=("float32", "bfloat16"), compile=False,
                 train=((32, 2),), simclr_batch=2, ddp_size=32, ddp_iter=2, repeat=1,
-                limits=dict(build=0, op_check=120, op_speed=60, bench_g=600, transfer_4gb=300, train=900, ddp=300))
-COMPILE_SHARE = 0.45
+                limits=dict(build=0, op_check=120, op_speed=60, bench_g=600, transfer_4gb=300, train=900, ddp=300,
+                            bench_compile=0))
 CUDA_EXTENSIONS = ("upfirdn2d", "fused_bias_act")
+STEP_ENV = {}  # environment for every later step's processes (set by a failed build)
 
 
 def run(cmd, limit, env=None):
-    """(ok, seconds, output) of a subprocess run from the repository root, killed after `limit` s."""
+    """(ok, seconds, output) of a subprocess run from the repository root, killed after `limit` s.
+
+    The command runs in its own session and a timeout kills that whole process group: a build's ninja and
+    nvcc, or torchrun's workers, do not outlive their step (they would hold the GPU or the build directory
+    while the next step runs).
+    """
     t0 = time.perf_counter()
     # The repository first, then the caller's PYTHONPATH (packages carried to a bare GPU machine live there).
     pythonpath = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
-    full_env = dict(os.environ, PYTHONPATH=pythonpath, **(env or {}))
+    full_env = dict(os.environ, PYTHONPATH=pythonpath, **STEP_ENV, **(env or {}))
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=limit)
-        ok, out = proc.returncode == 0, proc.stdout + proc.stderr
+        out, _ = proc.communicate(timeout=limit)
+        ok = proc.returncode == 0
         if not ok:
             out += f"\n[exit status {proc.returncode}]"
-    except subprocess.TimeoutExpired as err:
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()  # what it printed before the kill
         ok = False
-        # what it printed before the kill, stderr too (bytes here even with text=True)
-        out = "".join(part.decode(errors="replace") if isinstance(part, bytes) else part
-                      for part in (err.stdout or "", err.stderr or ""))
-        out += f"\n[killed after {limit} s]"
+        out += f"\n[killed after {limit:.0f} s]"
+    finally:
+        try:  # whatever the step started and left behind (its group outlives a finished leader)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     return ok, time.perf_counter() - t0, out
 
 
@@ -98,22 +123,35 @@ def peak_memory(text):
 
 
 def step_build(cfg, device, out_dir):
+    """Builds each CUDA extension in its own process, all at once (each has one .cu and one .cpp: in one
+    process they would compile one after the other on a machine of many cores). If one fails, the later
+    steps run with BLENDGAN_CUDA_OPS=ref instead of each paying the build again inside its own limit."""
     if device != "cuda":
         return dict(ok=True, seconds=0.0, output="skipped: no CUDA extensions are built on the CPU")
-    code = ("import torch\nfrom op.build import load_extension\n"
-            f"for name in {CUDA_EXTENSIONS!r}:\n"
-            "    load_extension(name, strict=True, verbose=True)  # builds, then the self-check (warns if wrong)\n"
-            "    print(name, 'built')\n")
-    ok, sec, out = run([sys.executable, "-c", code], cfg["limits"]["build"])
-    return dict(ok=ok and "disagrees with the PyTorch reference" not in out, seconds=sec, output=out)
+    code = ("import sys\nfrom op.build import load_extension\n"
+            "load_extension(sys.argv[1], strict=True, verbose=True)  # builds, then the self-check (warns if wrong)\n"
+            "print(sys.argv[1], 'built')\n")
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(len(CUDA_EXTENSIONS)) as pool:
+        results = list(pool.map(lambda name: run([sys.executable, "-c", code, name], cfg["limits"]["build"]),
+                                CUDA_EXTENSIONS))
+    out = "\n".join(f"--- {name}\n{text}" for name, (_, _, text) in zip(CUDA_EXTENSIONS, results))
+    ok = all(r[0] for r in results) and "disagrees with the PyTorch reference" not in out
+    result = dict(ok=ok, seconds=time.perf_counter() - t0, output=out)
+    if not ok:
+        STEP_ENV["BLENDGAN_CUDA_OPS"] = "ref"
+        result["later_steps"] = "BLENDGAN_CUDA_OPS=ref (the PyTorch reference ops)"
+    return result
 
 
 def step_op_check(cfg, device, out_dir):
     py = sys.executable
     if device == "cuda":
-        ok1, sec1, out1 = run([py, "-m", "op.check_cuda"], cfg["limits"]["op_check"] // 2)
-        ok2, sec2, out2 = run([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_op.py",
-                               "-k", "gpu or cuda"], cfg["limits"]["op_check"] // 2)
+        ok1, sec1, out1 = run([py, "-m", "op.check_cuda"], cfg["limits"]["op_check"] * 2 // 3)
+        # the GPU-only test that check_cuda does not repeat (test_op's *_cuda_matches_ref run its comparisons)
+        ok2, sec2, out2 = run([py, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                               "tests/test_op.py::test_cuda_auto_uses_kernels_and_half_precision"],
+                              cfg["limits"]["op_check"] // 3)
         return dict(ok=ok1 and ok2, seconds=sec1 + sec2, output=out1 + "\n" + out2,
                     all_ok_line="ALL OK" in out1)
     code = ("from op.check_cuda import reference_kernels, self_check\n"
@@ -128,7 +166,7 @@ def step_op_check(cfg, device, out_dir):
 def step_op_speed(cfg, device, out_dir):
     py = sys.executable
     if device == "cuda":
-        ok, sec, out = run([py, "-m", "op.check_cuda", "--bench"], cfg["limits"]["op_speed"])
+        ok, sec, out = run([py, "-m", "op.check_cuda", "--bench-only"], cfg["limits"]["op_speed"])
     else:
         code = "from op.check_cuda import _benchmark\nfor r in _benchmark('cpu', (1, 8, 32, 32), 2): print(r)"
         ok, sec, out = run([py, "-c", code], cfg["limits"]["op_speed"])
@@ -149,16 +187,33 @@ def bench_runs(runs, limits, device):
     return dict(ok=ok_all, seconds=total, rows=rows, output="\n".join(outputs))
 
 
+def bench_g_args(cfg):
+    return ["--sizes", str(cfg["size"]), "--repeat", str(cfg["repeat"])]
+
+
 def step_bench_g(cfg, device, out_dir):
-    """Every batch x dtype in one eager bench.py process (with the style-transfer pair), then the largest
-    batch in bfloat16 under --compile."""
-    common = ["--sizes", str(cfg["size"]), "--repeat", str(cfg["repeat"])]
-    runs = [(common + ["--batch", ",".join(map(str, cfg["batches"])), "--dtype", ",".join(cfg["dtypes"])], False)]
-    limits = [cfg["limits"]["bench_g"]]
-    if cfg["compile"]:
-        runs.append((common + ["--batch", str(cfg["batches"][-1]), "--dtype", "bfloat16", "--no_psp"], True))
-        limits = [cfg["limits"]["bench_g"] * (1 - COMPILE_SHARE), cfg["limits"]["bench_g"] * COMPILE_SHARE]
-    return bench_runs(runs, limits, device)
+    """Every batch x dtype in one eager bench.py process, with the style-transfer pair."""
+    args = bench_g_args(cfg) + ["--batch", ",".join(map(str, cfg["batches"])), "--dtype", ",".join(cfg["dtypes"])]
+    return bench_runs([(args, False)], [cfg["limits"]["bench_g"]], device)
+
+
+def step_bench_compile(cfg, device, out_dir):
+    """The largest batch in bfloat16 under --compile (GPU only: the CPU rehearsal has no compiler time)."""
+    if not cfg["compile"]:
+        return dict(ok=True, seconds=0.0, output="skipped: --compile is timed on the GPU only")
+    args = bench_g_args(cfg) + ["--batch", str(cfg["batches"][-1]), "--dtype", "bfloat16", "--no_psp"]
+    return bench_runs([(args, True)], [cfg["limits"]["bench_compile"]], device)
+
+
+@contextlib.contextmanager
+def scratch_folder():
+    """A temporary folder outside the report's (a step's checkpoints are 2.5 GB at 1024 px), removed however
+    the step ends."""
+    work = tempfile.mkdtemp(prefix="gpu_check_")
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def make_checkpoints(size, folder):
@@ -198,8 +253,11 @@ sys.exit(code)
 
 
 def step_transfer_4gb(cfg, device, out_dir):
-    work = os.path.join(out_dir, "transfer_work")
-    os.makedirs(work, exist_ok=True)
+    with scratch_folder() as work:
+        return transfer_4gb(cfg, device, work)
+
+
+def transfer_4gb(cfg, device, work):
     t0 = time.perf_counter()
     make_checkpoints(cfg["size"], work)
     faces, styles = os.path.join(work, "faces"), os.path.join(work, "styles")
@@ -216,7 +274,6 @@ def step_transfer_4gb(cfg, device, out_dir):
     m = re.search(r"TRANSFER (\{.*\})", out)
     result = json.loads(m[1]) if m else {}
     written = sorted(os.listdir(os.path.join(work, "out"))) if os.path.isdir(os.path.join(work, "out")) else []
-    shutil.rmtree(work, ignore_errors=True)  # the checkpoints are 2.5 GB at 1024 px
     return dict(ok=ok and len(written) == 4, seconds=time.perf_counter() - t0, dtype=dtype,
                 outputs_written=len(written), **result, output=out)
 
@@ -231,10 +288,35 @@ def step_train(cfg, device, out_dir):
     return bench_runs([(args, False)], [cfg["limits"]["train"]], device)
 
 
+DDP_DRIVER = """
+import sys, torch, torch.distributed as dist
+if sys.argv[1] == "cuda":
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", device_id=torch.device("cuda", 0))
+else:
+    dist.init_process_group("gloo")
+print("DDP_GROUP", dist.get_backend(), dist.get_world_size(), flush=True)
+import blendgan_training, train
+wrap = blendgan_training.wrap_ddp
+def wrap_and_say(*args, **kwargs):
+    wrapped = wrap(*args, **kwargs)
+    print("DDP_WRAPPED", type(wrapped[0]).__name__, flush=True)
+    return wrapped
+blendgan_training.wrap_ddp = wrap_and_say
+sys.exit(train.main(sys.argv[2:]))
+"""
+
+
 def step_ddp(cfg, device, out_dir):
+    with scratch_folder() as work:
+        return ddp(cfg, device, work)
+
+
+def ddp(cfg, device, work):
+    """train.py under torchrun in a one-process group made by DDP_DRIVER (train.py makes none for a world
+    of one), so that the networks are really wrapped in DDP and the collectives run on NCCL."""
     import prepare_data
 
-    work = os.path.join(out_dir, "ddp_work")
     t0 = time.perf_counter()
     lmdbs = []
     for name, folder in (("faces", "face_imgs"), ("styles", "style_imgs")):
@@ -253,20 +335,25 @@ def step_ddp(cfg, device, out_dir):
     torch.manual_seed(0)
     save_checkpoint({"style_encoder": StyleEncoder(style_dim, load_pretrained_vgg=False).state_dict()}, encoder_ckpt)
     small += ["--style_dim", str(style_dim), "--style_encoder_ckpt", encoder_ckpt]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "train.py", *lmdbs,
-           "--out_dir", os.path.join(work, "run"), "--size", str(cfg["ddp_size"]), "--batch", "2",
-           "--iter", str(cfg["ddp_iter"]), "--device", device, "--num_workers", "0", "--no_progress",
+    driver = os.path.join(work, "ddp_driver.py")
+    with open(driver, "w") as f:
+        f.write(DDP_DRIVER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", driver, device,
+           *lmdbs, "--out_dir", os.path.join(work, "run"), "--size", str(cfg["ddp_size"]), "--batch", "2", "--iter", str(cfg["ddp_iter"]), "--device", device, "--num_workers", "0", "--no_progress",
            "--log_every", "1", "--sample_every", "1000", "--save_every", "1000", *small]
     ok, sec, out = run(cmd, cfg["limits"]["ddp"], env={"OMP_NUM_THREADS": "1"})
     warnings_seen = [w for w in ("Grad strides do not match bucket view strides", "broadcast_buffers` is deprecated")
                      if w in out]
-    shutil.rmtree(work, ignore_errors=True)
-    return dict(ok=ok and not warnings_seen, seconds=time.perf_counter() - t0,
-                backend="nccl" if device == "cuda" else "gloo", ddp_warnings=warnings_seen, output=out)
+    group = re.search(r"DDP_GROUP (\w+) (\d+)", out)
+    wrapped = re.search(r"DDP_WRAPPED (\w+)", out)
+    return dict(ok=ok and not warnings_seen and bool(group) and bool(wrapped), seconds=time.perf_counter() - t0,
+                backend=group[1] if group else None, wrapped_in=wrapped[1] if wrapped else None,
+                ddp_warnings=warnings_seen, output=out)
 
 
 STEPS = [("build", step_build), ("op_check", step_op_check), ("op_speed", step_op_speed), ("bench_g", step_bench_g),
-         ("transfer_4gb", step_transfer_4gb), ("train", step_train), ("ddp", step_ddp)]
+         ("transfer_4gb", step_transfer_4gb), ("train", step_train), ("ddp", step_ddp),
+         ("bench_compile", step_bench_compile)]
 
 
 def environment(device):
@@ -333,20 +420,25 @@ def main(argv=None):
         print(f"[gpu_check] {name} ...", flush=True)
         try:
             result = fn(cfg, device, opts.out_dir)
-        except Exception as err:  # a broken step is reported, the others still run
-            result = dict(ok=False, seconds=0.0, output=f"{type(err).__name__}: {err}")
+        except Exception:  # a broken step is reported, the others still run
+            result = dict(ok=False, seconds=0.0, output=traceback.format_exc())
         report["steps"].append(dict(name=name, **result))
         print(f"[gpu_check] {name}: {'ok' if result['ok'] else 'FAILED'} ({result['seconds']:.1f} s)", flush=True)
-    report["total_seconds"] = time.perf_counter() - t0
-    report["ok"] = all(s["ok"] for s in report["steps"])
-    from fileio import atomic_path
-
-    with atomic_path(os.path.join(opts.out_dir, "report.json")) as tmp, open(tmp, "w") as f:
-        json.dump(report, f, indent=1)
-    with atomic_path(os.path.join(opts.out_dir, "report.md")) as tmp, open(tmp, "w") as f:
-        f.write(markdown(report))
+        write_report(report, opts.out_dir, time.perf_counter() - t0)
     print(f"[gpu_check] report: {opts.out_dir}/report.md, report.json ({'all ok' if report['ok'] else 'FAILURES'})")
     return 0 if report["ok"] else 1
+
+
+def write_report(report, out_dir, seconds):
+    """report.json and report.md as they stand (after every step: a run killed from outside keeps them)."""
+    from fileio import atomic_path
+
+    report["total_seconds"] = seconds
+    report["ok"] = all(s["ok"] for s in report["steps"])
+    with atomic_path(os.path.join(out_dir, "report.json")) as tmp, open(tmp, "w") as f:
+        json.dump(report, f, indent=1)
+    with atomic_path(os.path.join(out_dir, "report.md")) as tmp, open(tmp, "w") as f:
+        f.write(markdown(report))
 
 
 if __name__ == "__main__":
