@@ -45,8 +45,9 @@ def get_world_size():
 
 
 def is_distributed():
-    """True when a process group with more than one process is running."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """True when a process group is running: torchrun's, with more than one process (init_distributed
+    makes none for one), or one its caller made (tools/gpu_check.py's one-process NCCL run of DDP)."""
+    return dist.is_available() and dist.is_initialized()
 
 
 def is_main():
@@ -59,13 +60,14 @@ def init_distributed(device, timeout_minutes=30):
 
     device: "cuda", "cuda:N", "cpu" or a torch.device. Under torchrun with CUDA each process takes
     cuda:LOCAL_RANK (an explicit index in ``device`` is replaced: one GPU per process). Without
-    torchrun (WORLD_SIZE unset or 1) nothing is initialised and ``torch.device(device)`` is returned.
+    torchrun (WORLD_SIZE unset or 1) nothing is initialised and ``torch.device(device)`` is returned,
+    unless the caller has already made a process group (then it is joined as above).
     """
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA GPU; use --device cpu")
     world_size = _env_int("WORLD_SIZE", 1)
-    if world_size <= 1:
+    if world_size <= 1 and not is_distributed():
         return device
     if device.type == "cuda":
         local_rank = get_local_rank()

@@ -40,6 +40,22 @@ def test_single_process_is_rank_zero_of_one(no_torchrun):
     distributed.cleanup()
 
 
+def test_a_process_group_made_by_the_caller_is_joined_for_a_world_of_one(no_torchrun, tmp_path):
+    """tools/gpu_check.py's DDP step makes a one-process group itself (torchrun's world of one makes none),
+    so that train.py's DDP wrapping and collectives really run."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert distributed.is_distributed() and distributed.get_world_size() == 1
+        assert distributed.init_distributed("cpu") == torch.device("cpu")
+        x = torch.randn(3, 4, requires_grad=True)
+        gathered = distributed.all_gather_with_grad(x)
+        assert gathered is not x and torch.equal(gathered, x) and gathered.requires_grad
+        assert distributed.reduce_dict({"a": torch.tensor(2.5)}) == {"a": 2.5}
+    finally:
+        distributed.cleanup()
+    assert not distributed.is_distributed()
+
+
 def test_rank_from_environment(monkeypatch):
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("WORLD_SIZE", "4")
