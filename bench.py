@@ -80,28 +80,39 @@ def low_precision_psnr(size, dtype, device, seed=0):
     return float(10 * torch.log10(2 ** 2 / mse))
 
 
+@functools.lru_cache(maxsize=1)  # every batch of a size and dtype reuses them; the next ones free them
+def inference_networks(size, dtype_name, device, compile, psp):
+    """(G, pSp or None, D) prepared as the scripts prepare them; prints G's GFLOP per image once."""
+    from psp_encoder.psp_encoders import PSPEncoder
+
+    dtype = DTYPES[dtype_name]
+    g = for_inference(Generator(size, 512, 8, channel_multiplier=2, load_pretrained_vgg=False), device, dtype, compile)
+    print(f"# {size} px: generator {generator_gflop(g, torch.randn(1, 512, device=device, dtype=dtype)):.1f} "
+          "GFLOP/image", flush=True)
+    encoder = for_inference(PSPEncoder(None, output_size=size), device, dtype, compile) if psp else None
+    return g, encoder, for_inference(Discriminator(size, channel_multiplier=2), device, dtype)
+
+
 def bench_inference(size, opts):
     """Yields (what, seconds per call, images per call) for one output size, each row as soon as it is
     timed (a run killed at its time limit still shows the rows before)."""
     device, dtype, n = opts.device, DTYPES[opts.dtype], opts.batch
     run = lambda fn: timed(fn, device, opts.warmup, opts.repeat)  # noqa: E731
-    g = Generator(size, 512, 8, channel_multiplier=2, load_pretrained_vgg=False)
-    g = for_inference(g, device, dtype, opts.compile)
+    if dtype != torch.float32:  # before the networks: its own generators are not in this batch's peak memory
+        print(f"# {size} px: {opts.dtype} vs float32 image, PSNR {low_precision_psnr(size, dtype, device):.1f} dB",
+              flush=True)
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+    g, psp, d = inference_networks(size, opts.dtype, device, opts.compile, opts.psp)
     z = torch.randn(n, 512, device=device, dtype=dtype)
     z_s = torch.randn(n, 512, device=device, dtype=dtype)
     img = torch.rand(n, 3, size, size, device=device, dtype=dtype) * 2 - 1
-    print(f"# {size} px: generator {generator_gflop(g, z):.1f} GFLOP/image", flush=True)
-    if dtype != torch.float32:
-        print(f"# {size} px: {opts.dtype} vs float32 image, PSNR {low_precision_psnr(size, dtype, device):.1f} dB", flush=True)
     with torch.no_grad():
         yield ("G forward, natural", run(lambda: g([z], randomize_noise=False)), n)
         yield ("G forward, stylized i=6", run(
             lambda: g([z], z_embed=z_s, add_weight_index=6, randomize_noise=False)), n)
         yield ("style embedding", run(lambda: g.get_z_embed(img)), n)
-        if opts.psp:
-            from psp_encoder.psp_encoders import PSPEncoder
-
-            psp = for_inference(PSPEncoder(None, output_size=size), device, dtype, opts.compile)
+        if psp is not None:
             yield ("pSp encoding", run(lambda: psp(img)), n)
 
             def pair():
@@ -110,9 +121,6 @@ def bench_inference(size, opts):
                          randomize_noise=False)
 
             yield ("style-transfer pair (pSp + embedding + G)", run(pair), n)
-            del psp
-    del g
-    d = for_inference(Discriminator(size, channel_multiplier=2), device, dtype)
 
     def d_step():
         x = img.detach().requires_grad_(True)
