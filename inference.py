@@ -306,31 +306,47 @@ def stem(path):
     return os.path.splitext(os.path.basename(path))[0]
 
 
+def pooled(img, pool_size):
+    """RGB uint8 [H, W, 3] -> [1, 3, pool, pool] float32: converted like cv2ten, then average-pooled, as
+    the encoders' own AdaptiveAvgPool2d would; a tensor already pooled so passes through unchanged."""
+    x = img if torch.is_tensor(img) else img2ten(img)
+    return F.adaptive_avg_pool2d(x, (pool_size, pool_size))
+
+
 def pooled_batches(images, pool_size, batch, device, dtype):
-    """Yield [B, 3, pool, pool] tensors: each image converted like cv2ten, then average-pooled.
+    """Yield [B, 3, pool, pool] tensors of RGB uint8 images (or of ``pooled`` ones).
 
     Both encoders start with AdaptiveAvgPool2d to ``pool_size`` and pooling an already pooled image is
     the identity, so images of different sizes can share a batch without changing any result.
     """
     for i in range(0, len(images), batch):
-        xs = [F.adaptive_avg_pool2d(img2ten(im), (pool_size, pool_size)) for im in images[i:i + batch]]
+        xs = [pooled(im, pool_size) for im in images[i:i + batch]]
         yield torch.cat(xs).to(device=device, dtype=dtype)
+
+
+def style_pool_size(g):
+    """The side E_style pools its input to (its --style_pool_size)."""
+    return g.embedder.embedder.pool.output_size[0]
+
+
+def face_pool_size():
+    """The side pSp pools its input to (256)."""
+    from psp_encoder.psp_encoders import ENCODER_INPUT_SIZE
+
+    return ENCODER_INPUT_SIZE[0]
 
 
 @torch.no_grad()
 def encode_styles(g, images, batch, device, dtype):
-    """Style codes z_s [S, style_dim] of RGB images, each encoded once."""
-    pool = g.embedder.embedder.pool.output_size[0]
-    out = [g.get_z_embed(x) for x in pooled_batches(images, pool, batch, device, dtype)]
+    """Style codes z_s [S, style_dim] of RGB images (or of ``pooled`` ones), each encoded once."""
+    out = [g.get_z_embed(x) for x in pooled_batches(images, style_pool_size(g), batch, device, dtype)]
     return torch.cat(out) if out else torch.empty(0, g.style_dim, device=device, dtype=dtype)
 
 
 @torch.no_grad()
 def encode_faces(psp, images, batch, device, dtype):
-    """W+ codes [F, n_latent, 512] of RGB face images (pSp), each encoded once."""
-    from psp_encoder.psp_encoders import ENCODER_INPUT_SIZE
-
-    out = [psp(x) for x in pooled_batches(images, ENCODER_INPUT_SIZE[0], batch, device, dtype)]
+    """W+ codes [F, n_latent, 512] of RGB face images (or of ``pooled`` ones; pSp), each encoded once."""
+    out = [psp(x) for x in pooled_batches(images, face_pool_size(), batch, device, dtype)]
     return torch.cat(out)
 
 

@@ -16,9 +16,10 @@ import torch
 from tqdm import tqdm
 
 from inference import (DTYPES, Report, add_common_args, add_generator_args, add_indicator_arg, add_photo_args,
-                       check_model_files, distinct_names, encode_faces, encode_styles, finite_rows,
+                       check_model_files, distinct_names, encode_faces, encode_styles, face_pool_size, finite_rows,
                        keep_freed_memory, list_inputs, load_aligner, load_blendgan, load_psp, nonfinite_reason,
-                       read_input, release_freed_memory, resize, run_job, stem, validate_common, write_jpeg)
+                       pooled, read_input, release_freed_memory, resize, run_job, stem, style_pool_size,
+                       validate_common, write_jpeg)
 from utils import HelpFormatter, ten2img
 
 
@@ -34,14 +35,15 @@ def parse_args(argv=None):
     return opts
 
 
-def read_all(paths, report, size, aligner=None):
-    """(stems, full-resolution RGB images for the encoders, size x size thumbnails for the mosaic)."""
+def read_all(paths, report, size, pool_size, aligner=None):
+    """(stems, the images pooled to their encoder's input [1, 3, pool, pool], size x size thumbnails for
+    the mosaic). Pooled as they are read: a folder of 12-megapixel photos does not stay in memory whole."""
     stems, images, thumbs = [], [], []
     for path in tqdm(paths, desc="reading", unit="img", leave=False):
         img = read_input(path, report, aligner, align_size=size)
         if img is not None:
             stems.append(stem(path))
-            images.append(img)
+            images.append(pooled(img, pool_size))
             thumbs.append(resize(img, size))
     return stems, images, thumbs
 
@@ -58,9 +60,9 @@ def style_transfer(opts):
     report = Report()
     aligner = load_aligner(opts.align, opts.predictor)
     face_paths = distinct_names(list_inputs(opts.input_img_path), report)
-    face_stems, faces, face_thumbs = read_all(face_paths, report, size, aligner)
+    face_stems, faces, face_thumbs = read_all(face_paths, report, size, face_pool_size(), aligner)
     style_stems, styles, style_thumbs = read_all(distinct_names(list_inputs(opts.style_img_path), report), report,
-                                                 size)
+                                                 size, style_pool_size(g))
     if not faces or not styles:
         print(f"nothing to do: {len(faces)} usable face(s), {len(styles)} usable style(s)", file=sys.stderr)
         return report

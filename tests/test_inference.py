@@ -621,6 +621,25 @@ def test_encode_faces_and_styles_feed_their_encoders_block_averages():
         np.testing.assert_allclose(styles[i], block_mean(im, 4), rtol=0, atol=1e-5, err_msg=str(i))
 
 
+def test_transfer_keeps_inputs_pooled_as_read_and_they_encode_as_the_full_images(tmp_path):
+    """style_transfer_folder holds each face/style as its encoder's pooled input, not at full resolution;
+    the batches the encoders get are those of the full images (pooling a pooled image is the identity)."""
+    images = random_faces(2, 512, 3)
+    paths = []
+    for i, im in enumerate(images):
+        paths.append(str(tmp_path / f"im{i}.png"))
+        Image.fromarray(im).save(paths[-1])
+    report = style_transfer_folder.Report()
+    stems, kept, thumbs = style_transfer_folder.read_all(paths, report, 64, 128)
+    assert stems == ["im0", "im1"] and not report.skipped
+    assert [tuple(k.shape) for k in kept] == [(1, 3, 128, 128)] * 2 and [t.shape for t in thumbs] == [(64, 64, 3)] * 2
+    for k, im in zip(kept, images):
+        np.testing.assert_allclose(k[0].numpy(), block_mean(im, 4), rtol=0, atol=1e-5)
+    for a, b in zip(pooled_batches(kept, 128, 2, "cpu", torch.float32),
+                    pooled_batches(images, 128, 2, "cpu", torch.float32)):
+        assert torch.equal(a, b)
+
+
 def test_interpolation_alphas_are_the_release_sigmoid_schedule():
     expected = [0.0] + [1 / (1 + math.exp(-(-5.0 + 0.5 * i))) for i in range(20)] + [1.0] * 10
     got = interpolation_alphas()
