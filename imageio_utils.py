@@ -16,6 +16,9 @@ from fileio import atomic_path
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp', '.tif', '.tiff')
 
+# Images with a shorter side below this cannot hold a face: the scripts and prepare_data skip them, named.
+MIN_SIDE = 32
+
 # Transparent pixels are composited onto this colour (the usual look of a cut-out portrait).
 ALPHA_BACKGROUND = (255, 255, 255)
 

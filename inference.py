@@ -15,14 +15,13 @@ import torch.nn.functional as F
 
 from checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict, require_key
 from fileio import atomic_write_bytes, exit_on_sigterm, folder_problems
-from imageio_utils import UnreadableImageError, read_image_rgb
+from imageio_utils import MIN_SIDE, UnreadableImageError, read_image_rgb
 from layers import channels_last_
 from model import Generator, guess_generator_config, infer_generator_config, n_latent_for
 from model_zoo import COMMAND, missing_files_message
 from utils import img2ten
 
 RELEASE_PAGE = "https://github.com/onion-liu/BlendGAN (README, 'Pretrained models')"
-MIN_SIDE = 32  # smaller inputs cannot hold a face; they are reported and skipped
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -28,7 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from fileio import exit_on_sigterm, pid_alive
-from imageio_utils import UnreadableImageError, encode_image, list_images, read_image_rgb
+from imageio_utils import MIN_SIDE, UnreadableImageError, encode_image, list_images, read_image_rgb
 
 RESAMPLE = {'lanczos': Image.Resampling.LANCZOS, 'bilinear': Image.Resampling.BILINEAR,
             'bicubic': Image.Resampling.BICUBIC}
@@ -63,13 +63,17 @@ def encode_resized(img, sizes, resample, image_format, quality):
 
 
 def _encode_file(task):
-    """Worker: (path, sizes, resample, format, quality) -> (path, [bytes per size] or None, error or None)."""
+    """Worker: (path, sizes, resample, format, quality) -> (path, [bytes per size] or None, error or None,
+    whether the image is smaller than the largest size, i.e. upscaled)."""
     path, sizes, resample, image_format, quality = task
     try:
         img = read_image_rgb(path)
     except UnreadableImageError as error:
-        return path, None, str(error)
-    return path, encode_resized(img, sizes, RESAMPLE[resample], image_format, quality), None
+        return path, None, str(error), False
+    if min(img.size) < MIN_SIDE:
+        w, h = img.size
+        return path, None, f'{path}: too small for a face image ({w}x{h} px, need >= {MIN_SIDE})', False
+    return path, encode_resized(img, sizes, RESAMPLE[resample], image_format, quality), None, min(img.size) < max(sizes)
 
 
 def parse_sizes(text):
@@ -190,7 +194,8 @@ class PackSummary:
     status: str  # 'written' or 'kept' (a finished LMDB was already there)
     length: int
     resolutions: list
-    skipped: list = field(default_factory=list)  # messages naming each undecodable file
+    skipped: list = field(default_factory=list)  # messages naming each undecodable or too small file
+    upscaled: int = 0  # images whose shorter side is below the largest size
 
 
 class _LmdbWriter:
@@ -258,15 +263,16 @@ def _write_lmdb(tmp_path, paths, options):
     writer = _LmdbWriter(tmp_path, options.map_size or estimate, options.map_size is not None,
                          options.out, estimate)
     skipped = []
-    index = 0
+    index = upscaled = 0
     tasks = [(p, options.size, options.resample, options.format, options.quality) for p in paths]
     stream = _encoded_stream(tasks, options.n_worker)
     try:
-        for _, encoded, error in tqdm(stream, total=len(tasks), unit='img',
-                                      desc=f'packing {os.path.basename(options.out)}'):
+        for _, encoded, error, small in tqdm(stream, total=len(tasks), unit='img',
+                                             desc=f'packing {os.path.basename(options.out)}'):
             if encoded is None:
                 skipped.append(error)
                 continue
+            upscaled += small
             for size, data in zip(options.size, encoded):
                 writer.put(image_key(size, index), data)
             index += 1
@@ -281,7 +287,7 @@ def _write_lmdb(tmp_path, paths, options):
     finally:
         stream.close()  # stops the worker pool at once if an error ends the loop early
         writer.close()
-    return index, skipped
+    return index, skipped, upscaled
 
 
 def _move_into_place(tmp_path, out):
@@ -334,12 +340,12 @@ def prepare(options):
         print(f'removed {stale}: the unfinished LMDB of an earlier run that was killed')
     tmp_path = f'{out}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}'
     try:
-        count, skipped = _write_lmdb(tmp_path, paths, options)
+        count, skipped, upscaled = _write_lmdb(tmp_path, paths, options)
         _move_into_place(tmp_path, out)
     finally:
         if os.path.exists(tmp_path):
             shutil.rmtree(tmp_path)
-    return PackSummary('written', count, list(options.size), skipped)
+    return PackSummary('written', count, list(options.size), skipped, upscaled)
 
 
 def report(summary, options):
@@ -348,8 +354,10 @@ def report(summary, options):
               'left as it is (pass --overwrite to rebuild it)')
         return
     print(f'packed {summary.length} images at sizes {summary.resolutions} into {options.out}')
+    if summary.upscaled:
+        print(f'{summary.upscaled} of them smaller than {max(summary.resolutions)} px (shorter side), upscaled')
     if summary.skipped:
-        print(f'skipped {len(summary.skipped)} undecodable files:')
+        print(f'skipped {len(summary.skipped)} undecodable or too small files:')
         for message in summary.skipped:
             print(f'  {message}')
 

@@ -208,26 +208,31 @@ def test_skipped_files_counted_and_indices_contiguous(tmp_path, capsys):
         (folder / 'sub' / 'd_truncated.jpg').write_bytes(f.read()[:2000])
     Image.open(os.path.join(TEST_IMGS, 'face_imgs', good[2])).save(folder / 'sub' / 'e.webp', lossless=True)
     (folder / 'sub' / 'f_empty.png').write_bytes(b'')
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (31, 200, 3), dtype=np.uint8)).save(folder / 'g_tiny.png')  # not a face
+    Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(folder / 'h_small.png')  # upscaled to 64
     out = str(tmp_path / 'mixed.lmdb')
 
-    options = prepare_data.parse_args(['--out', out, '--size', '32', '--format', 'png', '--n_worker', '2',
+    options = prepare_data.parse_args(['--out', out, '--size', '32,64', '--format', 'png', '--n_worker', '2',
                                        str(folder)])
     summary = prepare_data.prepare(options)
-    assert summary.length == 3 and len(summary.skipped) == 3
-    for name in ('b_bad.jpg', 'd_truncated.jpg', 'f_empty.png'):
+    assert summary.length == 4 and len(summary.skipped) == 4 and summary.upscaled == 1
+    for name in ('b_bad.jpg', 'd_truncated.jpg', 'f_empty.png', 'g_tiny.png'):
         assert any(name in message for message in summary.skipped)
+    assert any('g_tiny.png: too small for a face image (200x31 px, need >= 32)' in m for m in summary.skipped)
 
     dataset = MultiResolutionDataset(out, None, 32)
-    assert len(dataset) == 3
-    sources = [folder / 'a.jpg', folder / 'c.jpg', folder / 'sub' / 'e.webp']
+    assert len(dataset) == 4
+    sources = [folder / 'a.jpg', folder / 'c.jpg', folder / 'h_small.png', folder / 'sub' / 'e.webp']
     for i, path in enumerate(sources):
         np.testing.assert_array_equal(_pixels(dataset[i]), _reference_resized(path, 32))
     with pytest.raises(IndexError):
-        dataset[3]
+        dataset[4]
 
     prepare_data.report(summary, options)
     printed = capsys.readouterr().out
-    assert 'skipped 3 undecodable files' in printed and 'd_truncated.jpg' in printed
+    assert 'skipped 4 undecodable or too small files' in printed and 'd_truncated.jpg' in printed
+    assert '1 of them smaller than 64 px (shorter side), upscaled' in printed
 
 
 def test_jpeg_multiple_folders_and_non_square(tmp_path):
