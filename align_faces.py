@@ -27,7 +27,7 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 from tqdm import tqdm
 
-from fileio import exit_on_sigterm, folder_problems
+from fileio import exit_on_sigterm, folder_problems, input_folder_problems, without_outputs
 from imageio_utils import UnreadableImageError, list_images, read_image_rgb, save_image_atomic, to_rgb
 
 # dlib's 68-point layout (iBUG 300-W): index ranges of the parts the crop is built from.
@@ -245,9 +245,14 @@ class AlignOptions:
     n_worker: int = 1
 
 
+def mirrored_folder(input_root):
+    """The folder whose tree the outputs mirror: --input_img_path, or the folder of a single file."""
+    return input_root if os.path.isdir(input_root) else os.path.dirname(input_root) or '.'
+
+
 def output_stems(paths, input_root):
     """Output path stems (without '.png') mirroring the input tree; raises on a name clash."""
-    base = input_root if os.path.isdir(input_root) else os.path.dirname(input_root)
+    base = mirrored_folder(input_root)
     stems = [os.path.splitext(os.path.relpath(p, base))[0] for p in paths]
     seen = {}
     for path, stem in zip(paths, stems):
@@ -290,7 +295,11 @@ def _align_one(task):
 
 def align_images(options):
     """Align every image under options.input_img_path into options.outdir; returns a summary dict."""
-    paths = list_images(options.input_img_path)
+    found = list_images(options.input_img_path)
+    paths = without_outputs(found, options.input_img_path, options.outdir)  # an earlier run's PNGs
+    if len(paths) < len(found):
+        print(f'note: {len(found) - len(paths)} image(s) in --outdir {options.outdir} left out: outputs, not inputs',
+              file=sys.stderr)
     if not paths:
         raise FileNotFoundError(f'no images (png, jpg, webp, ...) found in {options.input_img_path}')
     stems = output_stems(paths, options.input_img_path)
@@ -354,7 +363,8 @@ def parse_args(argv=None):
         parser.error(f'--input_img_path {args.input_img_path} does not exist')
     if args.predictor is not None and not os.path.isfile(args.predictor):
         parser.error(f'--predictor {args.predictor} is not a file')
-    for problem in folder_problems('--outdir', args.outdir):
+    for problem in folder_problems('--outdir', args.outdir) + input_folder_problems(
+            '--outdir', args.outdir, '--input_img_path', mirrored_folder(args.input_img_path)):
         parser.error(problem)
     return AlignOptions(**vars(args))
 

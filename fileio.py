@@ -66,6 +66,30 @@ def folder_problems(flag, path):
     return [f"{flag} {path}: {problem}"] if problem else []
 
 
+def within(path, folder):
+    """Whether ``path`` is ``folder`` or lies under it, links resolved (real paths)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def input_folder_problems(out_flag, outdir, in_flag, in_folder):
+    """[one line] when the output folder ``outdir`` is the input folder ``in_folder`` (links resolved), else
+    []: the outputs would be written among the inputs, replace those of the same name, and be taken as inputs
+    by the next run. An output folder inside the input folder is fine: see without_outputs."""
+    if os.path.isdir(in_folder) and os.path.realpath(outdir) == os.path.realpath(in_folder):
+        return [f"{out_flag} {outdir} is the {in_flag} folder {in_folder}: the outputs would be written among "
+                f"(and could replace) the inputs; use another folder (a subfolder of it is fine)"]
+    return []
+
+
+def without_outputs(paths, in_folder, outdir):
+    """``paths`` (found in ``in_folder``) without the files in the output folder ``outdir``: a run's outputs are
+    not inputs of the next one. Unless ``in_folder`` itself lies in ``outdir``, where every input would."""
+    if within(in_folder, outdir):
+        return list(paths)
+    return [p for p in paths if not within(p, outdir)]
+
+
 @contextlib.contextmanager
 def exit_on_sigterm():
     """Within the block, SIGTERM (how job schedulers and `kill` stop a process) raises SystemExit(143) in

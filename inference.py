@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict, require_key
-from fileio import atomic_write_bytes, exit_on_sigterm, folder_problems
+from fileio import atomic_write_bytes, exit_on_sigterm, folder_problems, input_folder_problems, without_outputs
 from imageio_utils import UnreadableImageError, read_image_rgb
 from layers import channels_last_
 from model import Generator, guess_generator_config, infer_generator_config, n_latent_for
@@ -80,7 +80,11 @@ def validate_common(parser, opts):
     if opts.dtype == "float16" and not opts.device.startswith("cuda"):
         parser.error("--dtype float16 needs a CUDA device (use bfloat16 on CPU)")
     if hasattr(opts, "outdir"):  # app.py writes into no folder of the user's
-        for problem in folder_problems("--outdir", opts.outdir):
+        problems = folder_problems("--outdir", opts.outdir)
+        for flag in ("--input_img_path", "--style_img_path"):
+            if getattr(opts, flag[2:], None) is not None:
+                problems += input_folder_problems("--outdir", opts.outdir, flag, getattr(opts, flag[2:]))
+        for problem in problems:
             parser.error(problem)
 
 
@@ -241,14 +245,16 @@ def run_job(job, opts, what):
     return report.exit_code()
 
 
-def list_inputs(path):
-    """A file, or the files of a folder (``*.*``, sorted, hidden files left out, as the release globs)."""
+def list_inputs(path, outdir=None):
+    """A file, or the files of a folder (``*.*``, sorted, hidden files left out, as the release globs); files
+    in the output folder ``outdir`` are outputs, not inputs (fileio.without_outputs)."""
     if os.path.isfile(path):
         return [path]
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no such file or folder: {path}")
     names = sorted(n for n in os.listdir(path) if "." in n and not n.startswith("."))
-    return [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))]
+    paths = [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))]
+    return without_outputs(paths, path, outdir) if outdir is not None else paths
 
 
 def distinct_names(paths, report):

@@ -312,6 +312,24 @@ def test_output_folder_that_is_a_file_is_refused_when_parsing(tmp_path, capsys):
     assert generate_image_pairs.parse_args(["--outdir", str(tmp_path / "new" / "folder")])  # to be made: fine
 
 
+def test_output_folder_that_is_an_input_folder_is_refused_when_parsing(capsys):
+    """--outdir equal to a folder of inputs: the outputs would be taken as inputs by the next run (a
+    mosaic of a mosaic; an .mp4 read as a style image) or, for align_faces.py, replace the photos."""
+    import align_faces
+
+    faces = FACES  # nothing is written: the options are refused
+    cases = [(style_transfer_folder, "--input_img_path", faces), (style_transfer_folder, "--style_img_path", faces),
+             (gen_video, "--input_img_path", faces), (gen_video, "--style_img_path", faces),
+             (align_faces, "--input_img_path", faces), (align_faces, "--input_img_path", os.path.join(faces, "000000.jpg"))]
+    for module, flag, path in cases:
+        others = [] if module is align_faces else ["--input_img_path", STYLES, "--style_img_path", STYLES]
+        with pytest.raises(SystemExit) as exit_info:
+            module.parse_args(others + ["--outdir", faces, flag, path])
+        assert exit_info.value.code == 2, (module, flag)
+        assert f"--outdir {faces} is the {flag} folder {faces}: the outputs would" in capsys.readouterr().err
+    assert style_transfer_folder.parse_args(["--outdir", os.path.join(faces, "out"), "--input_img_path", faces])
+
+
 def test_style_walks_match_release_picks():
     release = {  # format notes Sec. 8: the release's picks for its test images (seed 0, sorted lists)
         "000000": "100032 100029 100016 100010 100019 100016 100030 100013",
