@@ -90,6 +90,16 @@ def without_outputs(paths, in_folder, outdir):
     return [p for p in paths if not within(p, outdir)]
 
 
+def distinct_by(paths, key):
+    """(the paths whose ``key`` no earlier path has, [(a later path, the earlier one with its key)]): outputs named
+    by ``key`` (a.jpg and a.png both give 'a') would overwrite each other, so the later file is left out."""
+    first = {}
+    for path in paths:
+        first.setdefault(key(path), path)
+    kept = [path for path in paths if first[key(path)] == path]
+    return kept, [(path, first[key(path)]) for path in paths if first[key(path)] != path]
+
+
 @contextlib.contextmanager
 def exit_on_sigterm():
     """Within the block, SIGTERM (how job schedulers and `kill` stop a process) raises SystemExit(143) in

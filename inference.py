@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict, require_key
-from fileio import atomic_write_bytes, exit_on_sigterm, folder_problems, input_folder_problems, without_outputs
+from fileio import (atomic_write_bytes, distinct_by, exit_on_sigterm, folder_problems, input_folder_problems,
+                    without_outputs)
 from imageio_utils import UnreadableImageError, read_image_rgb
 from layers import channels_last_
 from model import Generator, guess_generator_config, infer_generator_config, n_latent_for
@@ -260,12 +261,10 @@ def list_inputs(path, outdir=None):
 def distinct_names(paths, report):
     """``paths`` without the files whose name stem an earlier one has (a.jpg and a.png): outputs are named
     after the stem, so the later file would overwrite the earlier one's results; it is skipped, named."""
-    first = {}
-    for path in paths:
-        if first.setdefault(stem(path), path) != path:
-            report.skip(path, f"same name as {os.path.basename(first[stem(path)])}: its outputs would overwrite "
-                              f"that file's (rename one)")
-    return [path for path in paths if first[stem(path)] == path]
+    kept, clashes = distinct_by(paths, stem)
+    for path, first in clashes:
+        report.skip(path, f"same name as {os.path.basename(first)}: its outputs would overwrite that file's (rename one)")
+    return kept
 
 
 def read_input(path, report, aligner=None, align_size=1024):
