@@ -86,6 +86,19 @@ def read_image_rgb(path):
         raise UnreadableImageError(f'{path}: cannot decode image ({error})') from error
 
 
+def decode_problems(flag, paths):
+    """One line per file of option ``flag`` that exists but does not decode ([] when all do): checked when the
+    options are read, so that a bad image is named before any network is built or any file written."""
+    problems = []
+    for path in paths:
+        if os.path.isfile(path):
+            try:
+                read_image_rgb(path)
+            except UnreadableImageError as error:
+                problems.append(f'{flag} {error}')
+    return problems
+
+
 def encode_image(img, image_format='png', quality=100):
     """Encode a PIL image to bytes: 'png' (lossless) or 'jpeg' (4:4:4 chroma at the given quality)."""
     buffer = io.BytesIO()
