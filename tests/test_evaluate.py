@@ -405,7 +405,8 @@ def test_protocol_table_resume_and_determinism(tiny_g, protocol_parts, alexnet_f
     refs = parts["refs"]
     with torch.no_grad():
         z_ref = torch.stack([g.get_z_embed(torch.cat([img2ten(refs.read(k)) for k in face])) for face in picks.tolist()])
-    torch.testing.assert_close(reference_codes(g, refs, picks, 5, "cpu", torch.float32), z_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(reference_codes(g, refs, n_faces, PROTOCOL.n_styles, PROTOCOL.seed, 5, "cpu",
+                                               torch.float32), z_ref, rtol=1e-5, atol=1e-6)
     assert all(len(set(face)) == PROTOCOL.n_styles for face in picks.tolist())
     for mode, z_style in (("latent", z_latent), ("reference", z_ref)):
         fid, div, cos = independent_row(g, parts, 0, z_style)
@@ -449,6 +450,28 @@ def test_protocol_table_resume_and_determinism(tiny_g, protocol_parts, alexnet_f
     # other settings in the same folder are refused, not mixed
     with pytest.raises(ValueError, match="other settings.*n_samples: 6 -> 9"):
         run(g, parts, tmp_path / "a", [0, 6], batch=6, protocol=Protocol(9, 2, 3, 64, seed=3))
+
+
+def test_unreadable_reference_is_named_and_the_references_drawn_from_the_rest(tiny_g, tmp_path, capsys):
+    """A bad file among the references is skipped as the real set's statistics skip it, not an abort after
+    the long statistics pass."""
+    names = sorted(os.listdir(STYLES))[:6]
+    for name in names:
+        shutil.copy(os.path.join(STYLES, name), tmp_path / name)
+    broken = tmp_path / (names[0][:-4] + "b.jpg")  # sorts second: drawn among 3 of 7
+    broken.write_bytes(b"\xff\xd8 not a jpeg")
+    refs = ImageSet(str(tmp_path))
+    assert len(refs) == 7 and refs.files[1] == str(broken)
+    draws = draw_references(4, 3, 7, seed=2)
+    assert 1 in draws.flatten().tolist()  # the broken file is among the first draws
+    codes = reference_codes(tiny_g, refs, 4, 3, 2, 4, "cpu", torch.float32)
+    assert f"skipped {broken}: cannot decode image" in capsys.readouterr().err
+    readable = [0, 2, 3, 4, 5, 6]
+    picks = [[readable[k] for k in face] for face in draw_references(4, 3, 6, seed=2).tolist()]
+    with torch.no_grad():
+        expected = torch.stack([tiny_g.get_z_embed(torch.cat([img2ten(refs.read(k)) for k in face]))
+                                for face in picks])  # [4, 3, style_dim]
+    torch.testing.assert_close(codes, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_cli_end_to_end_with_weights_files(tiny_g, inception_file, alexnet_file, tmp_path, capsys):
