@@ -255,7 +255,23 @@ def list_inputs(path, outdir=None):
         raise FileNotFoundError(f"no such file or folder: {path}")
     names = sorted(n for n in os.listdir(path) if "." in n and not n.startswith("."))
     paths = [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))]
+    if not paths:
+        raise FileNotFoundError(f"no input files in {path}: {left_out(path)}")
     return without_outputs(paths, path, outdir) if outdir is not None else paths
+
+
+def left_out(folder):
+    """What list_inputs leaves out of ``folder``, counted in words: 'it holds 2 subfolder(s) ..., 1 dead link(s)'."""
+    entries = [os.path.join(folder, name) for name in os.listdir(folder)]
+    hidden = [e for e in entries if os.path.basename(e).startswith(".")]
+    counts = {
+        "subfolder(s) (not searched: pass one as the folder)": sum(os.path.isdir(e) for e in entries),
+        "dead link(s)": sum(os.path.islink(e) and not os.path.exists(e) for e in entries),
+        "hidden file(s)": sum(os.path.isfile(e) for e in hidden),
+        "file(s) without an extension": sum(os.path.isfile(e) and "." not in os.path.basename(e) for e in entries),
+    }
+    found = [f"{n} {what}" for what, n in counts.items() if n]
+    return "it holds " + ", ".join(found) if found else "it is empty"
 
 
 def distinct_names(paths, report):

@@ -330,6 +330,25 @@ def test_output_folder_that_is_an_input_folder_is_refused_when_parsing(capsys):
     assert style_transfer_folder.parse_args(["--outdir", os.path.join(faces, "out"), "--input_img_path", faces])
 
 
+def test_folder_without_inputs_says_what_it_left_out(tmp_path):
+    """Per-person subfolders and a dead link gave 'done: 0 ... written', exit 1, and no hint."""
+    import inference
+
+    (tmp_path / "anna").mkdir()
+    (tmp_path / "bob").mkdir()
+    os.symlink(tmp_path / "gone.jpg", tmp_path / "dead.jpg")
+    (tmp_path / "README").write_text("photos")
+    (tmp_path / ".hidden.jpg").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError) as error:
+        inference.list_inputs(str(tmp_path))
+    assert str(error.value) == (f"no input files in {tmp_path}: it holds 2 subfolder(s) (not searched: pass one as "
+                                f"the folder), 1 dead link(s), 1 hidden file(s), 1 file(s) without an extension")
+    (tmp_path / "anna" / "a.jpg").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError, match=f"no input files in {tmp_path / 'bob'}: it is empty"):
+        inference.list_inputs(str(tmp_path / "bob"))
+    assert inference.list_inputs(str(tmp_path / "anna")) == [str(tmp_path / "anna" / "a.jpg")]
+
+
 def test_style_walks_match_release_picks():
     release = {  # format notes Sec. 8: the release's picks for its test images (seed 0, sorted lists)
         "000000": "100032 100029 100016 100010 100019 100016 100030 100013",
