@@ -349,6 +349,19 @@ def test_folder_without_inputs_says_what_it_left_out(tmp_path):
     assert inference.list_inputs(str(tmp_path / "anna")) == [str(tmp_path / "anna" / "a.jpg")]
 
 
+def test_generate_pairs_style_img_that_is_no_image_file_is_one_line_when_parsing(tmp_path, capsys):
+    """It was named twice, after the generator had loaded ('skipped ...: Is a directory', then 'error: ...')."""
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image")
+    for path, problem in ((STYLES, "a folder, not an image file"), (tmp_path / "nope.jpg", "no such file"),
+                          (text, "cannot decode image")):
+        with pytest.raises(SystemExit) as exit_info:
+            generate_image_pairs.parse_args(["--style_img", str(path)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count(str(path)) == 1
+        assert f"error: --style_img {path}: {problem}" in err.strip().splitlines()[-1]
+
+
 def test_style_walks_match_release_picks():
     release = {  # format notes Sec. 8: the release's picks for its test images (seed 0, sorted lists)
         "000000": "100032 100029 100016 100010 100019 100016 100030 100013",
