@@ -27,6 +27,7 @@ from imageio_utils import UnreadableImageError, list_images, read_image_rgb
 from inference import encode_styles
 from metrics import FeatureStats, frechet_distance, load_inception, load_lpips, lpips_diversity, style_consistency
 from model_zoo import ALEXNET_URL, INCEPTION_URL, pretrained_file, sha256_of
+from prepare_data import resize_and_center_crop
 
 MODES = ("latent", "reference")
 METRICS = ("fid", "lpips", "style_consistency")
@@ -92,11 +93,14 @@ def is_lmdb(path):
 class ImageSet(Dataset):
     """RGB images of an LMDB (prepare_data.py layout, one ``resolution``) or of a folder (recursive).
 
-    Items are (uint8 [H, W, 3] or None, None or the reason it could not be read).
+    A folder's images are brought to ``resolution`` as prepare_data.py packs them (shorter side scaled to it,
+    centre square; None: as stored), so that a folder and an LMDB made from it give the same images, and
+    the same FID. Items are (uint8 [H, W, 3] or None, None or the reason it could not be read).
     """
 
     def __init__(self, path, resolution=None):
         self.path = path
+        self.resolution = resolution
         self.lmdb = None
         self.files = None
         if is_lmdb(path):
@@ -121,7 +125,8 @@ class ImageSet(Dataset):
     def read(self, index):
         """uint8 RGB [H, W, 3]; raises UnreadableImageError naming the image."""
         if self.files is not None:
-            return np.array(read_image_rgb(self.files[index]))
+            img = read_image_rgb(self.files[index])
+            return np.array(resize_and_center_crop(img, self.resolution) if self.resolution else img)
         try:
             return np.array(self.lmdb.read_image(index))
         except (OSError, ValueError, SyntaxError, KeyError) as e:
@@ -175,7 +180,7 @@ def real_statistics(real, resolution, n_real, stats_path, extractor, batch, devi
     """
     source = None
     if real is not None:
-        source = f"{os.path.abspath(real)}" + (f"@{resolution}" if is_lmdb(real) else "")
+        source = f"{os.path.abspath(real)}@{resolution}"
         source += f"[:{n_real}]" if n_real else ""
     if stats_path and os.path.isfile(stats_path):
         mu, sigma, n, cached_source, cached_features = load_stats(stats_path)
