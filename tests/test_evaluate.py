@@ -523,7 +523,7 @@ def test_cli_end_to_end_with_weights_files(tiny_g, inception_file, alexnet_file,
     assert mu.shape == (2048,) and sigma.shape == (2048, 2048) and n == 3
     # the real images at the generator's size (16 px: the 512 px squares scaled down, as prepare_data packs them)
     firsts = [os.path.join(STYLES, name) for name in sorted(os.listdir(STYLES))[:3]]
-    x = torch.stack([torch.from_numpy(np.asarray(Image.open(path).convert("RGB").resize((SIZE, SIZE), Image.LANCZOS)))
+    x = torch.stack([torch.from_numpy(np.array(Image.open(path).convert("RGB").resize((SIZE, SIZE), Image.LANCZOS)))
                      .permute(2, 0, 1).float() / 255 for path in firsts])
     with torch.no_grad():
         feats = load_inception(inception_file)(x).double().numpy()
