@@ -265,7 +265,8 @@ def left_out(folder):
     entries = [os.path.join(folder, name) for name in os.listdir(folder)]
     hidden = [e for e in entries if os.path.basename(e).startswith(".")]
     counts = {
-        "subfolder(s) (not searched: pass one as the folder)": sum(os.path.isdir(e) for e in entries),
+        "subfolder(s) (not searched: pass one as the folder)": sum(os.path.isdir(e) for e in entries
+                                                                   if e not in hidden),
         "dead link(s)": sum(os.path.islink(e) and not os.path.exists(e) for e in entries),
         "hidden file(s)": sum(os.path.isfile(e) for e in hidden),
         "file(s) without an extension": sum(os.path.isfile(e) and "." not in os.path.basename(e) for e in entries),

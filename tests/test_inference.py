@@ -339,6 +339,7 @@ def test_folder_without_inputs_says_what_it_left_out(tmp_path):
     os.symlink(tmp_path / "gone.jpg", tmp_path / "dead.jpg")
     (tmp_path / "README").write_text("photos")
     (tmp_path / ".hidden.jpg").write_bytes(b"x")
+    (tmp_path / ".git").mkdir()
     with pytest.raises(FileNotFoundError) as error:
         inference.list_inputs(str(tmp_path))
     assert str(error.value) == (f"no input files in {tmp_path}: it holds 2 subfolder(s) (not searched: pass one as "
