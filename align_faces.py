@@ -27,7 +27,7 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 from tqdm import tqdm
 
-from fileio import exit_on_sigterm, folder_problems
+from fileio import distinct_by, exit_on_sigterm, folder_problems, input_folder_problems, without_outputs
 from imageio_utils import UnreadableImageError, list_images, read_image_rgb, save_image_atomic, to_rgb
 
 # dlib's 68-point layout (iBUG 300-W): index ranges of the parts the crop is built from.
@@ -245,17 +245,14 @@ class AlignOptions:
     n_worker: int = 1
 
 
-def output_stems(paths, input_root):
-    """Output path stems (without '.png') mirroring the input tree; raises on a name clash."""
-    base = input_root if os.path.isdir(input_root) else os.path.dirname(input_root)
-    stems = [os.path.splitext(os.path.relpath(p, base))[0] for p in paths]
-    seen = {}
-    for path, stem in zip(paths, stems):
-        if stem in seen:
-            raise ValueError(f'{seen[stem]} and {path} would both be written as {stem}.png; '
-                             'rename one of them')
-        seen[stem] = path
-    return stems
+def mirrored_folder(input_root):
+    """The folder whose tree the outputs mirror: --input_img_path, or the folder of a single file."""
+    return input_root if os.path.isdir(input_root) else os.path.dirname(input_root) or '.'
+
+
+def output_stem(path, input_root):
+    """The output path of `path` without '.png', mirroring the input tree."""
+    return os.path.splitext(os.path.relpath(path, mirrored_folder(input_root)))[0]
 
 
 # (predictor path, (detector, predictor)) of this process, built once by _init_worker.
@@ -290,12 +287,16 @@ def _align_one(task):
 
 def align_images(options):
     """Align every image under options.input_img_path into options.outdir; returns a summary dict."""
-    paths = list_images(options.input_img_path)
+    found = list_images(options.input_img_path)
+    paths = without_outputs(found, options.input_img_path, options.outdir)  # an earlier run's PNGs
+    if len(paths) < len(found):
+        print(f'note: {len(found) - len(paths)} image(s) in --outdir {options.outdir} left out: outputs, not inputs',
+              file=sys.stderr)
     if not paths:
         raise FileNotFoundError(f'no images (png, jpg, webp, ...) found in {options.input_img_path}')
-    stems = output_stems(paths, options.input_img_path)
-    tasks = [(p, os.path.join(options.outdir, s), options.output_size, options.all_faces)
-             for p, s in zip(paths, stems)]
+    paths, same_name = distinct_by(paths, lambda p: output_stem(p, options.input_img_path))
+    tasks = [(p, os.path.join(options.outdir, output_stem(p, options.input_img_path)), options.output_size,
+              options.all_faces) for p in paths]
     predictor_path = options.predictor or default_predictor_path()
     os.makedirs(options.outdir, exist_ok=True)
 
@@ -318,17 +319,20 @@ def align_images(options):
         'written': [name for _, names, _ in results for name in names],
         'no_face': [path for path, names, error in results if not names and error is None],
         'unreadable': [error for _, _, error in results if error is not None],
-        'total': len(results),
+        'same_name': same_name,  # (path left out, the earlier path with its output name)
+        'total': len(results) + len(same_name),
     }
 
 
 def report(summary, outdir):
-    aligned = summary['total'] - len(summary['no_face']) - len(summary['unreadable'])
+    aligned = summary['total'] - len(summary['no_face']) - len(summary['unreadable']) - len(summary['same_name'])
     print(f"aligned {aligned} of {summary['total']} images ({len(summary['written'])} faces) into {outdir}")
     for path in summary['no_face']:
         print(f'skipped (no face found): {path}')
     for message in summary['unreadable']:
         print(f'skipped (unreadable): {message}')
+    for path, first in summary['same_name']:
+        print(f'skipped (same output name as {first}, rename one): {path}')
 
 
 def parse_args(argv=None):
@@ -354,7 +358,8 @@ def parse_args(argv=None):
         parser.error(f'--input_img_path {args.input_img_path} does not exist')
     if args.predictor is not None and not os.path.isfile(args.predictor):
         parser.error(f'--predictor {args.predictor} is not a file')
-    for problem in folder_problems('--outdir', args.outdir):
+    for problem in folder_problems('--outdir', args.outdir) + input_folder_problems(
+            '--outdir', args.outdir, '--input_img_path', mirrored_folder(args.input_img_path)):
         parser.error(problem)
     return AlignOptions(**vars(args))
 

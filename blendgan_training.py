@@ -86,7 +86,7 @@ import distributed
 from checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict, require_key
 from dataset import MultiResolutionDataset, PairedLoader, infinite_loader, lmdb_problems, random_flip, to_tensor
 from fileio import folder_problems
-from imageio_utils import read_image_rgb
+from imageio_utils import decode_problems, read_image_rgb
 from model import BLENDGAN_ONLY_KEYS, Discriminator, Generator, ProjectionDiscriminator, guess_generator_config
 from model_zoo import file_not_found
 from prepare_data import resize_and_center_crop
@@ -200,6 +200,7 @@ def validate(opts):
     if opts.finetune:
         problems += [f"--finetune_style_img {path}: no such file" for path in opts.finetune_style_img
                      if not os.path.isfile(path)]
+        problems += decode_problems("--finetune_style_img", opts.finetune_style_img)
         if opts.blendgan_ckpt is None and not resuming:
             problems.append("one-shot fine-tuning (--finetune_style_img) starts from a trained BlendGAN: "
                             "pass --blendgan_ckpt (the release's blendgan.pt is enough)")

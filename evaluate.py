@@ -41,7 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--channel_multiplier", type=int, default=None, help="generator width; None: the checkpoint's")
     p.add_argument("--real", default=None, help="real artistic faces (AAHQ): an LMDB of prepare_data.py or a folder of images")
     p.add_argument("--real_resolution", type=int, default=None,
-                   help="resolution to read from an LMDB --real / --style_refs; None: the generator's size")
+                   help="resolution to read from an LMDB --real / --style_refs, and to bring a folder's images to "
+                        "(shorter side scaled, centre square, as prepare_data.py packs them); None: the generator's size")
     p.add_argument("--n_real", type=int, default=None, help="use the first N real images; None: all")
     p.add_argument("--real_stats", default=None,
                    help="FID statistics cache of the real set (.npz, pytorch-fid's layout); read if it exists, "

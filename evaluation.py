@@ -27,6 +27,7 @@ from imageio_utils import UnreadableImageError, list_images, read_image_rgb
 from inference import encode_styles
 from metrics import FeatureStats, frechet_distance, load_inception, load_lpips, lpips_diversity, style_consistency
 from model_zoo import ALEXNET_URL, INCEPTION_URL, pretrained_file, sha256_of
+from prepare_data import resize_and_center_crop
 
 MODES = ("latent", "reference")
 METRICS = ("fid", "lpips", "style_consistency")
@@ -92,11 +93,14 @@ def is_lmdb(path):
 class ImageSet(Dataset):
     """RGB images of an LMDB (prepare_data.py layout, one ``resolution``) or of a folder (recursive).
 
-    Items are (uint8 [H, W, 3] or None, None or the reason it could not be read).
+    A folder's images are brought to ``resolution`` as prepare_data.py packs them (shorter side scaled to it,
+    centre square; None: as stored), so that a folder and an LMDB made from it give the same images, and
+    the same FID. Items are (uint8 [H, W, 3] or None, None or the reason it could not be read).
     """
 
     def __init__(self, path, resolution=None):
         self.path = path
+        self.resolution = resolution
         self.lmdb = None
         self.files = None
         if is_lmdb(path):
@@ -121,7 +125,8 @@ class ImageSet(Dataset):
     def read(self, index):
         """uint8 RGB [H, W, 3]; raises UnreadableImageError naming the image."""
         if self.files is not None:
-            return np.array(read_image_rgb(self.files[index]))
+            img = read_image_rgb(self.files[index])
+            return np.array(resize_and_center_crop(img, self.resolution) if self.resolution else img)
         try:
             return np.array(self.lmdb.read_image(index))
         except (OSError, ValueError, SyntaxError, KeyError) as e:
@@ -175,7 +180,7 @@ def real_statistics(real, resolution, n_real, stats_path, extractor, batch, devi
     """
     source = None
     if real is not None:
-        source = f"{os.path.abspath(real)}" + (f"@{resolution}" if is_lmdb(real) else "")
+        source = f"{os.path.abspath(real)}@{resolution}"
         source += f"[:{n_real}]" if n_real else ""
     if stats_path and os.path.isfile(stats_path):
         mu, sigma, n, cached_source, cached_features = load_stats(stats_path)
@@ -250,18 +255,46 @@ def draw_references(n_faces, n_styles, n_refs, seed):
                         for _ in range(n_faces)])
 
 
+def as_list(items):
+    """A DataLoader's collate_fn that keeps the items as they are."""
+    return items
+
+
 @torch.no_grad()
-def reference_codes(g, refs, picks, batch, device, dtype, workers=0):
-    """Style codes [F, S, style_dim] (CPU, float32) of the picked references; each image encoded once."""
-    unique, inverse = torch.unique(picks, return_inverse=True)
-    loader = DataLoader(Subset(refs, unique.tolist()), batch_size=batch, num_workers=workers,
-                        collate_fn=collate_rgb)
-    codes = []
-    for images, errors in tqdm(loader, desc="reference style codes", unit="batch"):
-        if errors:
-            raise UnreadableImageError(f"{errors[0]}: remove it from the reference set")
-        codes.append(encode_styles(g, images, batch, device, dtype).float().cpu())
-    return torch.cat(codes)[inverse]  # [F, S, style_dim]
+def encode_references(g, refs, indices, codes, batch, device, dtype, workers=0):
+    """Adds to ``codes`` {index: style code [style_dim] (CPU, float32)} the codes of the references ``indices``
+    that decode; returns the indices that do not, each named on stderr."""
+    loader = DataLoader(Subset(refs, indices), batch_size=batch, num_workers=workers, collate_fn=as_list)
+    bad, start = [], 0
+    for items in tqdm(loader, desc="reference style codes", unit="batch"):
+        batch_indices, start = indices[start:start + len(items)], start + len(items)
+        good = [(i, img) for i, (img, err) in zip(batch_indices, items) if err is None]
+        for i, (_, err) in zip(batch_indices, items):
+            if err is not None:
+                print(f"skipped {err}", file=sys.stderr)
+                bad.append(i)
+        if good:
+            z = encode_styles(g, [img for _, img in good], batch, device, dtype).float().cpu()  # [B, style_dim]
+            codes.update(zip([i for i, _ in good], z))
+    return bad
+
+
+def reference_codes(g, refs, n_faces, n_styles, seed, batch, device, dtype, workers=0):
+    """Style codes [F, S, style_dim] (CPU, float32) of draw_references' references; each image encoded once.
+
+    A reference that does not decode is named and left out of the set, and the references are drawn again
+    from the rest with the same seed (only the images not encoded before are read), as the real set's
+    statistics skip it: so the references are the same whichever run finds the bad file.
+    """
+    usable = torch.arange(len(refs))
+    codes = {}
+    while True:
+        picks = usable[draw_references(n_faces, n_styles, len(usable), seed)]  # [F, S] indices into refs
+        todo = [i for i in torch.unique(picks).tolist() if i not in codes]
+        bad = encode_references(g, refs, todo, codes, batch, device, dtype, workers)
+        if not bad:
+            return torch.stack([codes[i] for i in picks.flatten().tolist()]).view(*picks.shape, -1)
+        usable = usable[~torch.isin(usable, torch.tensor(bad))]
 
 
 def quantize(images):
@@ -429,8 +462,8 @@ def run_protocol(g, modes, indicators, protocol, real_mu, real_sigma, extractor,
                 continue
             codes = z_style
             if mode == "reference":
-                picks = draw_references(n_faces, protocol.n_styles, len(refs), protocol.seed)
-                codes = reference_codes(g, refs, picks, batch, p.device, p.dtype, workers)
+                codes = reference_codes(g, refs, n_faces, protocol.n_styles, protocol.seed, batch, p.device, p.dtype,
+                                        workers)
             for m, i in todo:
                 if m != mode:
                     continue

@@ -66,6 +66,40 @@ def folder_problems(flag, path):
     return [f"{flag} {path}: {problem}"] if problem else []
 
 
+def within(path, folder):
+    """Whether ``path`` is ``folder`` or lies under it, links resolved (real paths)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def input_folder_problems(out_flag, outdir, in_flag, in_folder):
+    """[one line] when the output folder ``outdir`` is the input folder ``in_folder`` (links resolved), else
+    []: the outputs would be written among the inputs, replace those of the same name, and be taken as inputs
+    by the next run. An output folder inside the input folder is fine: see without_outputs."""
+    if os.path.isdir(in_folder) and os.path.realpath(outdir) == os.path.realpath(in_folder):
+        return [f"{out_flag} {outdir} is the {in_flag} folder {in_folder}: the outputs would be written among "
+                f"(and could replace) the inputs; use another folder (a subfolder of it is fine)"]
+    return []
+
+
+def without_outputs(paths, in_folder, outdir):
+    """``paths`` (found in ``in_folder``) without the files in the output folder ``outdir``: a run's outputs are
+    not inputs of the next one. Unless ``in_folder`` itself lies in ``outdir``, where every input would."""
+    if within(in_folder, outdir):
+        return list(paths)
+    return [p for p in paths if not within(p, outdir)]
+
+
+def distinct_by(paths, key):
+    """(the paths whose ``key`` no earlier path has, [(a later path, the earlier one with its key)]): outputs named
+    by ``key`` (a.jpg and a.png both give 'a') would overwrite each other, so the later file is left out."""
+    first = {}
+    for path in paths:
+        first.setdefault(key(path), path)
+    kept = [path for path in paths if first[key(path)] == path]
+    return kept, [(path, first[key(path)]) for path in paths if first[key(path)] != path]
+
+
 @contextlib.contextmanager
 def exit_on_sigterm():
     """Within the block, SIGTERM (how job schedulers and `kill` stop a process) raises SystemExit(143) in

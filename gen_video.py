@@ -104,7 +104,7 @@ def gen_videos(opts):
     aligner = load_aligner(opts.align, opts.predictor)
     style_paths = []
     style_cache = {}
-    for path in list_inputs(opts.style_img_path):
+    for path in list_inputs(opts.style_img_path, opts.outdir):
         img = read_input(path, report)
         if img is not None:
             style_paths.append(path)
@@ -115,7 +115,7 @@ def gen_videos(opts):
     z_cache = dict(zip(style_paths, encode_styles(g, [style_cache[p] for p in style_paths], opts.batch, device, dtype)))
     del g
     release_freed_memory()
-    face_paths = distinct_names(list_inputs(opts.input_img_path), report)
+    face_paths = distinct_names(list_inputs(opts.input_img_path, opts.outdir), report)
     walks = style_walks(face_paths, style_paths, opts.n_styles, opts.seed)
     todo = []  # (face path, face image, output path)
     for path in face_paths:

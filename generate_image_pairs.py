@@ -13,6 +13,7 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import load_checkpoint
+from imageio_utils import decode_problems
 from inference import (DTYPES, Report, add_common_args, add_generator_args, add_indicator_arg,
                        check_model_files, encode_styles, finite_rows, keep_freed_memory, load_blendgan,
                        nonfinite_reason, read_input, run_job, truncation_centre, validate_common, write_jpeg)
@@ -34,6 +35,12 @@ def parse_args(argv=None):
     validate_common(p, opts)
     if opts.pics < 1:
         p.error("--pics must be >= 1")
+    if opts.style_img is not None:
+        if not os.path.isfile(opts.style_img):
+            p.error(f"--style_img {opts.style_img}: " + ("a folder, not an image file" if os.path.isdir(opts.style_img)
+                                                         else "no such file"))
+        for problem in decode_problems("--style_img", [opts.style_img]):
+            p.error(problem)
     return opts
 
 

@@ -33,13 +33,23 @@ def is_image_file(path):
 
 
 def list_images(root, recursive=True):
-    """Image files under `root` (a file or a folder), sorted, hidden files and folders left out."""
+    """Image files under `root` (a file or a folder), sorted, hidden files and folders left out.
+
+    Linked folders are followed, each real folder once: a link to a parent (a loop) or a second link to a
+    folder already listed adds nothing.
+    """
     if os.path.isfile(root):
         return [root]
     if not os.path.isdir(root):
         raise FileNotFoundError(f'no such file or folder: {root}')
     found = []
+    visited = set()  # real paths of the folders listed
     for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in visited:
+            subfolders[:] = []
+            continue
+        visited.add(real)
         subfolders[:] = sorted(d for d in subfolders if not d.startswith('.')) if recursive else []
         found.extend(os.path.join(folder, n) for n in names if is_image_file(n))
     return sorted(found)
@@ -87,6 +97,19 @@ def read_image_rgb(path):
             return to_rgb(img).copy()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError) as error:
         raise UnreadableImageError(f'{path}: cannot decode image ({error})') from error
+
+
+def decode_problems(flag, paths):
+    """One line per file of option ``flag`` that exists but does not decode ([] when all do): checked when the
+    options are read, so that a bad image is named before any network is built or any file written."""
+    problems = []
+    for path in paths:
+        if os.path.isfile(path):
+            try:
+                read_image_rgb(path)
+            except UnreadableImageError as error:
+                problems.append(f'{flag} {error}')
+    return problems
 
 
 def encode_image(img, image_format='png', quality=100):

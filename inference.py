@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict, require_key
-from fileio import atomic_write_bytes, exit_on_sigterm, folder_problems
+from fileio import (atomic_write_bytes, distinct_by, exit_on_sigterm, folder_problems, input_folder_problems,
+                    without_outputs)
 from imageio_utils import MIN_SIDE, UnreadableImageError, read_image_rgb
 from layers import channels_last_
 from model import Generator, guess_generator_config, infer_generator_config, n_latent_for
@@ -79,7 +80,11 @@ def validate_common(parser, opts):
     if opts.dtype == "float16" and not opts.device.startswith("cuda"):
         parser.error("--dtype float16 needs a CUDA device (use bfloat16 on CPU)")
     if hasattr(opts, "outdir"):  # app.py writes into no folder of the user's
-        for problem in folder_problems("--outdir", opts.outdir):
+        problems = folder_problems("--outdir", opts.outdir)
+        for flag in ("--input_img_path", "--style_img_path"):
+            if getattr(opts, flag[2:], None) is not None:
+                problems += input_folder_problems("--outdir", opts.outdir, flag, getattr(opts, flag[2:]))
+        for problem in problems:
             parser.error(problem)
 
 
@@ -240,25 +245,42 @@ def run_job(job, opts, what):
     return report.exit_code()
 
 
-def list_inputs(path):
-    """A file, or the files of a folder (``*.*``, sorted, hidden files left out, as the release globs)."""
+def list_inputs(path, outdir=None):
+    """A file, or the files of a folder (``*.*``, sorted, hidden files left out, as the release globs); files
+    in the output folder ``outdir`` are outputs, not inputs (fileio.without_outputs)."""
     if os.path.isfile(path):
         return [path]
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no such file or folder: {path}")
     names = sorted(n for n in os.listdir(path) if "." in n and not n.startswith("."))
-    return [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))]
+    paths = [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))]
+    if not paths:
+        raise FileNotFoundError(f"no input files in {path}: {left_out(path)}")
+    return without_outputs(paths, path, outdir) if outdir is not None else paths
+
+
+def left_out(folder):
+    """What list_inputs leaves out of ``folder``, counted in words: 'it holds 2 subfolder(s) ..., 1 dead link(s)'."""
+    entries = [os.path.join(folder, name) for name in os.listdir(folder)]
+    hidden = [e for e in entries if os.path.basename(e).startswith(".")]
+    counts = {
+        "subfolder(s) (not searched: pass one as the folder)": sum(os.path.isdir(e) for e in entries
+                                                                   if e not in hidden),
+        "dead link(s)": sum(os.path.islink(e) and not os.path.exists(e) for e in entries),
+        "hidden file(s)": sum(os.path.isfile(e) for e in hidden),
+        "file(s) without an extension": sum(os.path.isfile(e) and "." not in os.path.basename(e) for e in entries),
+    }
+    found = [f"{n} {what}" for what, n in counts.items() if n]
+    return "it holds " + ", ".join(found) if found else "it is empty"
 
 
 def distinct_names(paths, report):
     """``paths`` without the files whose name stem an earlier one has (a.jpg and a.png): outputs are named
     after the stem, so the later file would overwrite the earlier one's results; it is skipped, named."""
-    first = {}
-    for path in paths:
-        if first.setdefault(stem(path), path) != path:
-            report.skip(path, f"same name as {os.path.basename(first[stem(path)])}: its outputs would overwrite "
-                              f"that file's (rename one)")
-    return [path for path in paths if first[stem(path)] == path]
+    kept, clashes = distinct_by(paths, stem)
+    for path, first in clashes:
+        report.skip(path, f"same name as {os.path.basename(first)}: its outputs would overwrite that file's (rename one)")
+    return kept
 
 
 def read_input(path, report, aligner=None, align_size=1024):

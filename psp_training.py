@@ -52,7 +52,7 @@ import trainutil
 from checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict, require_key, save_checkpoint
 from dataset import MultiResolutionDataset, infinite_loader, lmdb_problems, random_flip, to_tensor
 from fileio import folder_problems
-from imageio_utils import read_image_rgb
+from imageio_utils import decode_problems, read_image_rgb
 from inference import load_blendgan
 from model_zoo import file_not_found
 from psp_encoder.arcface import ID_INPUT_SIZE, load_arcface
@@ -165,6 +165,8 @@ def validate(options):
         path = getattr(options, name)
         if path is not None and not os.path.isfile(path):
             problems.append(file_not_found(f"--{flag}", path, published))
+    if options.sample_style_img is not None:
+        problems += decode_problems("--sample_style_img", [options.sample_style_img])
     if options.resume not in (None, "", "latest") and not os.path.isfile(options.resume):
         problems.append(f"--resume {options.resume}: file not found")
     if options.encoder_from_scratch and options.encoder_backbone:

@@ -59,10 +59,10 @@ def style_transfer(opts):
     size = g.size
     report = Report()
     aligner = load_aligner(opts.align, opts.predictor)
-    face_paths = distinct_names(list_inputs(opts.input_img_path), report)
+    face_paths = distinct_names(list_inputs(opts.input_img_path, opts.outdir), report)
     face_stems, faces, face_thumbs = read_all(face_paths, report, size, face_pool_size(), aligner)
-    style_stems, styles, style_thumbs = read_all(distinct_names(list_inputs(opts.style_img_path), report), report,
-                                                 size, style_pool_size(g))
+    style_paths = distinct_names(list_inputs(opts.style_img_path, opts.outdir), report)
+    style_stems, styles, style_thumbs = read_all(style_paths, report, size, style_pool_size(g))
     if not faces or not styles:
         print(f"nothing to do: {len(faces)} usable face(s), {len(styles)} usable style(s)", file=sys.stderr)
         return report

@@ -203,3 +203,40 @@ def test_cli_reports_skipped_and_writes_pngs(tmp_path, capsys, models):
             '--output_size', '64', '--n_worker', '0']
     assert align_faces.main(argv) == 1
     assert 'shuttle.jpg' in capsys.readouterr().out
+
+
+def test_outdir_inside_the_photos_folder_takes_no_earlier_output(tmp_path, capsys, models):
+    """photos/ -> photos/aligned/: the PNGs of an earlier run (here one with a face) are not aligned again
+    into photos/aligned/aligned/."""
+    photos = tmp_path / 'photos'
+    (photos / 'aligned').mkdir(parents=True)
+    shutil.copy(ASTRONAUT, photos / 'astronaut.png')
+    shutil.copy(ASTRONAUT, photos / 'aligned' / 'earlier.png')
+    argv = ['--input_img_path', str(photos), '--outdir', str(photos / 'aligned'), '--output_size', '32',
+            '--n_worker', '0']
+    assert align_faces.main(argv) == 0
+    printed = capsys.readouterr()
+    written = sorted(os.path.relpath(os.path.join(d, f), photos) for d, _, fs in os.walk(photos) for f in fs)
+    assert written == [os.path.join('aligned', 'astronaut.png'), os.path.join('aligned', 'earlier.png'),
+                       'astronaut.png']
+    assert 'aligned 1 of 1 images' in printed.out
+    assert f"note: 1 image(s) in --outdir {photos / 'aligned'} left out: outputs, not inputs" in printed.err
+
+
+def test_two_photos_with_one_output_name_the_second_is_named_and_skipped(tmp_path, capsys, models):
+    """a.jpg beside a.png would both be written as a.png: the second is named, the rest aligned."""
+    photos = tmp_path / 'photos'
+    photos.mkdir()
+    shutil.copy(ASTRONAUT, photos / 'astronaut.png')
+    Image.open(ASTRONAUT).convert('RGB').save(photos / 'astronaut.jpg', quality=95)
+    Image.open(FACES[0]).save(photos / 'face.png')
+    outdir = tmp_path / 'aligned'
+    argv = ['--input_img_path', str(photos), '--outdir', str(outdir), '--output_size', '32', '--n_worker', '0']
+    assert align_faces.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert sorted(os.listdir(outdir)) == ['astronaut.png', 'face.png']
+    assert 'aligned 2 of 3 images' in printed
+    assert f"skipped (same output name as {photos / 'astronaut.jpg'}, rename one): {photos / 'astronaut.png'}" in printed
+    detector, predictor = models  # the one written is the first file's (the JPEG)
+    expected = align_face(_rgb(photos / 'astronaut.jpg'), predictor, detector, output_size=32)[0]
+    np.testing.assert_array_equal(_rgb(outdir / 'astronaut.png'), np.asarray(expected))

@@ -140,6 +140,18 @@ def test_list_images_recursive_sorted(tmp_path):
     assert found == ['a.JPG', 'b.png', os.path.join('sub', 'c.webp')]
 
 
+def test_list_images_follows_each_linked_folder_once(tmp_path):
+    """A link to an ancestor (a loop) listed every image at every depth, 41 times (two such links: a walk that
+    did not finish); a second link to a listed folder gave its images twice."""
+    for rel in ('a/x.jpg', 'b/y.png'):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b'x')
+    os.symlink('..', tmp_path / 'a' / 'up')
+    os.symlink(tmp_path / 'b', tmp_path / 'c')
+    found = [os.path.relpath(p, tmp_path) for p in list_images(str(tmp_path))]
+    assert found == [os.path.join('a', 'x.jpg'), os.path.join('b', 'y.png')]
+
+
 # ---- packing ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope='module')

@@ -16,11 +16,13 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from PIL import Image
 
 import evaluate
 import evaluation
 import metrics
 import model_zoo
+import prepare_data
 from checkpoint import CheckpointError
 from evaluation import (ImageSet, Protocol, dataset_statistics, draw_codes, draw_references, parse_indicators,
                         reference_codes, run_protocol)
@@ -132,6 +134,31 @@ def test_fid_of_a_set_against_itself_is_zero_and_grows_with_noise():
         fids.append(frechet_distance(*stats.mean_cov(), mu, sigma))
     assert 0 < fids[0] < fids[1] < fids[2], fids
     assert fids[0] > 1e-6 * np.trace(sigma)
+
+
+def test_a_folder_and_its_lmdb_give_the_fid_network_the_same_images(tmp_path):
+    """A folder --real of non-square images was squashed to the network's square; an LMDB of the same images
+    holds prepare_data's centre squares at --real_resolution. Both routes now give the same inputs."""
+    folder = tmp_path / "art"
+    folder.mkdir()
+    for k, box in enumerate([(0, 0, 512, 300), (100, 0, 340, 512), (0, 0, 512, 512)]):  # wide, tall, square
+        Image.open(os.path.join(STYLES, sorted(os.listdir(STYLES))[k])).crop(box).save(folder / f"{k}.png")
+    lmdb_path = str(tmp_path / "art.lmdb")
+    assert prepare_data.main(["--out", lmdb_path, "--size", "24", "--format", "png", "--n_worker", "0",
+                              str(folder)]) == 0
+    from_folder, from_lmdb = ImageSet(str(folder), 24), ImageSet(lmdb_path, 24)
+    for k in range(3):
+        np.testing.assert_array_equal(from_folder.read(k), from_lmdb.read(k))
+        assert from_folder.read(k).shape == (24, 24, 3)
+    # the wide image's centre square, independently: 512 x 300 scaled to 41 x 24, its middle 24 columns
+    wide = Image.open(folder / "0.png").convert("RGB").resize((41, 24), Image.LANCZOS).crop((8, 0, 32, 24))
+    np.testing.assert_array_equal(from_folder.read(0), np.asarray(wide))
+    x_folder, _ = evaluation.collate_resized([from_folder[k] for k in range(3)], 32)
+    x_lmdb, _ = evaluation.collate_resized([from_lmdb[k] for k in range(3)], 32)
+    torch.testing.assert_close(x_folder, x_lmdb, rtol=0, atol=0)
+    extractor = TinyFeatures(dim=2).eval()
+    assert dataset_statistics(from_folder, extractor, 3, "cpu")[0].tolist() == \
+        dataset_statistics(from_lmdb, extractor, 3, "cpu")[0].tolist()
 
 
 # ---------------------------------------------------------------------------------------------- networks
@@ -405,7 +432,8 @@ def test_protocol_table_resume_and_determinism(tiny_g, protocol_parts, alexnet_f
     refs = parts["refs"]
     with torch.no_grad():
         z_ref = torch.stack([g.get_z_embed(torch.cat([img2ten(refs.read(k)) for k in face])) for face in picks.tolist()])
-    torch.testing.assert_close(reference_codes(g, refs, picks, 5, "cpu", torch.float32), z_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(reference_codes(g, refs, n_faces, PROTOCOL.n_styles, PROTOCOL.seed, 5, "cpu",
+                                               torch.float32), z_ref, rtol=1e-5, atol=1e-6)
     assert all(len(set(face)) == PROTOCOL.n_styles for face in picks.tolist())
     for mode, z_style in (("latent", z_latent), ("reference", z_ref)):
         fid, div, cos = independent_row(g, parts, 0, z_style)
@@ -451,6 +479,28 @@ def test_protocol_table_resume_and_determinism(tiny_g, protocol_parts, alexnet_f
         run(g, parts, tmp_path / "a", [0, 6], batch=6, protocol=Protocol(9, 2, 3, 64, seed=3))
 
 
+def test_unreadable_reference_is_named_and_the_references_drawn_from_the_rest(tiny_g, tmp_path, capsys):
+    """A bad file among the references is skipped as the real set's statistics skip it, not an abort after
+    the long statistics pass."""
+    names = sorted(os.listdir(STYLES))[:6]
+    for name in names:
+        shutil.copy(os.path.join(STYLES, name), tmp_path / name)
+    broken = tmp_path / (names[0][:-4] + "b.jpg")  # sorts second: drawn among 3 of 7
+    broken.write_bytes(b"\xff\xd8 not a jpeg")
+    refs = ImageSet(str(tmp_path))
+    assert len(refs) == 7 and refs.files[1] == str(broken)
+    draws = draw_references(4, 3, 7, seed=2)
+    assert 1 in draws.flatten().tolist()  # the broken file is among the first draws
+    codes = reference_codes(tiny_g, refs, 4, 3, 2, 4, "cpu", torch.float32)
+    assert f"skipped {broken}: cannot decode image" in capsys.readouterr().err
+    readable = [0, 2, 3, 4, 5, 6]
+    picks = [[readable[k] for k in face] for face in draw_references(4, 3, 6, seed=2).tolist()]
+    with torch.no_grad():
+        expected = torch.stack([tiny_g.get_z_embed(torch.cat([img2ten(refs.read(k)) for k in face]))
+                                for face in picks])  # [4, 3, style_dim]
+    torch.testing.assert_close(codes, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_cli_end_to_end_with_weights_files(tiny_g, inception_file, alexnet_file, tmp_path, capsys):
     """evaluate.py with the weights files through its options (the release pools style images to 256 px
     before VGG, so this run is kept to one reference-guided row of 2 images)."""
@@ -471,8 +521,10 @@ def test_cli_end_to_end_with_weights_files(tiny_g, inception_file, alexnet_file,
     with np.load(out / "real_stats.npz") as f:
         mu, sigma, n = f["mu"], f["sigma"], int(f["n"])
     assert mu.shape == (2048,) and sigma.shape == (2048, 2048) and n == 3
-    images = ImageSet(STYLES)
-    x = torch.stack([torch.from_numpy(images.read(k)).permute(2, 0, 1).float() / 255 for k in range(3)])
+    # the real images at the generator's size (16 px: the 512 px squares scaled down, as prepare_data packs them)
+    firsts = [os.path.join(STYLES, name) for name in sorted(os.listdir(STYLES))[:3]]
+    x = torch.stack([torch.from_numpy(np.array(Image.open(path).convert("RGB").resize((SIZE, SIZE), Image.LANCZOS)))
+                     .permute(2, 0, 1).float() / 255 for path in firsts])
     with torch.no_grad():
         feats = load_inception(inception_file)(x).double().numpy()
     np.testing.assert_allclose(mu, feats.mean(0), rtol=1e-4, atol=1e-5)

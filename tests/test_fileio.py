@@ -32,6 +32,26 @@ def test_folder_problem_names_the_file_in_the_way(tmp_path):
     assert fileio.folder_problems("--outdir", tmp_path) == []
 
 
+def test_output_folder_is_never_the_input_folder_and_its_files_are_not_inputs(tmp_path):
+    photos = tmp_path / "photos"
+    (photos / "aligned").mkdir(parents=True)
+    os.symlink(photos, tmp_path / "link")
+    for outdir in (photos, tmp_path / "link", str(photos) + "/"):  # the same folder, however it is named
+        assert fileio.input_folder_problems("--outdir", outdir, "--input_img_path", photos) == [
+            f"--outdir {outdir} is the --input_img_path folder {photos}: the outputs would be written among (and "
+            f"could replace) the inputs; use another folder (a subfolder of it is fine)"]
+    for outdir in (photos / "aligned", tmp_path, tmp_path / "other"):
+        assert fileio.input_folder_problems("--outdir", outdir, "--input_img_path", photos) == []
+    assert fileio.input_folder_problems("--outdir", photos, "--input_img_path", photos / "a.jpg") == []  # a file
+
+    paths = [str(photos / "a.jpg"), str(photos / "aligned" / "a.png"), str(photos / "aligneds.png"),
+             str(tmp_path / "link" / "aligned" / "b.png")]
+    assert fileio.without_outputs(paths, photos, photos / "aligned") == [str(photos / "a.jpg"),
+                                                                          str(photos / "aligneds.png")]
+    # the input folder inside the output folder: every input lies there, none is an output of this run
+    assert fileio.without_outputs(paths, photos, tmp_path) == paths
+
+
 def stop_writer(tmp_path, mode):
     """Run WRITER, SIGTERM it once its temporary file exists; (exit code, files left in the folder)."""
     out = tmp_path / mode

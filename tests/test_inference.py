@@ -312,6 +312,57 @@ def test_output_folder_that_is_a_file_is_refused_when_parsing(tmp_path, capsys):
     assert generate_image_pairs.parse_args(["--outdir", str(tmp_path / "new" / "folder")])  # to be made: fine
 
 
+def test_output_folder_that_is_an_input_folder_is_refused_when_parsing(capsys):
+    """--outdir equal to a folder of inputs: the outputs would be taken as inputs by the next run (a
+    mosaic of a mosaic; an .mp4 read as a style image) or, for align_faces.py, replace the photos."""
+    import align_faces
+
+    faces = FACES  # nothing is written: the options are refused
+    cases = [(style_transfer_folder, "--input_img_path", faces), (style_transfer_folder, "--style_img_path", faces),
+             (gen_video, "--input_img_path", faces), (gen_video, "--style_img_path", faces),
+             (align_faces, "--input_img_path", faces), (align_faces, "--input_img_path", os.path.join(faces, "000000.jpg"))]
+    for module, flag, path in cases:
+        others = [] if module is align_faces else ["--input_img_path", STYLES, "--style_img_path", STYLES]
+        with pytest.raises(SystemExit) as exit_info:
+            module.parse_args(others + ["--outdir", faces, flag, path])
+        assert exit_info.value.code == 2, (module, flag)
+        assert f"--outdir {faces} is the {flag} folder {faces}: the outputs would" in capsys.readouterr().err
+    assert style_transfer_folder.parse_args(["--outdir", os.path.join(faces, "out"), "--input_img_path", faces])
+
+
+def test_folder_without_inputs_says_what_it_left_out(tmp_path):
+    """Per-person subfolders and a dead link gave 'done: 0 ... written', exit 1, and no hint."""
+    import inference
+
+    (tmp_path / "anna").mkdir()
+    (tmp_path / "bob").mkdir()
+    os.symlink(tmp_path / "gone.jpg", tmp_path / "dead.jpg")
+    (tmp_path / "README").write_text("photos")
+    (tmp_path / ".hidden.jpg").write_bytes(b"x")
+    (tmp_path / ".git").mkdir()
+    with pytest.raises(FileNotFoundError) as error:
+        inference.list_inputs(str(tmp_path))
+    assert str(error.value) == (f"no input files in {tmp_path}: it holds 2 subfolder(s) (not searched: pass one as "
+                                f"the folder), 1 dead link(s), 1 hidden file(s), 1 file(s) without an extension")
+    (tmp_path / "anna" / "a.jpg").write_bytes(b"x")
+    with pytest.raises(FileNotFoundError, match=f"no input files in {tmp_path / 'bob'}: it is empty"):
+        inference.list_inputs(str(tmp_path / "bob"))
+    assert inference.list_inputs(str(tmp_path / "anna")) == [str(tmp_path / "anna" / "a.jpg")]
+
+
+def test_generate_pairs_style_img_that_is_no_image_file_is_one_line_when_parsing(tmp_path, capsys):
+    """It was named twice, after the generator had loaded ('skipped ...: Is a directory', then 'error: ...')."""
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image")
+    for path, problem in ((STYLES, "a folder, not an image file"), (tmp_path / "nope.jpg", "no such file"),
+                          (text, "cannot decode image")):
+        with pytest.raises(SystemExit) as exit_info:
+            generate_image_pairs.parse_args(["--style_img", str(path)])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and sum(str(path) in line for line in err.splitlines()) == 1
+        assert f"error: --style_img {path}: {problem}" in err.strip().splitlines()[-1]
+
+
 def test_style_walks_match_release_picks():
     release = {  # format notes Sec. 8: the release's picks for its test images (seed 0, sorted lists)
         "000000": "100032 100029 100016 100010 100019 100016 100030 100013",

@@ -1138,6 +1138,8 @@ def test_command_line_validation(data, tmp_path, capsys, monkeypatch):
     assert (opts.batch, opts.iter, opts.size, opts.eq8) == (8, 200000, 32, None)  # None: see test_eq8_reading...
     assert train_script.parse_args(base + ["--size", "32", "--keep", "5"]).keep_checkpoints == 5  # the others' name
     fresh = ["--resume", "latest", "--out_dir", str(tmp_path / "no-checkpoint-yet")]  # latest = a new run here
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
     bad = [(base + ["--size", "48"], "power of two"),
            (base + ["--size", "64"], f"FFHQ_LMDB {data['faces']} holds no images at resolution 64"),
            (base + ["--size", "32", "--eq8", "both"], "--eq8"),
@@ -1147,6 +1149,7 @@ def test_command_line_validation(data, tmp_path, capsys, monkeypatch):
            ([data["faces"], data["styles"]] + fresh, "--style_encoder_ckpt is required"),
            ([data["faces"], "--finetune_style_img", os.path.join(STYLES, "100000.jpg")], "--blendgan_ckpt"),
            ([data["faces"], "--finetune_style_img", os.path.join(STYLES, "100000.jpg")] + fresh, "--blendgan_ckpt"),
+           ([data["faces"], "--finetune_style_img", str(text)], f"--finetune_style_img {text}: cannot decode image"),
            (base + ["--mixing", "1.5"], "--mixing"),
            (base + ["--resume", "/nonexistent.pt"], "--resume"),
            (base + ["--stylegan2_ckpt", "ffhq.pt"], "--stylegan2_ckpt ffhq.pt: file not found (python download_models.py "

@@ -534,10 +534,13 @@ def test_generator_of_another_latent_width_is_one_line(assets, tmp_path, capsys)
 def test_cli_validates_options(assets, trained, tmp_path, capsys):
     opts, result = trained
     good = cli_args(options(assets, tmp_path / "run"))
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image")
     cases = [(["--batch", "0"], "--batch must be at least 1"),
              (["--encoder_input_size", "48"], "--encoder_input_size must be a power of two"),
              (["--l2_weight", "0", "--lpips_weight", "0", "--w_norm_weight", "0"], "every loss weight is 0"),
              (["--flip", "2"], "--flip is a probability"),
+             (["--sample_style_img", str(text)], f"--sample_style_img {text}: cannot decode image"),
              (["--id_weights", str(tmp_path / "missing.pth")], "missing.pth: file not found (python download_models.py "
                                                                  "model_ir_se50.pth writes pretrained_models/model_ir_se50.pth)"),
              (["--out_dir", os.path.join(good[0], "data.mdb")], "data.mdb is a file, not a folder")]
