@@ -379,18 +379,20 @@ def test_short_run_learns_with_the_generator_frozen(assets, trained):
     assert config["active_losses"] == ["l2", "lpips", "w_norm"] and config["size"] == SIZE
 
 
-def test_a_few_hundred_steps_lower_the_reconstruction_loss_clearly(assets, tmp_path):
-    """Paper A.3 at test scale: 200 steps of L2 + LPIPS + W-norm on the 8 test faces, batch 4."""
-    opts = options(assets, tmp_path / "long", iter=200, batch=4, save_every=200, sample_every=200, log_every=20)
+def test_a_hundred_steps_lower_the_reconstruction_loss_clearly(assets, tmp_path):
+    """Paper A.3 at test scale: 100 steps of L2 + LPIPS + W-norm on the 8 test faces, batch 4. (Measured: the
+    last 20 steps' L2 is 0.13x the first 5 steps' and 0.28x steps 6-10's, LPIPS 0.47x; 0.09x, 0.20x and
+    0.37x after 200 steps.)"""
+    opts = options(assets, tmp_path / "long", iter=100, batch=4, save_every=100, sample_every=100, log_every=20)
     with fast_cpu():
         result = pt.train(opts)
-    assert [h["step"] for h in result.history] == list(range(1, 201))
+    assert [h["step"] for h in result.history] == list(range(1, 101))
     l2, perceptual = (np.array([h[k] for h in result.history]) for k in ("l2", "lpips"))
     assert np.isfinite(l2).all() and np.isfinite(perceptual).all()
     assert l2[-20:].mean() < 0.2 * l2[:5].mean()
     assert l2[-20:].mean() < 0.5 * l2[6:10].mean()  # still improving well past the short run's 8 steps
     assert perceptual[-20:].mean() < perceptual[:5].mean()
-    assert os.path.isfile(os.path.join(opts.out_dir, "checkpoints", "000200.pt"))
+    assert os.path.isfile(os.path.join(opts.out_dir, "checkpoints", "000100.pt"))
 
 
 def test_checkpoints_load_into_psp_encoder_and_the_inference_path(assets, trained):
