@@ -80,30 +80,31 @@ def low_precision_psnr(size, dtype, device, seed=0):
     return float(10 * torch.log10(2 ** 2 / mse))
 
 
-@functools.lru_cache(maxsize=1)  # every batch of a size and dtype reuses them; the next ones free them
-def inference_networks(size, dtype_name, device, compile, psp):
-    """(G, pSp or None, D) prepared as the scripts prepare them; prints G's GFLOP per image once."""
+def inference_networks(size, opts):
+    """(G, pSp or None, D) prepared as the scripts prepare them, for every batch of one size and dtype;
+    prints G's GFLOP per image, and first, for a low precision, its PSNR against float32 (whose own
+    generators are gone before these are built)."""
     from psp_encoder.psp_encoders import PSPEncoder
 
-    dtype = DTYPES[dtype_name]
-    g = for_inference(Generator(size, 512, 8, channel_multiplier=2, load_pretrained_vgg=False), device, dtype, compile)
+    device, dtype = opts.device, DTYPES[opts.dtype]
+    if dtype != torch.float32:
+        print(f"# {size} px: {opts.dtype} vs float32 image, PSNR {low_precision_psnr(size, dtype, device):.1f} dB",
+              flush=True)
+    g = for_inference(Generator(size, 512, 8, channel_multiplier=2, load_pretrained_vgg=False), device, dtype,
+                      opts.compile)
     print(f"# {size} px: generator {generator_gflop(g, torch.randn(1, 512, device=device, dtype=dtype)):.1f} "
           "GFLOP/image", flush=True)
-    encoder = for_inference(PSPEncoder(None, output_size=size), device, dtype, compile) if psp else None
+    encoder = for_inference(PSPEncoder(None, output_size=size), device, dtype, opts.compile) if opts.psp else None
     return g, encoder, for_inference(Discriminator(size, channel_multiplier=2), device, dtype)
 
 
-def bench_inference(size, opts):
-    """Yields (what, seconds per call, images per call) for one output size, each row as soon as it is
-    timed (a run killed at its time limit still shows the rows before)."""
+def bench_inference(size, opts, networks):
+    """Yields (what, seconds per call, images per call) for one output size with inference_networks'
+    ``networks``, each row as soon as it is timed (a run killed at its time limit still shows the rows
+    before)."""
     device, dtype, n = opts.device, DTYPES[opts.dtype], opts.batch
     run = lambda fn: timed(fn, device, opts.warmup, opts.repeat)  # noqa: E731
-    if dtype != torch.float32:  # before the networks: its own generators are not in this batch's peak memory
-        print(f"# {size} px: {opts.dtype} vs float32 image, PSNR {low_precision_psnr(size, dtype, device):.1f} dB",
-              flush=True)
-        if device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-    g, psp, d = inference_networks(size, opts.dtype, device, opts.compile, opts.psp)
+    g, psp, d = networks
     z = torch.randn(n, 512, device=device, dtype=dtype)
     z_s = torch.randn(n, 512, device=device, dtype=dtype)
     img = torch.rand(n, 3, size, size, device=device, dtype=dtype) * 2 - 1
@@ -127,6 +128,7 @@ def bench_inference(size, opts):
         d(x).sum().backward()
 
     yield ("D forward+backward", run(d_step), n)
+    d.zero_grad(set_to_none=True)  # not carried into the next batch's memory
 
 
 def release_generator_class(release_dir):
@@ -290,11 +292,14 @@ def main(argv=None):
 
     for dtype in dtypes:
         for size in comma_list(opts.sizes, int):
+            networks = inference_networks(size, configured(dtype=dtype))  # once for all batches
             for batch in batches:
                 config = configured(dtype=dtype, batch=batch)
-                show(size, config, bench_inference(size, config))
-                if opts.plain:
-                    show(size, config, bench_plain(size, config))
+                show(size, config, bench_inference(size, config, networks))
+            del networks  # freed before the next size, dtype or the rows below
+            for batch in batches if opts.plain else ():
+                config = configured(dtype=dtype, batch=batch)
+                show(size, config, bench_plain(size, config))
         if opts.train:
             for size, batch in zip(train_sizes, train_batches):
                 config = configured(dtype=dtype, batch=batch, train_size=size, train_batch=batch)

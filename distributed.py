@@ -61,7 +61,8 @@ def init_distributed(device, timeout_minutes=30):
     device: "cuda", "cuda:N", "cpu" or a torch.device. Under torchrun with CUDA each process takes
     cuda:LOCAL_RANK (an explicit index in ``device`` is replaced: one GPU per process). Without
     torchrun (WORLD_SIZE unset or 1) nothing is initialised and ``torch.device(device)`` is returned,
-    unless the caller has already made a process group (then it is joined as above).
+    unless the caller has already made a process group: then that group is used, on cuda:LOCAL_RANK
+    when LOCAL_RANK is set, else on the device given (a launcher of its own chose it).
     """
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -70,11 +71,12 @@ def init_distributed(device, timeout_minutes=30):
     if world_size <= 1 and not is_distributed():
         return device
     if device.type == "cuda":
-        local_rank = get_local_rank()
-        if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA devices are "
-                               "visible: start at most that many processes per node")
-        device = torch.device("cuda", local_rank)
+        if os.environ.get("LOCAL_RANK", "") != "" or device.index is None:
+            local_rank = get_local_rank()
+            if local_rank >= torch.cuda.device_count():
+                raise RuntimeError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA devices "
+                                   "are visible: start at most that many processes per node")
+            device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         backend = "nccl"
     else:

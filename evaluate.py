@@ -26,8 +26,8 @@ import sys
 import torch
 
 from checkpoint import CheckpointError
-from evaluation import (MODES, ImageSet, Protocol, evaluation_settings, load_metric_networks, parse_indicators,
-                        real_statistics, run_protocol)
+from evaluation import (MODES, ImageSet, Protocol, evaluation_settings, image_set_id, load_metric_networks,
+                        parse_indicators, real_statistics, run_protocol)
 from fileio import exit_on_sigterm
 from imageio_utils import UnreadableImageError
 from inference import DTYPES, add_common_args, load_blendgan, truncation_centre, validate_common
@@ -104,7 +104,7 @@ def evaluate(opts):
     real_mu, real_sigma, real_id = real_statistics(opts.real, resolution, opts.n_real, opts.real_stats, extractor,
                                                    opts.batch, device, opts.workers)
     refs_path = opts.style_refs or opts.real  # part of the settings even for latent-only runs: rows can be added
-    refs_id = f"{os.path.abspath(refs_path)}@{resolution}" if refs_path else None
+    refs_id = image_set_id(refs_path, resolution) if refs_path else None
     refs = ImageSet(refs_path, resolution) if "reference" in opts.modes else None
 
     truncation_latent = None

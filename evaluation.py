@@ -90,6 +90,13 @@ def is_lmdb(path):
     return os.path.isdir(path) and os.path.isfile(os.path.join(path, "data.mdb"))
 
 
+def image_set_id(path, resolution):
+    """How ImageSet(path, resolution) reads its images, for the records that decide whether numbers may be
+    reused (statistics caches, a resumed evaluation): an LMDB at a resolution, or a folder brought to it."""
+    how = "" if is_lmdb(path) else " (folder: shorter side scaled, centre square)"
+    return f"{os.path.abspath(path)}@{resolution}{how}"
+
+
 class ImageSet(Dataset):
     """RGB images of an LMDB (prepare_data.py layout, one ``resolution``) or of a folder (recursive).
 
@@ -180,8 +187,7 @@ def real_statistics(real, resolution, n_real, stats_path, extractor, batch, devi
     """
     source = None
     if real is not None:
-        source = f"{os.path.abspath(real)}@{resolution}"
-        source += f"[:{n_real}]" if n_real else ""
+        source = image_set_id(real, resolution) + (f"[:{n_real}]" if n_real else "")
     if stats_path and os.path.isfile(stats_path):
         mu, sigma, n, cached_source, cached_features = load_stats(stats_path)
         if source is not None and cached_source and cached_source != source:

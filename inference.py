@@ -252,6 +252,8 @@ def list_inputs(path, outdir=None):
         return [path]
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no such file or folder: {path}")
+    for problem in input_folder_problems("output folder", outdir, "input", path) if outdir is not None else ():
+        raise ValueError(problem)  # validate_common refuses it first; this is for callers from Python
     names = sorted(n for n in os.listdir(path) if "." in n and not n.startswith("."))
     paths = [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))]
     if not paths:

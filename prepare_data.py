@@ -70,9 +70,10 @@ def _encode_file(task):
         img = read_image_rgb(path)
     except UnreadableImageError as error:
         return path, None, str(error), False
-    if min(img.size) < MIN_SIDE:
+    least = min(MIN_SIDE, *sizes)  # a face fits in 32 px; smaller packs (tests) take what reaches their size
+    if min(img.size) < least:
         w, h = img.size
-        return path, None, f'{path}: too small for a face image ({w}x{h} px, need >= {MIN_SIDE})', False
+        return path, None, f'{path}: too small for a face image ({w}x{h} px, need >= {least})', False
     return path, encode_resized(img, sizes, RESAMPLE[resample], image_format, quality), None, min(img.size) < max(sizes)
 
 
@@ -279,7 +280,8 @@ def _write_lmdb(tmp_path, paths, options):
             if index % WRITE_BATCH == 0:
                 writer.flush()
         if index == 0:
-            raise ValueError(f'none of the {len(paths)} files could be decoded; nothing written')
+            raise ValueError(f'none of the {len(paths)} files could be used, nothing written: '
+                             + '; '.join(skipped[:3]) + ('; ...' if len(skipped) > 3 else ''))
         # Written last: a reader that finds b'length' finds every image before it.
         writer.flush()
         writer.put(LENGTH_KEY, str(index).encode('utf-8'))

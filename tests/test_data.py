@@ -247,6 +247,24 @@ def test_skipped_files_counted_and_indices_contiguous(tmp_path, capsys):
     assert '1 of them smaller than 64 px (shorter side), upscaled' in printed
 
 
+def test_small_images_fit_small_packs_and_a_folder_of_nothing_usable_says_why(tmp_path):
+    """The 32 px minimum is for faces; a pack at 8/16 px takes 24 px images. When nothing can be packed the
+    error gives the files' reasons, not 'could not be decoded' for images that decoded."""
+    rng = np.random.default_rng(1)
+    folder = tmp_path / 'thumbs'
+    folder.mkdir()
+    for name in ('a.png', 'b.png'):
+        Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(folder / name)
+    small = prepare_data.prepare(prepare_data.parse_args(['--out', str(tmp_path / 'small'), '--size', '8,16',
+                                                          '--format', 'png', '--n_worker', '0', str(folder)]))
+    assert small.length == 2 and not small.skipped and small.upscaled == 0
+    with pytest.raises(ValueError, match=r'none of the 2 files could be used, nothing written: .*a\.png: too small '
+                                         r'for a face image \(24x24 px, need >= 32\); .*b\.png: too small'):
+        prepare_data.prepare(prepare_data.parse_args(['--out', str(tmp_path / 'big'), '--size', '64', '--format', 'png',
+                                                      '--n_worker', '0', str(folder)]))
+    assert not os.path.exists(tmp_path / 'big')
+
+
 def test_jpeg_multiple_folders_and_non_square(tmp_path):
     wide = tmp_path / 'wide'
     wide.mkdir()

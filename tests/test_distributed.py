@@ -40,13 +40,22 @@ def test_single_process_is_rank_zero_of_one(no_torchrun):
     distributed.cleanup()
 
 
-def test_a_process_group_made_by_the_caller_is_joined_for_a_world_of_one(no_torchrun, tmp_path):
+def test_a_process_group_made_by_the_caller_is_joined_for_a_world_of_one(no_torchrun, tmp_path, monkeypatch):
     """tools/gpu_check.py's DDP step makes a one-process group itself (torchrun's world of one makes none),
-    so that train.py's DDP wrapping and collectives really run."""
+    so that train.py's DDP wrapping and collectives really run. The GPU is LOCAL_RANK's under torchrun, else
+    the one asked for (a launcher of the caller's own picked it)."""
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         assert distributed.is_distributed() and distributed.get_world_size() == 1
         assert distributed.init_distributed("cpu") == torch.device("cpu")
+        chosen = []
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+        monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+        assert distributed.init_distributed("cuda:1") == torch.device("cuda", 1)
+        monkeypatch.setenv("LOCAL_RANK", "0")
+        assert distributed.init_distributed("cuda:1") == torch.device("cuda", 0)
+        assert chosen == [torch.device("cuda", 1), torch.device("cuda", 0)]
         x = torch.randn(3, 4, requires_grad=True)
         gathered = distributed.all_gather_with_grad(x)
         assert gathered is not x and torch.equal(gathered, x) and gathered.requires_grad

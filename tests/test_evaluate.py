@@ -159,6 +159,9 @@ def test_a_folder_and_its_lmdb_give_the_fid_network_the_same_images(tmp_path):
     extractor = TinyFeatures(dim=2).eval()
     assert dataset_statistics(from_folder, extractor, 3, "cpu")[0].tolist() == \
         dataset_statistics(from_lmdb, extractor, 3, "cpu")[0].tolist()
+    # records made before folders were read this way (path@resolution) do not match: not reused, not resumed
+    assert evaluation.image_set_id(lmdb_path, 24) == f"{os.path.abspath(lmdb_path)}@24"
+    assert evaluation.image_set_id(str(folder), 24) == f"{folder}@24 (folder: shorter side scaled, centre square)"
 
 
 # ---------------------------------------------------------------------------------------------- networks

@@ -133,3 +133,19 @@ def test_a_killed_step_takes_the_processes_it_started_with_it(tmp_path):
     assert _state(pid) in (None, "Z")
     ok, _, out = gpu_check.run([sys.executable, "-c", "import sys; print('out'); sys.exit(3)"], 30)
     assert not ok and out.startswith("out") and "[exit status 3]" in out
+
+
+def test_a_killed_step_stops_workers_in_their_own_session_as_torchrun_does():
+    """torchrun starts its workers in sessions of their own and stops them on SIGTERM: a timed-out step gets
+    SIGTERM first (SIGKILL alone would leave the worker running, on the GPU, holding the output pipe)."""
+    code = ("import signal, subprocess, sys, time\n"
+            "worker = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], start_new_session=True)\n"
+            "def stop(*_):\n"
+            "    worker.terminate(); worker.wait(); sys.exit(143)\n"
+            "signal.signal(signal.SIGTERM, stop)\n"
+            "print('WORKER', worker.pid, flush=True)\n"
+            "time.sleep(60)\n")
+    ok, seconds, out = gpu_check.run([sys.executable, "-c", code], 3)
+    assert not ok and "[killed after 3 s]" in out and seconds < 30
+    assert out.count("WORKER") == 1
+    assert _state(int(out.split("WORKER ")[1].split()[0])) in (None, "Z")

@@ -328,6 +328,10 @@ def test_output_folder_that_is_an_input_folder_is_refused_when_parsing(capsys):
         assert exit_info.value.code == 2, (module, flag)
         assert f"--outdir {faces} is the {flag} folder {faces}: the outputs would" in capsys.readouterr().err
     assert style_transfer_folder.parse_args(["--outdir", os.path.join(faces, "out"), "--input_img_path", faces])
+    import inference
+
+    with pytest.raises(ValueError, match="output folder .* is the input folder"):  # a caller from Python
+        inference.list_inputs(faces, outdir=faces + os.sep)
 
 
 def test_folder_without_inputs_says_what_it_left_out(tmp_path):

@@ -69,11 +69,11 @@ STEP_ENV = {}  # environment for every later step's processes (set by a failed b
 
 
 def run(cmd, limit, env=None):
-    """(ok, seconds, output) of a subprocess run from the repository root, killed after `limit` s.
+    """(ok, seconds, output) of a subprocess run from the repository root, stopped after `limit` s.
 
-    The command runs in its own session and a timeout kills that whole process group: a build's ninja and
-    nvcc, or torchrun's workers, do not outlive their step (they would hold the GPU or the build directory
-    while the next step runs).
+    The command runs in its own session; a timeout stops that whole process group (stop_group), so a
+    build's ninja and nvcc, or torchrun and its workers, do not outlive their step (they would hold the
+    GPU or the build directory while the next step runs).
     """
     t0 = time.perf_counter()
     # The repository first, then the caller's PYTHONPATH (packages carried to a bare GPU machine live there).
@@ -87,16 +87,34 @@ def run(cmd, limit, env=None):
         if not ok:
             out += f"\n[exit status {proc.returncode}]"
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()  # what it printed before the kill
+        out = stop_group(proc) + f"\n[killed after {limit:.0f} s]"
         ok = False
-        out += f"\n[killed after {limit:.0f} s]"
     finally:
-        try:  # whatever the step started and left behind (its group outlives a finished leader)
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        signal_group(proc, signal.SIGKILL)  # whatever the step started and left (a group outlives its leader)
     return ok, time.perf_counter() - t0, out
+
+
+def signal_group(proc, sig):
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:  # the group is gone
+        pass
+
+
+def stop_group(proc, grace=15, last_wait=5):
+    """Stops a timed-out step's process group and returns what it printed. SIGTERM first: torchrun starts its
+    workers in sessions of their own, out of the group's reach, and stops them on SIGTERM (after SIGKILL
+    they would run on, holding the GPU and this pipe); then SIGKILL after `grace` s. A process still holding
+    the pipe `last_wait` s later is not waited for."""
+    so_far = ""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, last_wait)):
+        signal_group(proc, sig)
+        try:
+            return proc.communicate(timeout=wait)[0]  # all of it: a retried communicate loses nothing
+        except subprocess.TimeoutExpired as err:  # all output so far, as bytes whatever text=True says
+            so_far = err.output.decode(errors="replace") if isinstance(err.output, bytes) else (err.output or "")
+    proc.stdout.close()
+    return so_far
 
 
 def table_rows(text):
