@@ -523,7 +523,7 @@ def load_style_encoder(g, path, vgg_ckpt, log):
     sd = style_encoder_state(ckpt, path)
     pool = ckpt.get("style_encoder_config", {}).get("pool_size") if isinstance(ckpt.get("style_encoder_config"),
                                                                                dict) else None
-    own_pool = g.embedder.embedder.pool.output_size[0]
+    own_pool = g.embedder.embedder.avg_pool.output_size[0]
     if pool is not None and pool != own_pool:
         log(f"note: {path} was trained with --style_pool_size {pool}, this run encodes at {own_pool}")
     vgg_prefix = "embedder.feature_extractor."

@@ -349,7 +349,7 @@ def pooled_batches(images, pool_size, batch, device, dtype):
 
 def style_pool_size(g):
     """The side E_style pools its input to (its --style_pool_size)."""
-    return g.embedder.embedder.pool.output_size[0]
+    return g.embedder.embedder.avg_pool.output_size[0]
 
 
 def face_pool_size():

@@ -109,13 +109,13 @@ class GramEmbedder(nn.Module):
 
     def __init__(self, taps=VGG19_TAPS, pool_size=STYLE_POOL_SIZE):
         super().__init__()
-        self.pool = nn.AdaptiveAvgPool2d((pool_size, pool_size))
+        self.avg_pool = nn.AdaptiveAvgPool2d((pool_size, pool_size))  # the release's name
         self.feature_extractor = VGGFeatureExtractor(taps)
         self.out_dim = gram_dim(taps)
 
     def forward(self, x):
         # channels_last: oneDNN's VGG convolutions are faster in it (the Gram products do not care).
-        feats = self.feature_extractor(self.pool(x).contiguous(memory_format=torch.channels_last))
+        feats = self.feature_extractor(self.avg_pool(x).contiguous(memory_format=torch.channels_last))
         return torch.cat([gram_matrix(f) for f in feats], dim=1)
 
 

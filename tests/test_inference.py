@@ -667,7 +667,7 @@ def test_encode_faces_and_styles_feed_their_encoders_block_averages():
         np.testing.assert_allclose(faces[i], block_mean(im, 2), rtol=0, atol=1e-5, err_msg=str(i))
     seen.clear()
     pool = types.SimpleNamespace(output_size=(128, 128))
-    g = types.SimpleNamespace(embedder=types.SimpleNamespace(embedder=types.SimpleNamespace(pool=pool)),
+    g = types.SimpleNamespace(embedder=types.SimpleNamespace(embedder=types.SimpleNamespace(avg_pool=pool)),
                               style_dim=4, get_z_embed=lambda x: seen.append(x.clone()) or torch.zeros(len(x), 4))
     assert tuple(encode_styles(g, images, 2, "cpu", torch.float32).shape) == (3, 4)
     styles = torch.cat(seen).numpy()

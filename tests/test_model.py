@@ -342,6 +342,7 @@ def test_release_namespace_and_calls():
         image, latent = g([z], return_latents=True, randomize_noise=False)
     assert torch.equal(g.input(latent), g.input(2)) and g.input(latent).shape == (2, g.input.input.shape[1], 4, 4)
     assert image.is_contiguous() and image.view(2, -1).shape == (2, 3 * 16 * 16)
+    assert isinstance(g.embedder.embedder.avg_pool, torch.nn.AdaptiveAvgPool2d)  # the release's name of its pooling
 
 
 def test_fused_and_activation_modulation_agree_on_whole_generator():
