@@ -297,9 +297,10 @@ def main(argv=None):
                 config = configured(dtype=dtype, batch=batch)
                 show(size, config, bench_inference(size, config, networks))
             del networks  # freed before the next size, dtype or the rows below
-            for batch in batches if opts.plain else ():
-                config = configured(dtype=dtype, batch=batch)
-                show(size, config, bench_plain(size, config))
+            if opts.plain:
+                for batch in batches:
+                    config = configured(dtype=dtype, batch=batch)
+                    show(size, config, bench_plain(size, config))
         if opts.train:
             for size, batch in zip(train_sizes, train_batches):
                 config = configured(dtype=dtype, batch=batch, train_size=size, train_batch=batch)

@@ -90,6 +90,7 @@ from imageio_utils import decode_problems, read_image_rgb
 from model import BLENDGAN_ONLY_KEYS, Discriminator, Generator, ProjectionDiscriminator, guess_generator_config
 from model_zoo import file_not_found
 from prepare_data import resize_and_center_crop
+from style_encoder import VGG19_WEIGHTS_FILE
 from trainutil import (CheckpointManager, NonFiniteGuard, RunMonitor, accumulate, checkpoint_tag, default_device,
                        gather_rng_states, load_optimizer_state, load_scaler_state, load_tagged_checkpoint, options_dict,
                        require_valid, resolve_resume, restore_rng_states, seed_everything, write_config)
@@ -212,7 +213,7 @@ def validate(opts):
         problems.append("--style_encoder_ckpt is required (the frozen style encoder E_style), unless the "
                         "generator comes from --blendgan_ckpt or --resume")
     published = {"style_encoder_ckpt": None, "stylegan2_ckpt": "stylegan2-ffhq-config-f.pt",
-                 "blendgan_ckpt": "blendgan.pt", "vgg_ckpt": "vgg19-dcbb9e9d.pth"}
+                 "blendgan_ckpt": "blendgan.pt", "vgg_ckpt": VGG19_WEIGHTS_FILE}
     problems += [file_not_found(f"--{flag}", getattr(opts, flag), name) for flag, name in published.items()
                  if getattr(opts, flag) is not None and not os.path.isfile(getattr(opts, flag))]
     if opts.resume not in (None, "latest") and not os.path.isfile(opts.resume):

@@ -274,9 +274,11 @@ def encode_references(g, refs, indices, codes, batch, device, dtype, workers=0):
     bad, start = [], 0
     for items in tqdm(loader, desc="reference style codes", unit="batch"):
         batch_indices, start = indices[start:start + len(items)], start + len(items)
-        good = [(i, img) for i, (img, err) in zip(batch_indices, items) if err is None]
-        for i, (_, err) in zip(batch_indices, items):
-            if err is not None:
+        good = []
+        for i, (img, err) in zip(batch_indices, items):
+            if err is None:
+                good.append((i, img))
+            else:
                 print(f"skipped {err}", file=sys.stderr)
                 bad.append(i)
         if good:

@@ -99,6 +99,13 @@ def read_image_rgb(path):
         raise UnreadableImageError(f'{path}: cannot decode image ({error})') from error
 
 
+def size_problem(width, height, least=MIN_SIDE):
+    """Why an image of width x height is no face image (its shorter side under ``least``), or None."""
+    if min(width, height) < least:
+        return f'too small for a face image ({width}x{height} px, need >= {least})'
+    return None
+
+
 def decode_problems(flag, paths):
     """One line per file of option ``flag`` that exists but does not decode ([] when all do): checked when the
     options are read, so that a bad image is named before any network is built or any file written."""

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict, require_key
 from fileio import (atomic_write_bytes, distinct_by, exit_on_sigterm, folder_problems, input_folder_problems,
                     without_outputs)
-from imageio_utils import MIN_SIDE, UnreadableImageError, read_image_rgb
+from imageio_utils import UnreadableImageError, read_image_rgb, size_problem
 from layers import channels_last_
 from model import Generator, guess_generator_config, infer_generator_config, n_latent_for
 from model_zoo import COMMAND, missing_files_message
@@ -252,8 +252,9 @@ def list_inputs(path, outdir=None):
         return [path]
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no such file or folder: {path}")
-    for problem in input_folder_problems("output folder", outdir, "input", path) if outdir is not None else ():
-        raise ValueError(problem)  # validate_common refuses it first; this is for callers from Python
+    problems = input_folder_problems("output folder", outdir, "input", path) if outdir is not None else []
+    if problems:  # validate_common refuses it first; this is for callers from Python
+        raise ValueError(problems[0])
     names = sorted(n for n in os.listdir(path) if "." in n and not n.startswith("."))
     paths = [os.path.join(path, n) for n in names if os.path.isfile(os.path.join(path, n))]
     if not paths:
@@ -297,8 +298,9 @@ def read_input(path, report, aligner=None, align_size=1024):
     except UnreadableImageError as e:
         report.skip(path, str(e).split(": ", 1)[-1])
         return None
-    if min(img.shape[:2]) < MIN_SIDE:
-        report.skip(path, f"too small for a face image ({img.shape[1]}x{img.shape[0]} px, need >= {MIN_SIDE})")
+    problem = size_problem(img.shape[1], img.shape[0])
+    if problem:
+        report.skip(path, problem)
         return None
     if aligner is not None:
         from align_faces import align_face

@@ -28,7 +28,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from fileio import exit_on_sigterm, pid_alive
-from imageio_utils import MIN_SIDE, UnreadableImageError, encode_image, list_images, read_image_rgb
+from imageio_utils import MIN_SIDE, UnreadableImageError, encode_image, list_images, read_image_rgb, size_problem
 
 RESAMPLE = {'lanczos': Image.Resampling.LANCZOS, 'bilinear': Image.Resampling.BILINEAR,
             'bicubic': Image.Resampling.BICUBIC}
@@ -70,10 +70,10 @@ def _encode_file(task):
         img = read_image_rgb(path)
     except UnreadableImageError as error:
         return path, None, str(error), False
-    least = min(MIN_SIDE, *sizes)  # a face fits in 32 px; smaller packs (tests) take what reaches their size
-    if min(img.size) < least:
-        w, h = img.size
-        return path, None, f'{path}: too small for a face image ({w}x{h} px, need >= {least})', False
+    # a face fits in 32 px; smaller packs (tests) take what reaches their size
+    problem = size_problem(*img.size, least=min(MIN_SIDE, *sizes))
+    if problem:
+        return path, None, f'{path}: {problem}', False
     return path, encode_resized(img, sizes, RESAMPLE[resample], image_format, quality), None, min(img.size) < max(sizes)
 
 

@@ -44,7 +44,7 @@ from checkpoint import CheckpointError, load_state_dict_strict, save_checkpoint
 from dataset import MultiResolutionDataset, lmdb_problems
 from fileio import folder_problems
 from model_zoo import file_not_found
-from style_encoder import STYLE_POOL_SIZE, Projector, StyleEncoder, gram_dim, nt_xent
+from style_encoder import STYLE_POOL_SIZE, VGG19_WEIGHTS_FILE, Projector, StyleEncoder, gram_dim, nt_xent
 from utils import img2ten
 
 CHECKPOINT_KIND = "blendgan_style_encoder_training"
@@ -128,7 +128,7 @@ def validate(options):
     problems += lmdb_problems([("LMDB", path) for path in options.lmdb], options.size)
     problems += folder_problems("--out_dir", options.out_dir)
     if options.vgg_ckpt is not None and not os.path.isfile(options.vgg_ckpt):
-        problems.append(file_not_found("--vgg_ckpt", options.vgg_ckpt, "vgg19-dcbb9e9d.pth"))
+        problems.append(file_not_found("--vgg_ckpt", options.vgg_ckpt, VGG19_WEIGHTS_FILE))
     if options.resume not in (None, "", "latest") and not os.path.isfile(options.resume):
         problems.append(f"--resume {options.resume}: file not found")
     return problems

@@ -330,8 +330,7 @@ def main(argv=None):
         # (--bench-only) the self-check keeps wrong kernels out of the timing
         build.load_extension(name, strict=True, verbose=args.verbose_build, check=args.bench_only)
     if args.bench_only:
-        for line in _benchmark("cuda"):
-            print(line)
+        print(*_benchmark("cuda"), sep="\n")
         return 0
 
     failed = False
@@ -367,8 +366,7 @@ def main(argv=None):
     failed |= not row("upfirdn2d", LARGE_UPFIRDN2D_CASE, upfirdn2d_errors(LARGE_UPFIRDN2D_CASE), TOLERANCE)
     if args.bench:
         print()
-        for row in _benchmark("cuda"):  # the reference is the default where it is faster (see README)
-            print(row)
+        print(*_benchmark("cuda"), sep="\n")  # the reference is the default where it is faster (see README)
     print("ALL OK" if not failed else "SOME CHECKS FAILED")
     return 1 if failed else 0
 

@@ -191,18 +191,13 @@ def step_op_speed(cfg, device, out_dir):
     return dict(ok=ok, seconds=sec, output=out)
 
 
-def bench_runs(runs, limits, device):
-    """Runs bench.py once per (extra arguments, compile) in `runs` with the given limits; the table rows and
-    peak-memory rows of each, tagged with compile."""
-    rows, outputs, ok_all, total = [], [], True, 0.0
-    for (args, comp), limit in zip(runs, limits):
-        cmd = [sys.executable, "bench.py", *args, "--device", device, "--warmup", "1"] + (["--compile"] if comp else [])
-        ok, sec, out = run(cmd, limit)
-        total += sec
-        ok_all &= ok
-        rows += [dict(r, compile=comp) for r in table_rows(out) + peak_memory(out)]
-        outputs.append(f"$ {' '.join(cmd[1:])}\n{out}")
-    return dict(ok=ok_all, seconds=total, rows=rows, output="\n".join(outputs))
+def bench_run(args, limit, device, compile=False):
+    """Runs bench.py with the extra arguments `args` within `limit` s; its table rows and peak-memory rows,
+    tagged with compile."""
+    cmd = [sys.executable, "bench.py", *args, "--device", device, "--warmup", "1"] + (["--compile"] if compile else [])
+    ok, sec, out = run(cmd, limit)
+    rows = [dict(r, compile=compile) for r in table_rows(out) + peak_memory(out)]
+    return dict(ok=ok, seconds=sec, rows=rows, output=f"$ {' '.join(cmd[1:])}\n{out}")
 
 
 def bench_g_args(cfg):
@@ -212,7 +207,7 @@ def bench_g_args(cfg):
 def step_bench_g(cfg, device, out_dir):
     """Every batch x dtype in one eager bench.py process, with the style-transfer pair."""
     args = bench_g_args(cfg) + ["--batch", ",".join(map(str, cfg["batches"])), "--dtype", ",".join(cfg["dtypes"])]
-    return bench_runs([(args, False)], [cfg["limits"]["bench_g"]], device)
+    return bench_run(args, cfg["limits"]["bench_g"], device)
 
 
 def step_bench_compile(cfg, device, out_dir):
@@ -220,7 +215,7 @@ def step_bench_compile(cfg, device, out_dir):
     if not cfg["compile"]:
         return dict(ok=True, seconds=0.0, output="skipped: --compile is timed on the GPU only")
     args = bench_g_args(cfg) + ["--batch", str(cfg["batches"][-1]), "--dtype", "bfloat16", "--no_psp"]
-    return bench_runs([(args, True)], [cfg["limits"]["bench_compile"]], device)
+    return bench_run(args, cfg["limits"]["bench_compile"], device, compile=True)
 
 
 @contextlib.contextmanager
@@ -303,7 +298,7 @@ def step_train(cfg, device, out_dir):
     args = ["--sizes", "", "--train", "--train_size", ",".join(map(str, sizes)), "--train_batch",
             ",".join(map(str, batches)), "--simclr_batch", str(cfg["simclr_batch"]), "--dtype", "float32,bfloat16",
             "--repeat", str(cfg["repeat"])]
-    return bench_runs([(args, False)], [cfg["limits"]["train"]], device)
+    return bench_run(args, cfg["limits"]["train"], device)
 
 
 DDP_DRIVER = """
