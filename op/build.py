@@ -38,6 +38,10 @@ EXTENSIONS = {
     "fused_bias_act": ["fused_bias_act.cpp", "fused_bias_act_kernel.cu"],
     "upfirdn2d": ["upfirdn2d.cpp", "upfirdn2d_kernel.cu"],
 }
+# name -> headers its sources include from OP_DIR (not compiled on their own; part of the build's key).
+HEADERS = {
+    "upfirdn2d": ["upfirdn2d_math.h"],
+}
 
 NO_CUDA_OPS_ENV = "BLENDGAN_NO_CUDA_OPS"
 CUDA_OPS_ENV = "BLENDGAN_CUDA_OPS"
@@ -83,12 +87,19 @@ def source_paths(name):
     return [os.path.join(OP_DIR, f) for f in EXTENSIONS[name]]
 
 
+def header_paths(name):
+    """Absolute paths of the headers the sources of extension `name` include."""
+    source_paths(name)  # the same error for an unknown name
+    return [os.path.join(OP_DIR, f) for f in HEADERS.get(name, [])]
+
+
 def source_hash(name):
-    """Hex digest over the sources, the compile flags, torch/CUDA versions and the target archs."""
+    """Hex digest over the sources and headers, the compile flags, torch/CUDA versions and the target
+    archs."""
     import torch
 
     digest = hashlib.sha256()
-    for path in source_paths(name):
+    for path in source_paths(name) + header_paths(name):
         digest.update(os.path.basename(path).encode())
         with open(path, "rb") as f:
             digest.update(f.read())

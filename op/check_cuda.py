@@ -120,6 +120,20 @@ def fused_lrelu_inputs(case, device, dtype, seed=0):
     return [t.to(device=device, dtype=dtype) if t is not None else None for t in (x, bias, weight)]
 
 
+def channels_last(t):
+    """`t` [N, C, ...] with C innermost in memory (channels_last for a 4-D tensor), the networks' layout;
+    the CUDA kernels take it without a copy."""
+    return t.movedim(1, -1).contiguous().movedim(-1, 1) if t.ndim > 2 else t
+
+
+def contiguous(t):
+    return t.contiguous()
+
+
+# The memory layouts the kernels are checked in: name -> conversion of x and of the upstream gradient.
+LAYOUTS = {"contiguous": contiguous, "channels_last": channels_last}
+
+
 def _derivatives(fn, inputs, weight):
     """Output, first-order grads of (out * weight).sum() w.r.t. `inputs`, and second-order grads of the
     squared norm of the first input's gradient w.r.t. `weight` (through the backward of the backward)."""
@@ -134,14 +148,16 @@ def _runs(impls, dtype):
     return (impls[0], dtype), (impls[1], torch.float32)
 
 
-def upfirdn2d_errors(case, device="cuda", dtype=torch.float32, impls=("cuda", "ref")):
+def upfirdn2d_errors(case, device="cuda", dtype=torch.float32, impls=("cuda", "ref"), layout=contiguous):
     """Relative errors (out, grad_x, grad2_weight) of impls[0] in ``dtype`` vs impls[1] in float32, on the
-    same inputs (rounded to ``dtype``)."""
+    same inputs (rounded to ``dtype``; x and the upstream gradient converted by ``layout``, e.g.
+    channels_last)."""
     from op.upfirdn2d import upfirdn2d
 
     results = []
     for impl, run_dtype in _runs(impls, dtype):
         x, kernel, weight = (t.to(run_dtype) for t in upfirdn2d_inputs(case, device, dtype))
+        x, weight = layout(x), layout(weight)
         x.requires_grad_(True)
         weight.requires_grad_(True)
         with exact_float32():
@@ -150,15 +166,17 @@ def upfirdn2d_errors(case, device="cuda", dtype=torch.float32, impls=("cuda", "r
     return dict(zip(("out", "grad_x", "grad2_w"), (rel_error(a.float(), b) for a, b in zip(*results))))
 
 
-def fused_lrelu_errors(case, device="cuda", dtype=torch.float32, impls=("cuda", "ref")):
+def fused_lrelu_errors(case, device="cuda", dtype=torch.float32, impls=("cuda", "ref"), layout=contiguous):
     """Relative errors (out, grad_x[, grad_bias], grad2_weight) of impls[0] in ``dtype`` vs impls[1] in
-    float32, on the same inputs (rounded to ``dtype``)."""
+    float32, on the same inputs (rounded to ``dtype``; x and the upstream gradient converted by
+    ``layout``)."""
     from op.fused_act import fused_leaky_relu
 
     results = []
     for impl, run_dtype in _runs(impls, dtype):
         x, bias, weight = (t.to(run_dtype) if t is not None else None
                            for t in fused_lrelu_inputs(case, device, dtype))
+        x, weight = layout(x), layout(weight)
         inputs = [x.requires_grad_(True)] + ([bias.requires_grad_(True)] if bias is not None else [])
         weight.requires_grad_(True)
         results.append(_derivatives(
@@ -262,29 +280,26 @@ def reference_kernels(name):
     return _ReferenceKernels
 
 
-def _self_check_outputs(name, case, kernels, device, channels_last):
-    """[out, grads..., grad of grad] of the extension `kernels` (None: the reference) on one case."""
+def _self_check_outputs(name, case, kernels, device, layout):
+    """[out, grads..., grad of grad] of the extension `kernels` (None: the reference) on one case, x and the
+    upstream gradient converted by `layout`."""
     from op.fused_act import fused_bias_leaky_relu_with, fused_leaky_relu_ref
     from op.upfirdn2d import upfirdn2d_ref, upfirdn2d_with
 
     if name == "upfirdn2d":
         x, kernel, weight = upfirdn2d_inputs(case, device, torch.float32, seed=1)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         args = (kernel, case["up"], case["down"], case["pad"])
         fn = (lambda t: upfirdn2d_ref(t, *args)) if kernels is None else (lambda t: upfirdn2d_with(kernels, t, *args))
-        inputs = [x.requires_grad_(True)]
+        inputs = [layout(x).requires_grad_(True)]
     else:
         x, bias, weight = fused_lrelu_inputs(case, device, torch.float32, seed=1)
-        if channels_last and x.ndim == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
         slope, scale = case["negative_slope"], case["scale"]
         if kernels is None:
             fn = lambda t, b: fused_leaky_relu_ref(t, b, slope, scale)  # noqa: E731
         else:
             fn = lambda t, b: fused_bias_leaky_relu_with(kernels, t, b, slope, scale)  # noqa: E731
-        inputs = [x.requires_grad_(True), bias.requires_grad_(True)]
-    weight.requires_grad_(True)
+        inputs = [layout(x).requires_grad_(True), bias.requires_grad_(True)]
+    weight = layout(weight).requires_grad_(True)
     with exact_float32():
         return _derivatives(fn, inputs, weight)
 
@@ -295,15 +310,14 @@ def self_check(name, kernels, device="cuda"):
     and channels_last; relative error < SELF_CHECK_TOLERANCE), else the first disagreement as a sentence."""
     quantities = ["output", "input gradient", "bias gradient", "gradient of the gradient"]
     for case in SELF_CHECK_CASES[name]:
-        for channels_last in (False, True):
-            got = _self_check_outputs(name, case, kernels, device, channels_last)
-            want = _self_check_outputs(name, case, None, device, channels_last)
+        for layout_name, layout in LAYOUTS.items():
+            got = _self_check_outputs(name, case, kernels, device, layout)
+            want = _self_check_outputs(name, case, None, device, layout)
             names = quantities if len(got) == 4 else [quantities[0], quantities[1], quantities[3]]
             for what, a, b in zip(names, got, want):
                 err = rel_error(a.float(), b.float()) if a.shape == b.shape else float("inf")
                 if not err < SELF_CHECK_TOLERANCE:  # also catches NaN
-                    layout = "channels_last" if channels_last else "contiguous"
-                    return (f"{what} of case {case_id(case)} ({layout}) is off by {err:.2g} relative "
+                    return (f"{what} of case {case_id(case)} ({layout_name}) is off by {err:.2g} relative "
                             f"(tolerance {SELF_CHECK_TOLERANCE:g})")
     return None
 
@@ -334,16 +348,17 @@ def main(argv=None):
         return 0
 
     failed = False
-    header = f"{'op':<10} {'case':<72} {'max rel err':>12} {'gradchecks':>10}  result"
+    header = f"{'op':<24} {'case':<72} {'max rel err':>12} {'gradchecks':>10}  result"
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  CUDA {torch.version.cuda}")
     print(header)
     print("-" * len(header))
 
-    def row(op_name, case, errors, tolerance, grad_ok=True):
+    def row(op_name, case, errors, tolerance, grad_ok=None):
         worst = max(errors.values())
-        ok = worst < tolerance and grad_ok
+        ok = worst < tolerance and grad_ok is not False
         detail = " ".join(f"{k}={v:.1e}" for k, v in errors.items())
-        print(f"{op_name:<10} {case_id(case):<72} {worst:12.2e} {str(grad_ok):>10}  "
+        gradchecks = "-" if grad_ok is None else str(grad_ok)
+        print(f"{op_name:<24} {case_id(case):<72} {worst:12.2e} {gradchecks:>10}  "
               f"{'ok' if ok else 'FAIL'}  ({detail})", flush=True)
         return ok
 
@@ -358,15 +373,23 @@ def main(argv=None):
                 grad_ok = False
                 print(f"  gradcheck failed for {case_id(case)}: {err}")
             failed |= not row(op_name, case, errors, TOLERANCE, grad_ok)
+    # channels_last: the kernels read and write it in place (no gradchecks: the same arithmetic)
+    for op_name, cases, errors_fn, _ in ops:
+        for case in cases:
+            failed |= not row(f"{op_name} channels_last", case, errors_fn(case, layout=channels_last), TOLERANCE)
     for dtype, tolerance in LOWP_TOLERANCE.items():
-        name = str(dtype).removeprefix("torch.")
-        for op_name, cases, errors_fn, _ in ops:
-            for case in cases:
-                failed |= not row(f"{op_name} {name}", case, errors_fn(case, dtype=dtype), tolerance)
-    failed |= not row("upfirdn2d", LARGE_UPFIRDN2D_CASE, upfirdn2d_errors(LARGE_UPFIRDN2D_CASE), TOLERANCE)
+        for layout_name, layout in LAYOUTS.items():
+            name = str(dtype).removeprefix("torch.") + ("" if layout is contiguous else f" {layout_name}")
+            for op_name, cases, errors_fn, _ in ops:
+                for case in cases:
+                    failed |= not row(f"{op_name} {name}", case, errors_fn(case, dtype=dtype, layout=layout),
+                                      tolerance)
+    for layout_name, layout in LAYOUTS.items():
+        failed |= not row(f"upfirdn2d {layout_name}", LARGE_UPFIRDN2D_CASE,
+                          upfirdn2d_errors(LARGE_UPFIRDN2D_CASE, layout=layout), TOLERANCE)
     if args.bench:
         print()
-        print(*_benchmark("cuda"), sep="\n")  # the reference is the default where it is faster (see README)
+        print(*_benchmark("cuda"), sep="\n")  # 'auto' uses the kernels on CUDA in both layouts
     print("ALL OK" if not failed else "SOME CHECKS FAILED")
     return 1 if failed else 0
 

@@ -87,7 +87,14 @@ def fused_bias_leaky_relu_with(kernels, x, bias, negative_slope=0.2, scale=2 ** 
     _check_args(x, bias)
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
-    return _FusedBiasLeakyReLU.apply(x, bias, float(negative_slope), float(scale), kernels)
+    args = (bias, float(negative_slope), float(scale), kernels)
+    x_last = x.movedim(1, -1)  # [N, ..., C]
+    if x.ndim > 2 and not x.is_contiguous() and x_last.is_contiguous():
+        # channels_last (the networks' layout): the kernels see it as [N * H * W, C] with the bias on dim 1,
+        # a view, so nothing is copied to NCHW and back; the output (and its gradient) stays channels_last.
+        out = _FusedBiasLeakyReLU.apply(x_last.reshape(-1, x.shape[1]), *args)  # [N * H * W, C]
+        return out.view(x_last.shape).movedim(-1, 1)
+    return _FusedBiasLeakyReLU.apply(x, *args)
 
 
 def fused_leaky_relu(x, bias, negative_slope=0.2, scale=2 ** 0.5, impl="auto"):

@@ -7,7 +7,9 @@ emulation of the compiled extension. GPU cases compare the real kernels with the
 without a GPU. The build helper is checked for laziness, caching, its fallback and BLENDGAN_NO_CUDA_OPS.
 """
 
+import ctypes
 import os
+import shutil
 import subprocess
 import sys
 import types
@@ -18,9 +20,10 @@ import pytest
 import scipy.signal
 import torch
 
+from conftest import under_ci
 import op
 import op.build
-from op import FusedLeakyReLU, fused_leaky_relu, upfirdn2d
+from op import FusedLeakyReLU, check_cuda, fused_leaky_relu, upfirdn2d
 from op.check_cuda import (FUSED_LRELU_CASES, TOLERANCE, UPFIRDN2D_CASES, case_id, fused_lrelu_errors,
                            fused_lrelu_gradchecks, fused_lrelu_inputs, upfirdn2d_errors, upfirdn2d_gradchecks,
                            upfirdn2d_inputs)
@@ -230,6 +233,84 @@ def test_upfirdn2d_random_configurations():
 
 
 # ---------------------------------------------------------------------------------------------------
+# upfirdn2d: the CUDA kernel's index math, built for the CPU
+
+
+@pytest.fixture(scope="module")
+def upfirdn2d_host(tmp_path_factory):
+    """tests/upfirdn2d_host.cpp (op/upfirdn2d_math.h, what each CUDA thread computes) built with the system
+    C++ compiler; skipped without one, except under CI."""
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        if under_ci():
+            pytest.fail("no C++ compiler (c++ / g++ / $CXX): under CI the kernel's index math must be tested")
+        pytest.skip("no C++ compiler (c++ / g++ / $CXX)")
+    lib = tmp_path_factory.mktemp("upfirdn2d_host") / "upfirdn2d_host.so"
+    subprocess.run([cxx, "-std=c++17", "-O1", "-Wall", "-Wextra", "-Werror", "-shared", "-fPIC", "-o", str(lib),
+                    os.path.join(REPO, "tests", "upfirdn2d_host.cpp")], check=True)
+    dll = ctypes.CDLL(str(lib))
+    pointer = ctypes.POINTER(ctypes.c_double)
+    dll.upfirdn2d_host.argtypes = [pointer, pointer, pointer] + [ctypes.c_int64] * 14
+    dll.upfirdn2d_host_out_size.argtypes = [ctypes.c_int64] * 12 + [ctypes.POINTER(ctypes.c_int64)]
+    return dll
+
+
+class HostUpFirDn2dExtension:
+    """The extension's call signature over the host build: the layout chosen as upfirdn2d_kernel.cu
+    chooses it (channels_last read in place and the output channels_last, otherwise plane by plane), the
+    arithmetic that of the kernel's threads."""
+
+    lib = None
+    layouts = []
+
+    @classmethod
+    def upfirdn2d(cls, x, kernel, up_x, up_y, down_x, down_y, pad_x0, pad_x1, pad_y0, pad_y1):
+        n, c, in_h, in_w = x.shape
+        kernel_h, kernel_w = kernel.shape
+        out_hw = (ctypes.c_int64 * 2)()
+        cls.lib.upfirdn2d_host_out_size(in_h, in_w, kernel_h, kernel_w, up_x, up_y, down_x, down_y, pad_x0,
+                                        pad_x1, pad_y0, pad_y1, out_hw)
+        out_h, out_w = out_hw
+        channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        both = x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)  # C == 1, H == W == 1
+        cls.layouts.append("both" if both else "channels_last" if channels_last else "contiguous")
+        # [major, H, W, minor] in memory: [N, H, W, C] or [N * C, H, W, 1]
+        x_mem = (x.permute(0, 2, 3, 1) if channels_last else x).double().contiguous()
+        kernel_mem = kernel.double().contiguous()
+        out_mem = torch.empty((n, out_h, out_w, c) if channels_last else (n, c, out_h, out_w), dtype=torch.float64)
+        major, minor = (n, c) if channels_last else (n * c, 1)
+        as_pointer = lambda t: ctypes.cast(t.data_ptr(), ctypes.POINTER(ctypes.c_double))  # noqa: E731
+        cls.lib.upfirdn2d_host(as_pointer(out_mem), as_pointer(x_mem), as_pointer(kernel_mem), major, minor,
+                               in_h, in_w, kernel_h, kernel_w, up_x, up_y, down_x, down_y, pad_x0, pad_y0, out_h,
+                               out_w)
+        out = out_mem.permute(0, 3, 1, 2) if channels_last else out_mem
+        return out.to(x.dtype)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cuda_kernel_index_math_matches_the_reference(upfirdn2d_host, layout, monkeypatch):
+    """The kernel's per-output arithmetic (host build of op/upfirdn2d_math.h) against the reference on the
+    grid and random configurations (forward, values and output size), in both memory layouts; and through
+    the autograd Function (its backward is the same kernel with adjoint arguments), first and second order."""
+    monkeypatch.setattr(HostUpFirDn2dExtension, "lib", upfirdn2d_host)
+    monkeypatch.setattr(HostUpFirDn2dExtension, "layouts", [])
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    for case in UPFIRDN2D_CASES + random_upfirdn2d_cases(40, seed=11):
+        x, kernel, weight = upfirdn2d_inputs(dict(case, shape=(2, 3, *case["shape"][2:])), "cpu", torch.float64,
+                                             seed=12)
+        x = x.contiguous(memory_format=memory_format).requires_grad_(True)
+        weight = weight.contiguous(memory_format=memory_format)  # the upstream gradient's layout
+        out = upfirdn2d_with(HostUpFirDn2dExtension, x, kernel, case["up"], case["down"], case["pad"])
+        expected = upfirdn2d_ref(x, kernel, case["up"], case["down"], case["pad"])
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12, msg=str(case))
+        (grad,) = torch.autograd.grad((out * weight).sum(), x)
+        (grad_ref,) = torch.autograd.grad((expected * weight).sum(), x)
+        torch.testing.assert_close(grad, grad_ref, rtol=1e-12, atol=1e-12, msg=str(case))
+    assert set(HostUpFirDn2dExtension.layouts) - {"both"} == {layout}
+    assert check_cuda.self_check("upfirdn2d", HostUpFirDn2dExtension, "cpu") is None
+
+
+# ---------------------------------------------------------------------------------------------------
 # fused leaky ReLU
 
 
@@ -323,6 +404,47 @@ def test_fused_leaky_relu_cuda_autograd_wiring_on_cpu(case):
         torch.testing.assert_close(got, want)
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6)
     assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 4, 3), (2, 5, 7), (1, 3, 2, 2, 3)], ids=str)
+def test_fused_leaky_relu_kernels_see_channels_last_without_a_copy(shape):
+    """The kernels read x as a contiguous [N, C, inner] (fused_bias_act_kernel.cu) and copy anything else.
+    A channels-last x ([N, ..., C] in memory, as the networks hold their activations) reaches them as an
+    [N * H * W, C] view of its own memory with the bias on dim 1, so does the gradient; the output and
+    the input gradient stay channels-last; the numbers are the reference's, first and second order."""
+    calls = []
+
+    class Recording(EmulatedFusedBiasActExtension):
+        @staticmethod
+        def fused_bias_leaky_relu(x, bias, negative_slope, scale):
+            calls.append(("forward", tuple(x.shape), x.is_contiguous(), x.data_ptr()))
+            return EmulatedFusedBiasActExtension.fused_bias_leaky_relu(x, bias, negative_slope, scale)
+
+        @staticmethod
+        def leaky_relu_grad(grad_out, ref, negative_slope, scale, ref_sign):
+            calls.append(("grad", tuple(grad_out.shape), grad_out.is_contiguous() and ref.is_contiguous(), None))
+            return EmulatedFusedBiasActExtension.leaky_relu_grad(grad_out, ref, negative_slope, scale, ref_sign)
+
+    def channels_last(t):
+        return t.movedim(1, -1).contiguous().movedim(-1, 1)  # [N, ..., C] in memory
+
+    x, bias, weight = fused_lrelu_inputs(dict(shape=shape, bias=True), "cpu", torch.float64, seed=3)
+    x, weight = channels_last(x).requires_grad_(True), channels_last(weight).requires_grad_(True)
+    inputs = [x, bias.requires_grad_(True)]
+    rows, channels = x.numel() // shape[1], shape[1]
+    results = []
+    for fn in (lambda *t: fused_bias_leaky_relu_with(Recording, *t), lambda *t: fused_leaky_relu(*t, impl="ref")):
+        out = fn(*inputs)
+        grads = torch.autograd.grad((out * weight).sum(), inputs, create_graph=True)
+        (grad2,) = torch.autograd.grad(grads[0].pow(2).sum(), weight)
+        results.append([out, *grads, grad2])
+    out, grad_x = results[0][:2]
+    assert not out.is_contiguous() and out.movedim(1, -1).is_contiguous()
+    assert not grad_x.is_contiguous() and grad_x.movedim(1, -1).is_contiguous()
+    assert calls[0] == ("forward", (rows, channels), True, x.data_ptr())
+    assert [c[:3] for c in calls[1:]] == [("grad", (rows, channels), True)] * 2  # backward, double backward
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
 
 
 def test_fused_leaky_relu_module():
@@ -425,8 +547,16 @@ def test_build_dir_is_keyed_by_source_hash(monkeypatch, tmp_path):
     first = op.build.source_hash("a")
     assert op.build.source_hash("a") == first
     (tmp_path / "a.cpp").write_text("int a = 1;\n")
+    edited = op.build.source_hash("a")
+    assert edited != first
+    (tmp_path / "a.h").write_text("#pragma once\n")
+    monkeypatch.setattr(op.build, "HEADERS", {"a": ["a.h"]})
     second = op.build.source_hash("a")
-    assert second != first
+    assert second != edited
+    (tmp_path / "a.h").write_text("#pragma once\nint b;\n")
+    assert op.build.source_hash("a") != second  # an included header is part of the key
+    (tmp_path / "a.h").write_text("#pragma once\n")
+    assert op.build.source_hash("a") == second
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", os.environ.get("TORCH_CUDA_ARCH_LIST", "") + ";7.5+PTX")
     assert op.build.source_hash("a") != second  # the target architectures are part of the key
     # without the variable torch builds for the visible GPUs: theirs are the key (an sm_90 build in a
@@ -445,7 +575,14 @@ def test_extension_sources_exist():
     for name in ("fused_bias_act", "upfirdn2d"):
         paths = op.build.source_paths(name)
         assert any(p.endswith(".cu") for p in paths) and any(p.endswith(".cpp") for p in paths)
-        assert all(os.path.isfile(p) for p in paths)
+        assert all(os.path.isfile(p) for p in paths + op.build.header_paths(name))
+    # every header a source includes from op/ is in the build's key
+    for name in op.build.EXTENSIONS:
+        included = set()
+        for path in op.build.source_paths(name) + op.build.header_paths(name):
+            with open(path) as f:
+                included |= {line.split('"')[1] for line in f if line.startswith('#include "')}
+        assert included == {os.path.basename(p) for p in op.build.header_paths(name)}, name
 
 
 @pytest.mark.skipif(os.environ.get("BLENDGAN_TEST_CUDA_BUILD") != "1",
@@ -454,9 +591,9 @@ def test_extension_sources_exist():
 @pytest.mark.parametrize("name", ["fused_bias_act", "upfirdn2d"])
 def test_extensions_compile(name, monkeypatch):
     """Compiles and links with nvcc through the build helper (no GPU needed; importing the module may
-    still need the CUDA runtime libraries)."""
+    still need the CUDA runtime libraries; the self-check needs a GPU)."""
     monkeypatch.setattr(op.build, "_CACHE", {})
-    module = op.build.load_extension(name, strict=True)
+    module = op.build.load_extension(name, strict=True, check=False)
     assert module is not None
 
 

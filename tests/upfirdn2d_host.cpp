@@ -1,0 +1,32 @@
+// The CUDA upfirdn2d kernel's index math (op/upfirdn2d_math.h) run on the CPU, one output at a time in
+// memory order as the kernel's threads run them, so tests/test_op.py can compare it with the PyTorch
+// reference without a GPU. Built with the system C++ compiler and called through ctypes.
+#include "../op/upfirdn2d_math.h"
+
+extern "C" {
+
+// Output size (out_h, out_w) of upfirdn2d on an [.., in_h, in_w] input.
+void upfirdn2d_host_out_size(int64_t in_h, int64_t in_w, int64_t kernel_h, int64_t kernel_w, int64_t up_x,
+                             int64_t up_y, int64_t down_x, int64_t down_y, int64_t pad_x0, int64_t pad_x1,
+                             int64_t pad_y0, int64_t pad_y1, int64_t* out_hw) {
+  out_hw[0] = upfirdn2d_math::out_size(in_h, up_y, down_y, pad_y0, pad_y1, kernel_h);
+  out_hw[1] = upfirdn2d_math::out_size(in_w, up_x, down_x, pad_x0, pad_x1, kernel_w);
+}
+
+// out = upfirdn2d(x, kernel) in float64; x and out are [major, H, W, minor] in memory (upfirdn2d_math.h),
+// kernel is [kernel_h, kernel_w] row-major.
+void upfirdn2d_host(double* out, const double* x, const double* kernel, int64_t major, int64_t minor,
+                    int64_t in_h, int64_t in_w, int64_t kernel_h, int64_t kernel_w, int64_t up_x, int64_t up_y,
+                    int64_t down_x, int64_t down_y, int64_t pad_x0, int64_t pad_y0, int64_t out_h,
+                    int64_t out_w) {
+  const upfirdn2d_math::Axis ax{static_cast<int>(in_w), static_cast<int>(out_w), static_cast<int>(kernel_w),
+                                static_cast<int>(up_x), static_cast<int>(down_x), static_cast<int>(pad_x0)};
+  const upfirdn2d_math::Axis ay{static_cast<int>(in_h), static_cast<int>(out_h), static_cast<int>(kernel_h),
+                                static_cast<int>(up_y), static_cast<int>(down_y), static_cast<int>(pad_y0)};
+  const int64_t total = major * out_h * out_w * minor;
+  for (int64_t idx = 0; idx < total; ++idx) {
+    out[idx] = upfirdn2d_math::output_at(x, kernel, idx, minor, ax, ay);
+  }
+}
+
+}  // extern "C"
