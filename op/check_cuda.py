@@ -6,12 +6,15 @@ Builds both extensions (showing the compiler output if a build fails), then for 
 parameter grid below (the same grid tests/test_op.py uses) compares, in float32, the outputs and the
 first- and second-order gradients of impl='cuda' with impl='ref' (relative error < TOLERANCE), and runs
 gradcheck / gradgradcheck of the CUDA path in float64; then the same comparisons with the kernels in
-float16 and bfloat16 (against the float32 reference, LOWP_TOLERANCE) and one upfirdn2d case with 67M
-outputs. Prints one table row per case; the exit status is 1 when any check fails.
+float16 and bfloat16 (against the float32 reference, LOWP_TOLERANCE), in both memory layouts (contiguous
+and channels_last), one upfirdn2d case with 67M outputs, and a small Generator and Discriminator run with
+the kernels and with the reference ops (image, D score, R1's first and second derivatives, G's gradient).
+Prints one table row per case; the exit status is 1 when any check fails.
 """
 
 import argparse
 import contextlib
+import os
 import sys
 
 import torch
@@ -252,6 +255,62 @@ def _benchmark(device, shape=(8, 256, 128, 128), repeat=10):
     return rows
 
 
+# The networks with the kernels vs with the reference ops, float32 without TF32: the same convolutions in
+# both, so the differences are float32 rounding carried through a few dozen layers (~1e-6 relative); a
+# kernel bug in a shape or layout the networks use but the op cases miss is off by O(1).
+NETWORK_TOLERANCE = 1e-3
+
+
+@contextlib.contextmanager
+def _cuda_ops(mode):
+    """BLENDGAN_CUDA_OPS=mode inside (op.build reads it on every op call)."""
+    from op.build import CUDA_OPS_ENV
+
+    saved = os.environ.get(CUDA_OPS_ENV)
+    os.environ[CUDA_OPS_ENV] = mode
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[CUDA_OPS_ENV]
+        else:
+            os.environ[CUDA_OPS_ENV] = saved
+
+
+def network_errors(device="cuda", size=64, seed=0):
+    """Relative errors of a small Generator and Discriminator run as training runs them, the CUDA ops
+    ('auto') vs the reference ops ('ref'), on the same weights and inputs: the stylized image (every
+    upsampling, blur and activation of the mapping and synthesis networks), D's score, R1's gradient
+    w.r.t. the image, R1's gradient w.r.t. D's weights (the double backward) and G's weight gradient
+    through D (the non-saturating loss's backward)."""
+    from model import Discriminator, Generator
+
+    torch.manual_seed(seed)
+    g = Generator(size, 16, 2, channel_multiplier=1, load_pretrained_vgg=False, style_pool_size=32).to(device)
+    d = Discriminator(size, channel_multiplier=1).to(device)
+    with torch.no_grad():  # trained-like WBM weights and noise strengths (zeros at init)
+        g.add_weight.copy_(torch.linspace(-0.3, 1.3, g.n_latent).view(1, -1, 1))
+        for conv in list(g.convs) + [g.conv1]:
+            conv.noise.weight.fill_(0.1)
+    gen = torch.Generator().manual_seed(seed + 1)
+    z, z_embed = (torch.randn(2, 16, generator=gen).to(device) for _ in range(2))
+    g_params = [p for name, p in g.named_parameters() if not name.startswith("embedder.")]
+    results = []
+    for mode in ("auto", "ref"):
+        with _cuda_ops(mode), exact_float32():
+            image, _ = g([z], z_embed=z_embed, add_weight_index=6, randomize_noise=False)  # [2, 3, size, size]
+            real = image.detach().requires_grad_(True)
+            score = d(real)  # [2, 1]
+            (grad_image,) = torch.autograd.grad(score.sum(), real, create_graph=True)
+            grad_d = torch.autograd.grad(grad_image.pow(2).sum(), list(d.parameters()),  # (the last bias: 0)
+                                         allow_unused=True, materialize_grads=True)
+            grad_g = torch.autograd.grad(torch.nn.functional.softplus(-d(image)).sum(), g_params)
+        results.append([image, score, grad_image,
+                        torch.cat([t.flatten() for t in grad_d]), torch.cat([t.flatten() for t in grad_g])])
+    names = ("image", "score", "r1_grad_image", "r1_grad_d", "grad_g")
+    return dict(zip(names, (rel_error(a.float(), b.float()) for a, b in zip(*results))))
+
+
 class _ReferenceKernels:
     """The extension API computed by the PyTorch reference (no autograd): a stand-in with which the
     self-check and the autograd wrappers can be exercised on the CPU (tools/gpu_check.py --cpu-tiny)."""
@@ -387,6 +446,7 @@ def main(argv=None):
     for layout_name, layout in LAYOUTS.items():
         failed |= not row(f"upfirdn2d {layout_name}", LARGE_UPFIRDN2D_CASE,
                           upfirdn2d_errors(LARGE_UPFIRDN2D_CASE, layout=layout), TOLERANCE)
+    failed |= not row("G and D", dict(size=64), network_errors(), NETWORK_TOLERANCE)
     if args.bench:
         print()
         print(*_benchmark("cuda"), sep="\n")  # 'auto' uses the kernels on CUDA in both layouts

@@ -685,6 +685,36 @@ def test_self_check_accepts_right_kernels_and_names_what_is_wrong():
     assert reason.startswith("input gradient of case")
 
 
+def test_network_check_runs_the_networks_through_the_kernels(monkeypatch):
+    """check_cuda.network_errors on the CPU, stand-ins for the extensions wherever a GPU would use them:
+    G and D through the CUDA path's autograd wrappers (channels_last views, adjoint calls, double
+    backward) agree with the reference ops, and a stand-in whose activation gradient is wrong is caught
+    in the gradients while the image agrees."""
+    import importlib
+
+    from op.check_cuda import NETWORK_TOLERANCE, network_errors
+
+    calls = {"upfirdn2d": 0, "fused_bias_act": 0}
+    stand_ins = {"upfirdn2d": EmulatedUpFirDn2dExtension, "fused_bias_act": EmulatedFusedBiasActExtension}
+
+    def select(impl, name, tensors):  # the kernels, unless BLENDGAN_CUDA_OPS=ref (network_errors' 'ref' run)
+        if op.build.cuda_ops_disabled():
+            return None
+        calls[name] += 1
+        return stand_ins[name]
+
+    for module in ("op.upfirdn2d", "op.fused_act"):
+        monkeypatch.setattr(importlib.import_module(module), "select_impl", select)
+    errors = network_errors("cpu", size=32)
+    assert set(errors) == {"image", "score", "r1_grad_image", "r1_grad_d", "grad_g"}
+    assert max(errors.values()) < 1e-5, errors
+    assert calls["upfirdn2d"] > 0 and calls["fused_bias_act"] > 0
+    stand_ins["fused_bias_act"] = WrongFusedBiasActExtension
+    errors = network_errors("cpu", size=32)
+    assert errors["image"] < 1e-5 and errors["score"] < 1e-5, errors
+    assert min(errors["r1_grad_image"], errors["r1_grad_d"], errors["grad_g"]) > NETWORK_TOLERANCE, errors
+
+
 @pytest.mark.parametrize("mode", ["auto", "cuda"])
 def test_wrong_kernels_fall_back_to_the_reference_with_one_warning(monkeypatch, tmp_path, mode):
     """A built extension that disagrees with the reference is not used (one warning naming the reason);

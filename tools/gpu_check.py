@@ -51,14 +51,15 @@ PAPER = {"BlendGAN training, 4 V100 (images/s)": 4.6, "style encoder training (i
 # 8 minutes (plus ~20 s outside the limits: checkpoints and LMDBs made here). The compiled G run comes
 # last: on a cold compile cache it may not print a row in its time, and then nothing else is lost.
 # H200, 2026-11-28 (session 5): the first build 51 s with the two extensions one after the other (now at
-# once: about the longer of the two); check_cuda ~14 s (+~3 s since: half precision, one 67M-output case);
+# once: about the longer of the two, hence 50 s); check_cuda ~14 s (+~3 s since: half precision, one
+# 67M-output case; +~5 s: channels_last rows, the G and D row, which builds a small G on the CPU first);
 # one bench.py process at 1024 px ~15-60 s, of which ~6 s per network set (now built once per size and
 # dtype, not per batch); one training configuration at 1024 px ~30 s; the transfer step 26 s; the DDP run
 # 78 s with style_dim 512 (the step now uses 64). Not yet measured there: torch.compile of G. A killed
 # bench.py keeps the rows it printed before.
 GPU = dict(size=1024, batches=(1, 16), dtypes=("float16", "bfloat16", "float32"), compile=True,
            train=((256, 2), (1024, 4)), simclr_batch=64, ddp_size=256, ddp_iter=5, repeat=3,
-           limits=dict(build=60, op_check=45, op_speed=20, bench_g=85, transfer_4gb=35, train=100, ddp=65,
+           limits=dict(build=50, op_check=55, op_speed=20, bench_g=85, transfer_4gb=35, train=100, ddp=65,
                        bench_compile=70))
 CPU_TINY = dict(size=32, batches=(1, 2), dtypes=("float32", "bfloat16"), compile=False,
                 train=((32, 2),), simclr_batch=2, ddp_size=32, ddp_iter=2, repeat=1,
