@@ -7,6 +7,7 @@ Preprocessing is the release's and is used for training and inference alike: an 
 goes straight into VGG (no ImageNet mean/std), after AdaptiveAvgPool2d((256, 256)).
 """
 import os
+from collections import namedtuple
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,8 @@ from op.precision import Conv2d
 VGG19_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M", 512, 512, 512, 512)
 # Index in vgg19().features of the ReLU after which each Gram matrix is taken.
 VGG19_TAPS = {"relu1_2": 3, "relu2_2": 8, "relu3_4": 17, "relu4_4": 26, "relu5_4": 35}
+# The feature extractor's output for VGG19_TAPS: the release's namedtuple, fields in tap order.
+FeatureOutput = namedtuple("FeatureOutput", ["relu1", "relu2", "relu3", "relu4", "relu5"])
 STYLE_POOL_SIZE = 256
 VGG19_WEIGHTS_FILE = "vgg19-dcbb9e9d.pth"  # torchvision's VGG19_Weights.IMAGENET1K_V1 file name
 
@@ -77,12 +80,21 @@ def imagenet_vgg19_state_dict(vgg_ckpt=None):
 
 
 class VGGFeatureExtractor(nn.Module):
-    """VGG-19 up to relu5_4; returns the tapped activations. Keys ``vgg_layers.N.*`` as torchvision's."""
+    """VGG-19 up to relu5_4; returns the tapped activations in layer order, for VGG19_TAPS as the release's
+    ``FeatureOutput(relu1, ..., relu5)`` namedtuple (a tuple: iterating it gives the five), for other taps
+    as a list. Keys ``vgg_layers.N.*`` as torchvision's."""
 
     def __init__(self, taps=VGG19_TAPS):
         super().__init__()
         self.taps = dict(taps)
         self.vgg_layers = vgg19_features(max(self.taps.values()))
+
+    @property
+    def layer_name_mapping(self):
+        """Module index (str) -> output name, as the release's attribute: {'3': 'relu1', ...} for VGG19_TAPS."""
+        if self.taps == VGG19_TAPS:
+            return {str(i): name for i, name in zip(sorted(self.taps.values()), FeatureOutput._fields)}
+        return {str(i): name for name, i in sorted(self.taps.items(), key=lambda tap: tap[1])}
 
     def forward(self, x):
         tap_at = set(self.taps.values())
@@ -92,7 +104,7 @@ class VGGFeatureExtractor(nn.Module):
             if i in tap_at:
                 # In-place ReLUs are safe here: each tap is followed by a max-pool (a new tensor).
                 feats.append(x)
-        return feats
+        return FeatureOutput(*feats) if self.taps == VGG19_TAPS else feats
 
 
 def gram_matrix(feat):

@@ -14,7 +14,7 @@ from checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict,
 from conftest import reference_file
 from layers import ModulatedConv2d, channels_last_
 from model import Discriminator, Generator, ProjectionDiscriminator, guess_generator_config, wbm_face_weight
-from style_encoder import VGG19_TAPS, Projector, StyleEncoder, gram_dim
+from style_encoder import VGG19_TAPS, Projector, StyleEncoder, VGGFeatureExtractor, gram_dim
 
 
 def schema_rows(name):
@@ -324,6 +324,7 @@ def test_release_namespace_and_calls():
     import model as model_module
     import model_encoder
     assert (model_encoder.StyleEncoder, model_encoder.Projector) == (StyleEncoder, Projector)
+    assert model_encoder.FeatureOutput._fields == ("relu1", "relu2", "relu3", "relu4", "relu5")
     for name in ("Downsample", "ScaledLeakyReLU", "FusedLeakyReLU", "fused_leaky_relu", "upfirdn2d",
                  "ModulatedConv2d", "StyledConv", "ToRGB", "EqualLinear", "ConstantInput", "Blur", "Upsample"):
         assert name in model_module.__all__ and hasattr(model_module, name), name
@@ -510,6 +511,20 @@ def test_style_encoder_matches_independent_vgg_gram():
             blocks.append(gm.reshape(n, -1))
         ref = torch.cat(blocks, 1)
         assert torch.allclose(gram, ref, rtol=1e-4, atol=1e-6 * ref.abs().max())
+        # the release's feature extractor API: FeatureOutput(relu1, ..., relu5) and layer_name_mapping
+        extractor = enc.embedder.feature_extractor
+        out = extractor(F.adaptive_avg_pool2d(x, (48, 48)))
+        assert type(out).__name__ == "FeatureOutput" and out._fields == ("relu1", "relu2", "relu3", "relu4", "relu5")
+        for name, f in zip(out._fields, feats):
+            torch.testing.assert_close(getattr(out, name), f, rtol=1e-4, atol=1e-6 * f.abs().max())
+        assert extractor.layer_name_mapping == {"3": "relu1", "8": "relu2", "17": "relu3", "26": "relu4",
+                                                "35": "relu5"}
+        other = VGGFeatureExtractor({"relu2_2": 8, "relu1_2": 3})  # other taps: a list, in layer order
+        assert other.layer_name_mapping == {"3": "relu1_2", "8": "relu2_2"}
+        other.load_state_dict({k: v for k, v in extractor.state_dict().items() if int(k.split(".")[1]) <= 8})
+        got = other(F.adaptive_avg_pool2d(x, (48, 48)))
+        assert isinstance(got, list) and [t.shape[1] for t in got] == [64, 128]
+        torch.testing.assert_close(got[1], out.relu2)
         z = ref
         for j, lin in enumerate(enc.embedder_mlp):  # lr_mul 1: W / sqrt(in), b
             z = reference_linear(z, lin.weight, lin.bias, 1, activate=j < 3)
