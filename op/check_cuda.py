@@ -238,15 +238,19 @@ def _benchmark(device, shape=(8, 256, 128, 128), repeat=10):
             "fused_leaky_relu": lambda impl: fused_leaky_relu(x, bias, impl=impl),
         }
         for name, op_fn in ops.items():
+            # An upstream gradient in the output's layout, as a network's next layer hands back (the
+            # gradient of .sum() is an expanded tensor that any kernel would first copy).
+            with torch.no_grad():
+                grad = torch.randn_like(op_fn("ref"))
             timings = {}
             for impl in ("ref", "cuda") if device == "cuda" else ("ref",):
                 for _ in range(2):
-                    op_fn(impl).sum().backward()
+                    op_fn(impl).backward(grad)
                 if device == "cuda":
                     torch.cuda.synchronize()
                 start = time.perf_counter()
                 for _ in range(repeat):
-                    op_fn(impl).sum().backward()
+                    op_fn(impl).backward(grad)
                 if device == "cuda":
                     torch.cuda.synchronize()
                 timings[impl] = (time.perf_counter() - start) / repeat * 1000

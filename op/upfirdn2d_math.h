@@ -62,12 +62,17 @@ UPFIRDN2D_HD acc_t output_at(const scalar_t* x, const acc_t* taps, int64_t idx, 
   tap_range(ax, ox, start_x, first_x, end_x);
   const int64_t row_stride = static_cast<int64_t>(ax.in) * minor;
   const scalar_t* x_plane = x + major * ay.in * row_stride + channel;
+  // start + first is a multiple of up and the taps step by up: the input sample goes up by exactly one per
+  // step (no division inside the loops).
+  const int first_ix = (start_x + first_x) / ax.up;
+  int iy = (start_y + first_y) / ay.up;
   acc_t sum = acc_t(0);
-  for (int ty = first_y; ty < end_y; ty += ay.up) {
-    const scalar_t* x_row = x_plane + static_cast<int64_t>((start_y + ty) / ay.up) * row_stride;
+  for (int ty = first_y; ty < end_y; ty += ay.up, ++iy) {
+    const scalar_t* x_row = x_plane + iy * row_stride;
     const acc_t* k_row = taps + (ay.taps - 1 - ty) * ax.taps;
-    for (int tx = first_x; tx < end_x; tx += ax.up) {
-      sum += static_cast<acc_t>(x_row[static_cast<int64_t>((start_x + tx) / ax.up) * minor]) * k_row[ax.taps - 1 - tx];
+    int ix = first_ix;
+    for (int tx = first_x; tx < end_x; tx += ax.up, ++ix) {
+      sum += static_cast<acc_t>(x_row[ix * minor]) * k_row[ax.taps - 1 - tx];
     }
   }
   return sum;

@@ -8,6 +8,7 @@ without a GPU. The build helper is checked for laziness, caching, its fallback a
 """
 
 import ctypes
+import mmap
 import os
 import shutil
 import subprocess
@@ -252,6 +253,8 @@ def upfirdn2d_host(tmp_path_factory):
     pointer = ctypes.POINTER(ctypes.c_double)
     dll.upfirdn2d_host.argtypes = [pointer, pointer, pointer] + [ctypes.c_int64] * 14
     dll.upfirdn2d_host_out_size.argtypes = [ctypes.c_int64] * 12 + [ctypes.POINTER(ctypes.c_int64)]
+    dll.upfirdn2d_host_at.argtypes = [ctypes.POINTER(ctypes.c_float), pointer] + [ctypes.c_int64] * 14
+    dll.upfirdn2d_host_at.restype = ctypes.c_double
     return dll
 
 
@@ -308,6 +311,63 @@ def test_cuda_kernel_index_math_matches_the_reference(upfirdn2d_host, layout, mo
         torch.testing.assert_close(grad, grad_ref, rtol=1e-12, atol=1e-12, msg=str(case))
     assert set(HostUpFirDn2dExtension.layouts) - {"both"} == {layout}
     assert check_cuda.self_check("upfirdn2d", HostUpFirDn2dExtension, "cpu") is None
+
+
+def test_cuda_kernel_index_math_reaches_past_2_31_elements(upfirdn2d_host):
+    """Memory offsets past 2^31 elements, as in a [17, 128, 1024, 1024] float32 activation (2^31 + 2^27
+    elements; 1024 px layers at batch 16 are this large): a 1x1 filter reads exactly the element at its
+    output's offset, and the last output of ToRGB's 2x upsampling equals the reference on the corner it
+    reads, in both layouts. Virtual memory only: the untouched pages of the mapping are never allocated."""
+    n, c, h, w = 17, 128, 1024, 1024
+    numel = n * c * h * w
+    try:
+        memory = mmap.mmap(-1, numel * 4, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except (OSError, ValueError) as err:  # e.g. a system that does not overcommit
+        pytest.skip(f"cannot map {numel * 4 / 2 ** 30:.1f} GiB of virtual memory: {err}")
+    base = ctypes.c_float.from_buffer(memory)
+    x = ctypes.cast(ctypes.addressof(base), ctypes.POINTER(ctypes.c_float))
+    gen = torch.Generator().manual_seed(13)
+    kernel = torch.randn(4, 4, generator=gen, dtype=torch.float64)
+    as_doubles = lambda t: ctypes.cast(t.data_ptr(), ctypes.POINTER(ctypes.c_double))  # noqa: E731
+    one = torch.ones(1, 1, dtype=torch.float64)
+    try:
+        for minor in (c, 1):  # channels_last [N, H, W, C]; contiguous [N * C, H, W, 1]
+            for idx in (2 ** 31 - 1, 2 ** 31, 2 ** 31 + 7, numel - 1):
+                x[idx] = float(idx % 1000) + 0.5
+                got = upfirdn2d_host.upfirdn2d_host_at(x, as_doubles(one), idx, minor, h, w, 1, 1, 1, 1, 1, 1, 0, 0,
+                                                       h, w)
+                assert got == float(idx % 1000) + 0.5, (minor, idx)
+            # the last output of up=2, pad (2, 1) reads (part of) the last 3 x 3 inputs of the last channel
+            corner = torch.randn(3, 3, generator=gen).float()
+            for iy in range(3):
+                for ix in range(3):
+                    row, col = h - 3 + iy, w - 3 + ix
+                    offset = (((n - 1) * h + row) * w + col) * c + c - 1 if minor == c else ((n * c - 1) * h + row) * w + col
+                    x[offset] = corner[iy, ix].item()
+            got = upfirdn2d_host.upfirdn2d_host_at(x, as_doubles(kernel), numel * 4 - 1, minor, h, w, 4, 4, 2, 2, 1, 1,
+                                                   2, 2, 2 * h, 2 * w)
+            want = upfirdn2d_ref(corner.double()[None, None], kernel, up=2, pad=(2, 1))[0, 0, -1, -1].item()
+            assert abs(got - want) < 1e-9 and want != 0, (minor, got, want)
+    finally:
+        del x, base
+        memory.close()
+
+
+def test_self_check_rejects_kernels_wrong_only_in_channels_last():
+    """The one guard against wrong numbers in the networks' layout on a GPU: a stand-in right on contiguous
+    tensors that writes a channels_last result in NHWC order into an NCHW output is refused, naming it."""
+    from op.check_cuda import self_check
+
+    class WrongInChannelsLast(EmulatedUpFirDn2dExtension):
+        @classmethod
+        def upfirdn2d(cls, x, kernel, *args):
+            out = super().upfirdn2d(x, kernel, *args)
+            if x.is_contiguous():
+                return out
+            return out.permute(0, 2, 3, 1).contiguous().view(out.shape)  # NHWC bytes read as NCHW
+
+    reason = self_check("upfirdn2d", WrongInChannelsLast, "cpu")
+    assert reason is not None and reason.startswith("output of case") and "(channels_last)" in reason
 
 
 # ---------------------------------------------------------------------------------------------------
