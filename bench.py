@@ -274,6 +274,8 @@ def main(argv=None):
         p.error(f"--dtype {opts.dtype}: each of {', '.join(sorted(DTYPES))}")
     keep_freed_memory()  # as the inference scripts do
     cuda = opts.device.startswith("cuda")
+    if cuda and torch.device(opts.device).index is not None:
+        torch.cuda.set_device(opts.device)  # synchronize() and the peak-memory rows take the current device
     print(f"# device={opts.device} compile={opts.compile} threads={torch.get_num_threads()} torch={torch.__version__}")
     print("| size | dtype | batch | what | median s | images/s |\n| --- | --- | --- | --- | --- | --- |")
 

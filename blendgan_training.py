@@ -61,8 +61,8 @@ Discriminators come from the start file when it holds them; otherwise D_face com
 when given, and the log names every discriminator that starts fresh.
 
 Mixed precision (--amp): the adversarial phases under autocast, bfloat16 where supported (no loss
-scaling), float16 on GPUs without bfloat16, then with a GradScaler per optimizer (an overflowing step is
-skipped and the scale halves). R1 and the path length (double backward) stay float32. A non-finite
+scaling), float16 on GPUs without bfloat16 tensor cores (compute capability < 8.0), then with a
+GradScaler per optimizer (an overflowing step is skipped and the scale halves). R1 and the path length (double backward) stay float32. A non-finite
 (rank-averaged) loss skips that optimizer step; the run stops with NonFiniteLossError only when one phase
 stays non-finite for --nonfinite_patience consecutive steps or the weights are non-finite, and no
 checkpoint is written during such a run of bad steps (the last good one stays the newest).
@@ -788,9 +788,11 @@ def ema_decay(opts, world_size):
 
 
 def amp_dtype(device):
-    """--amp's autocast dtype: bfloat16 on CPUs and on GPUs that support it (no loss scaling needed),
-    float16 on older GPUs (then with GradScaler)."""
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    """--amp's autocast dtype: bfloat16 on CPUs and on GPUs with bfloat16 tensor cores (compute capability
+    8.0 and up: A100, H100, RTX 30xx; no loss scaling needed), float16 with GradScaler on older GPUs (V100,
+    T4), where bfloat16 is only emulated (torch.cuda.is_bf16_supported() still says True there: it counts
+    the emulation) and cuDNN has no bfloat16 convolutions."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 0):
         return torch.float16
     return torch.bfloat16
 

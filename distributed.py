@@ -69,6 +69,10 @@ def init_distributed(device, timeout_minutes=30):
         raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA GPU; use --device cpu")
     world_size = _env_int("WORLD_SIZE", 1)
     if world_size <= 1 and not is_distributed():
+        if device.type == "cuda" and device.index is not None:
+            # cuda:N the current device, so that calls without a device (synchronize, memory stats,
+            # the CUDA ops' self-check, pin_memory) mean this one and not cuda:0
+            torch.cuda.set_device(device)
         return device
     if device.type == "cuda":
         if os.environ.get("LOCAL_RANK", "") != "" or device.index is None:

@@ -129,9 +129,15 @@ class EqualLinear(nn.Module):
 
     def forward(self, x):
         bias = self.bias * self.lr_mul if self.bias is not None else None
-        # (x * scale) W^T == x (W * scale)^T: scaling the [N, in] input avoids a weight-sized temporary
-        # (1.25 GB for E_style's 610,304 x 512 layer).
-        out = precision.linear(x * self.scale, self.weight)
+        if self.weight.numel() > precision.LARGE_WEIGHT:
+            # (x * scale) W^T == x (W * scale)^T: scaling the [N, in] input avoids a weight-sized temporary
+            # (1.25 GB for E_style's 610,304 x 512 layer, whose input needs no gradient).
+            out = precision.linear(x * self.scale, self.weight)
+        else:
+            # The release's order. The stored W is randn / lr_mul (std 100 in the mapping networks): with the
+            # scale on x instead, float16 autocast's backward would form grad_out @ W at sqrt(in) / lr_mul
+            # (~2,300) times the true input gradient and overflow, defeating GradScaler.
+            out = precision.linear(x, self.weight * self.scale)
         if self.activation:
             return fused_leaky_relu(out, bias)
         return out if bias is None else out + bias.to(out.dtype)
@@ -256,7 +262,9 @@ class NoiseInjection(nn.Module):
         if noise is None:
             batch, _, height, width = image.shape
             noise = image.new_empty(batch, 1, height, width).normal_()
-        return image + self.weight * noise
+        # In the image's dtype: under autocast the float32 weight (and a float32 noise buffer) would
+        # otherwise promote the sum, and every activation after it, to float32.
+        return image + self.weight.to(image.dtype) * noise.to(image.dtype)
 
 
 def channels_last_(module):

@@ -158,7 +158,9 @@ def rng_state():
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # The generator of this process's own (current) device, the only one it draws from: restored to
+        # whichever device the resumed process runs on (rank r may sit on another local index then).
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -171,9 +173,12 @@ def set_rng_state(state):
                          npy["gauss"]))
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        cuda_states = state["cuda"][:torch.cuda.device_count()]
-        for index, s in enumerate(cuda_states):
-            torch.cuda.set_rng_state(s.cpu(), index)
+        saved = state["cuda"]
+        if isinstance(saved, (list, tuple)):  # older checkpoints: every visible device's, by index
+            index = torch.cuda.current_device()
+            saved = saved[index] if index < len(saved) else None
+        if saved is not None:
+            torch.cuda.set_rng_state(saved.cpu())
 
 
 def gather_rng_states():

@@ -232,9 +232,9 @@ def self_check(name, module, device="cuda"):
     return check_cuda.self_check(name, module, device)
 
 
-def load_extension(name, strict=False, verbose=False, check=True):
+def load_extension(name, strict=False, verbose=False, check=True, device="cuda"):
     """The compiled extension `name`, or None when CUDA ops are disabled, the build failed or the kernels
-    disagree with the reference (self_check, once, before first use).
+    disagree with the reference (self_check on `device`, the first caller's, once, before first use).
 
     Built and checked at most once per process; a failure is warned about once and then remembered.
     With strict=True a build failure raises instead (with the compiler's message), for op/check_cuda.py.
@@ -261,7 +261,7 @@ def load_extension(name, strict=False, verbose=False, check=True):
             # gradients and full precision whatever the caller's mode.
             with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cuda", enabled=False), \
                     torch.autocast("cpu", enabled=False):
-                reason = self_check(name, module)
+                reason = self_check(name, module, device)
         except Exception as err:  # a kernel that crashes is as unusable as a wrong one
             reason = f"the check raised {type(err).__name__}: {err}"
         if reason is not None:
@@ -285,17 +285,18 @@ def select_impl(impl, name, tensors):
     if impl not in ("auto", "ref", "cuda"):
         raise ValueError(f"impl must be 'auto', 'ref' or 'cuda', got {impl!r}")
     on_cuda = all(t.is_cuda for t in tensors if t is not None)
+    device = next((t.device for t in tensors if t is not None), None)  # the self-check runs there
     if impl == "auto" and cuda_ops_mode() == "cuda" and on_cuda:
         impl = "cuda"  # BLENDGAN_CUDA_OPS=cuda: insist on the kernels
     if impl == "ref":
         return None
     if impl == "auto":
-        return load_extension(name) if on_cuda else None
+        return load_extension(name, device=device) if on_cuda else None
     if not on_cuda:
         raise ValueError(f"impl='cuda' needs CUDA tensors for {name!r}")
     if cuda_ops_disabled():
         raise RuntimeError(f"impl='cuda' requested for {name!r} but {CUDA_OPS_ENV}=ref or {NO_CUDA_OPS_ENV} is set")
-    module = load_extension(name)
+    module = load_extension(name, device=device)
     if module is None:
         raise RuntimeError(f"impl='cuda' requested but the CUDA extension {name!r} is unavailable: "
                            f"{_FAILED.get(name, 'it did not build')}")

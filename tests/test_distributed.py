@@ -80,6 +80,20 @@ def test_cuda_request_without_gpu_is_a_clear_error(no_torchrun):
         distributed.init_distributed("cuda")
 
 
+def test_one_process_on_an_indexed_gpu_makes_it_the_current_device(no_torchrun, monkeypatch):
+    """--device cuda:1 without torchrun: cuda:1 becomes the current device, so synchronize, memory stats,
+    the CUDA ops' self-check and pin_memory (which take the current device) mean it, not cuda:0."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(torch.device(device)))
+    assert distributed.init_distributed("cuda:1") == torch.device("cuda", 1)
+    assert calls == [torch.device("cuda", 1)]
+    calls.clear()
+    assert distributed.init_distributed("cuda") == torch.device("cuda")  # the current one already
+    assert distributed.init_distributed("cpu") == torch.device("cpu")
+    assert calls == []
+
+
 # ---- distributed.py, two gloo processes ---------------------------------------------------------
 
 def _free_port():
@@ -185,6 +199,29 @@ def test_rng_state_round_trip_through_a_weights_only_checkpoint(tmp_path):
     loaded = load_checkpoint(tmp_path / "rng.pt")["rng"]
     assert trainutil.restore_rng_states(loaded)
     assert _draws() == expected
+
+
+def test_cuda_rng_state_is_this_processs_device_and_goes_to_the_resumed_processs_device(monkeypatch):
+    """Only the current device's CUDA generator is drawn from (cuda:LOCAL_RANK): its state is saved alone and
+    restored to whatever device the resumed process is on, so rank r keeps its stream when it lands on
+    another local index; older checkpoints (a list, one state per visible device) give the current index's."""
+    states = {0: torch.tensor([0], dtype=torch.uint8), 1: torch.tensor([1], dtype=torch.uint8)}
+    current = {"device": 1}
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current["device"])
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": states[current["device"]])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append(
+        (int(state[0]), current["device"] if device == "cuda" else device)))
+    saved = trainutil.rng_state()
+    assert torch.equal(saved["cuda"], states[1])
+    current["device"] = 0  # resumed as local rank 0 of another node layout
+    trainutil.set_rng_state(saved)
+    assert restored == [(1, 0)]
+    restored.clear()
+    trainutil.set_rng_state(dict(saved, cuda=[states[0], states[1]]))  # an older checkpoint's list
+    assert restored == [(0, 0)]
 
 
 def test_seeding_is_deterministic_and_per_rank():

@@ -378,6 +378,54 @@ def test_single_sample_and_channels_last_paths_match_batched_contiguous_generato
     assert layouts == [True, True]  # the layout really reaches the last convolution
 
 
+def test_equal_linear_float16_backward_stays_finite_under_a_loss_scale(monkeypatch):
+    """Under float16 autocast with GradScaler's scale on the loss, a mapping-network layer (lr_mul 0.01, W
+    stored as randn / lr_mul) must give the input gradient in range: the backward's grad_out @ W has to be
+    formed with the scaled weight. With the scale on x instead, that product is sqrt(in) / lr_mul = 2,263
+    times the true gradient and overflows float16 (G's steps skipped, its scale collapsing)."""
+    from layers import EqualLinear
+    from op import precision
+
+    monkeypatch.setattr(precision, "cpu_native_lowp", lambda name: True)  # the plain float16 ops, as on a GPU
+    torch.manual_seed(0)
+    lin = EqualLinear(512, 512, lr_mul=0.01, activation="fused_lrelu")
+    with torch.no_grad():
+        lin.bias.uniform_(-50, 50)  # trained-like biases (b * lr_mul of order 0.5)
+    x = torch.randn(4, 512, requires_grad=True)
+    upstream = torch.randn(4, 512) * 2 ** 10  # an O(1) gradient times a loss scale of 2^10
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = lin(x)
+    assert out.dtype == torch.float16
+    (grad,) = torch.autograd.grad(out, x, upstream.half())
+    (want,) = torch.autograd.grad(lin(x), x, upstream)  # float32
+    assert torch.isfinite(grad).all()
+    torch.testing.assert_close(grad, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
+def test_noise_injection_keeps_the_autocast_dtype():
+    """x + w * noise in the activation's dtype: under autocast the float32 weight (and a float32 noise buffer)
+    would promote every StyledConv output, and all that follows it, to float32 (twice the bytes)."""
+    from layers import NoiseInjection
+
+    noise_in = NoiseInjection()
+    with torch.no_grad():
+        noise_in.weight.fill_(0.3)
+    x, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 1, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for given in (noise, None):  # a stored float32 buffer, fresh noise
+            assert noise_in(x.bfloat16(), given).dtype == torch.bfloat16
+    torch.testing.assert_close(noise_in(x.bfloat16(), noise).float(), x + 0.3 * noise, rtol=2e-2, atol=2e-2)
+    assert noise_in(x, noise).dtype == torch.float32
+    torch.testing.assert_close(noise_in(x, noise), x + 0.3 * noise)
+    g = small_generator()  # every StyledConv's output, under autocast
+    dtypes = []
+    for conv in [g.conv1, *g.convs]:
+        conv.register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        g([torch.randn(1, 16)], z_embed=torch.randn(1, 16), add_weight_index=6, randomize_noise=False)
+    assert dtypes == [torch.bfloat16] * (1 + len(g.convs))
+
+
 def test_bfloat16_networks_stay_close_to_float32():
     """--dtype bfloat16: the generator's image within 30 dB PSNR of float32 (bench.py reports ~38-40 dB at
     32-256 px), and the style code (Gram products in float32, the MLP in bf16) within 2% of float32."""

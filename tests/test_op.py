@@ -548,6 +548,7 @@ class FakeCudaTensor:
     """Only what `select_impl` reads of a tensor."""
 
     is_cuda = True
+    device = torch.device("cuda", 1)
 
 
 def test_no_cuda_ops_env_is_honoured(monkeypatch):
@@ -571,7 +572,7 @@ def test_build_is_cached_and_failure_warns_once(monkeypatch, tmp_path):
     monkeypatch.delenv(op.build.NO_CUDA_OPS_ENV, raising=False)
     monkeypatch.delenv(op.build.CUDA_OPS_ENV, raising=False)
     monkeypatch.setenv(op.build.BUILD_DIR_ENV, str(tmp_path))
-    monkeypatch.setattr(op.build, "self_check", lambda name, module: None)
+    monkeypatch.setattr(op.build, "self_check", lambda name, module, device: None)
     monkeypatch.setattr(op.build, "_CACHE", {})
     built = []
     module = types.SimpleNamespace()
@@ -786,12 +787,18 @@ def test_wrong_kernels_fall_back_to_the_reference_with_one_warning(monkeypatch, 
     monkeypatch.setenv(op.build.BUILD_DIR_ENV, str(tmp_path))
     monkeypatch.setattr(op.build, "_CACHE", {})
     monkeypatch.setattr(op.build, "compile_extension", lambda name, verbose=False: WrongUpFirDn2dExtension)
-    monkeypatch.setattr(op.build, "self_check", lambda name, module: self_check(name, module, "cpu"))
+    checked_on = []
+
+    def check_on_the_cpu(name, module, device):
+        checked_on.append(device)  # the caller's device (cuda:1), not the current one
+        return self_check(name, module, "cpu")
+
+    monkeypatch.setattr(op.build, "self_check", check_on_the_cpu)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         first = op.build.select_impl("auto", "upfirdn2d", (FakeCudaTensor(),))
         again = op.build.select_impl("auto", "upfirdn2d", (FakeCudaTensor(),))
-    assert len(caught) == 1
+    assert len(caught) == 1 and checked_on == [torch.device("cuda", 1)]
     message = str(caught[0].message)
     assert "'upfirdn2d' disagrees with the PyTorch reference: output of case" in message
     if mode == "auto":
@@ -814,7 +821,7 @@ def test_self_check_runs_with_gradients_whatever_the_callers_mode(monkeypatch, t
     monkeypatch.setenv(op.build.BUILD_DIR_ENV, str(tmp_path))
     monkeypatch.setattr(op.build, "_CACHE", {})
     monkeypatch.setattr(op.build, "compile_extension", lambda name, verbose=False: EmulatedUpFirDn2dExtension)
-    monkeypatch.setattr(op.build, "self_check", lambda name, module: self_check(name, module, "cpu"))
+    monkeypatch.setattr(op.build, "self_check", lambda name, module, device: self_check(name, module, "cpu"))
     mode = {"no_grad": torch.no_grad(), "inference_mode": torch.inference_mode(),
             "autocast": torch.autocast("cpu", dtype=torch.bfloat16)}[caller_mode]
     with warnings.catch_warnings(record=True) as caught, mode:

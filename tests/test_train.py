@@ -852,8 +852,15 @@ def test_float16_overflow_skips_the_step_and_halves_the_scale(narrow, monkeypatc
     assert all(bool(torch.isfinite(p).all()) for p in s.nets.d_parameters())
 
 
-def test_amp_dtype_and_guard_patience():
+def test_amp_dtype_and_guard_patience(monkeypatch):
     assert bt.amp_dtype(torch.device("cpu")) == torch.bfloat16
+    # by the training device's compute capability: bfloat16 from Ampere on, float16 (with GradScaler) on a
+    # V100 / T4, where torch.cuda.is_bf16_supported() is True too (it counts the emulation)
+    capability = {0: (7, 0), 1: (8, 0), 2: (7, 5), 3: (9, 0)}
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[torch.device(device).index])
+    assert [bt.amp_dtype(torch.device("cuda", i)) for i in range(4)] == [torch.float16, torch.bfloat16,
+                                                                          torch.float16, torch.bfloat16]
     guard = NonFiniteGuard(patience=2)
     w = [torch.ones(3)]
     assert guard.check("d", {"a": 1.0}, 1, params=w) and guard.healthy
