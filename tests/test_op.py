@@ -766,12 +766,12 @@ def test_network_check_runs_the_networks_through_the_kernels(monkeypatch):
 
     for module in ("op.upfirdn2d", "op.fused_act"):
         monkeypatch.setattr(importlib.import_module(module), "select_impl", select)
-    errors = network_errors("cpu", size=32)
+    errors = network_errors("cpu", size=16)
     assert set(errors) == {"image", "score", "r1_grad_image", "r1_grad_d", "grad_g"}
     assert max(errors.values()) < 1e-5, errors
     assert calls["upfirdn2d"] > 0 and calls["fused_bias_act"] > 0
     stand_ins["fused_bias_act"] = WrongFusedBiasActExtension
-    errors = network_errors("cpu", size=32)
+    errors = network_errors("cpu", size=16)
     assert errors["image"] < 1e-5 and errors["score"] < 1e-5, errors
     assert min(errors["r1_grad_image"], errors["r1_grad_d"], errors["grad_g"]) > NETWORK_TOLERANCE, errors
 
