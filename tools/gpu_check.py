@@ -11,7 +11,8 @@ killed from outside keeps the steps it finished):
               their self-check, so that no later step pays the build inside its own limit; if it fails,
               the later steps use the reference ops; skipped on the CPU
   op_check    op/check_cuda.py (CUDA kernels vs the PyTorch reference: forward, grad, gradgrad,
-              gradcheck, float16/bfloat16, one 67M-output case) and the GPU-only test of tests/test_op.py
+              gradcheck, float16/bfloat16, contiguous and channels_last, one 67M-output case, a small G
+              and D with the kernels vs the reference ops) and the GPU-only test of tests/test_op.py
               that check_cuda does not repeat; CPU mode: the build self-check logic with reference kernels
               standing in for the extension
   op_speed    CUDA kernels vs the reference path, forward + backward (check_cuda --bench-only)
