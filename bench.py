@@ -32,6 +32,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from blendgan_training import EQ8_READINGS
+from distributed import init_distributed
 from inference import DTYPES, default_device, for_inference, keep_freed_memory
 from model import Discriminator, Generator
 
@@ -274,8 +275,7 @@ def main(argv=None):
         p.error(f"--dtype {opts.dtype}: each of {', '.join(sorted(DTYPES))}")
     keep_freed_memory()  # as the inference scripts do
     cuda = opts.device.startswith("cuda")
-    if cuda and torch.device(opts.device).index is not None:
-        torch.cuda.set_device(opts.device)  # synchronize() and the peak-memory rows take the current device
+    init_distributed(opts.device)  # one process: makes cuda:N current (synchronize, the peak-memory rows)
     print(f"# device={opts.device} compile={opts.compile} threads={torch.get_num_threads()} torch={torch.__version__}")
     print("| size | dtype | batch | what | median s | images/s |\n| --- | --- | --- | --- | --- | --- |")
 

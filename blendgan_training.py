@@ -62,8 +62,8 @@ when given, and the log names every discriminator that starts fresh.
 
 Mixed precision (--amp): the adversarial phases under autocast, bfloat16 where supported (no loss
 scaling), float16 on GPUs without bfloat16 tensor cores (compute capability < 8.0), then with a
-GradScaler per optimizer (an overflowing step is skipped and the scale halves). R1 and the path length (double backward) stay float32. A non-finite
-(rank-averaged) loss skips that optimizer step; the run stops with NonFiniteLossError only when one phase
+GradScaler per optimizer (an overflowing step is skipped and the scale halves). R1 and the path length
+(double backward) stay float32. A non-finite (rank-averaged) loss skips that optimizer step; the run stops with NonFiniteLossError only when one phase
 stays non-finite for --nonfinite_patience consecutive steps or the weights are non-finite, and no
 checkpoint is written during such a run of bad steps (the last good one stays the newest).
 

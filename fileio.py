@@ -93,11 +93,11 @@ def without_outputs(paths, in_folder, outdir):
 def distinct_by(paths, key):
     """(the paths whose ``key`` no earlier path has, [(a later path, the earlier one with its key)]): outputs named
     by ``key`` (a.jpg and a.png both give 'a') would overwrite each other, so the later file is left out."""
+    keyed = [(path, key(path)) for path in paths]
     first = {}
-    for path in paths:
-        first.setdefault(key(path), path)
-    kept = [path for path in paths if first[key(path)] == path]
-    return kept, [(path, first[key(path)]) for path in paths if first[key(path)] != path]
+    for path, k in keyed:
+        first.setdefault(k, path)
+    return [p for p, k in keyed if first[k] == p], [(p, first[k]) for p, k in keyed if first[k] != p]
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import os
 import sys
+from unittest import mock
 
 import torch
 
@@ -265,20 +266,11 @@ def _benchmark(device, shape=(8, 256, 128, 128), repeat=10):
 NETWORK_TOLERANCE = 1e-3
 
 
-@contextlib.contextmanager
 def _cuda_ops(mode):
     """BLENDGAN_CUDA_OPS=mode inside (op.build reads it on every op call)."""
     from op.build import CUDA_OPS_ENV
 
-    saved = os.environ.get(CUDA_OPS_ENV)
-    os.environ[CUDA_OPS_ENV] = mode
-    try:
-        yield
-    finally:
-        if saved is None:
-            del os.environ[CUDA_OPS_ENV]
-        else:
-            os.environ[CUDA_OPS_ENV] = saved
+    return mock.patch.dict(os.environ, {CUDA_OPS_ENV: mode})
 
 
 def network_errors(device="cuda", size=64, seed=0):

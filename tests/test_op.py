@@ -258,6 +258,11 @@ def upfirdn2d_host(tmp_path_factory):
     return dll
 
 
+def double_pointer(t):
+    """A contiguous float64 tensor's memory as a C double* (for the host build)."""
+    return ctypes.cast(t.data_ptr(), ctypes.POINTER(ctypes.c_double))
+
+
 class HostUpFirDn2dExtension:
     """The extension's call signature over the host build: the layout chosen as upfirdn2d_kernel.cu
     chooses it (channels_last read in place and the output channels_last, otherwise plane by plane), the
@@ -282,8 +287,7 @@ class HostUpFirDn2dExtension:
         kernel_mem = kernel.double().contiguous()
         out_mem = torch.empty((n, out_h, out_w, c) if channels_last else (n, c, out_h, out_w), dtype=torch.float64)
         major, minor = (n, c) if channels_last else (n * c, 1)
-        as_pointer = lambda t: ctypes.cast(t.data_ptr(), ctypes.POINTER(ctypes.c_double))  # noqa: E731
-        cls.lib.upfirdn2d_host(as_pointer(out_mem), as_pointer(x_mem), as_pointer(kernel_mem), major, minor,
+        cls.lib.upfirdn2d_host(double_pointer(out_mem), double_pointer(x_mem), double_pointer(kernel_mem), major, minor,
                                in_h, in_w, kernel_h, kernel_w, up_x, up_y, down_x, down_y, pad_x0, pad_y0, out_h,
                                out_w)
         out = out_mem.permute(0, 3, 1, 2) if channels_last else out_mem
@@ -328,13 +332,12 @@ def test_cuda_kernel_index_math_reaches_past_2_31_elements(upfirdn2d_host):
     x = ctypes.cast(ctypes.addressof(base), ctypes.POINTER(ctypes.c_float))
     gen = torch.Generator().manual_seed(13)
     kernel = torch.randn(4, 4, generator=gen, dtype=torch.float64)
-    as_doubles = lambda t: ctypes.cast(t.data_ptr(), ctypes.POINTER(ctypes.c_double))  # noqa: E731
     one = torch.ones(1, 1, dtype=torch.float64)
     try:
         for minor in (c, 1):  # channels_last [N, H, W, C]; contiguous [N * C, H, W, 1]
             for idx in (2 ** 31 - 1, 2 ** 31, 2 ** 31 + 7, numel - 1):
                 x[idx] = float(idx % 1000) + 0.5
-                got = upfirdn2d_host.upfirdn2d_host_at(x, as_doubles(one), idx, minor, h, w, 1, 1, 1, 1, 1, 1, 0, 0,
+                got = upfirdn2d_host.upfirdn2d_host_at(x, double_pointer(one), idx, minor, h, w, 1, 1, 1, 1, 1, 1, 0, 0,
                                                        h, w)
                 assert got == float(idx % 1000) + 0.5, (minor, idx)
             # the last output of up=2, pad (2, 1) reads (part of) the last 3 x 3 inputs of the last channel
@@ -344,7 +347,7 @@ def test_cuda_kernel_index_math_reaches_past_2_31_elements(upfirdn2d_host):
                     row, col = h - 3 + iy, w - 3 + ix
                     offset = (((n - 1) * h + row) * w + col) * c + c - 1 if minor == c else ((n * c - 1) * h + row) * w + col
                     x[offset] = corner[iy, ix].item()
-            got = upfirdn2d_host.upfirdn2d_host_at(x, as_doubles(kernel), numel * 4 - 1, minor, h, w, 4, 4, 2, 2, 1, 1,
+            got = upfirdn2d_host.upfirdn2d_host_at(x, double_pointer(kernel), numel * 4 - 1, minor, h, w, 4, 4, 2, 2, 1, 1,
                                                    2, 2, 2 * h, 2 * w)
             want = upfirdn2d_ref(corner.double()[None, None], kernel, up=2, pad=(2, 1))[0, 0, -1, -1].item()
             assert abs(got - want) < 1e-9 and want != 0, (minor, got, want)
