@@ -120,6 +120,7 @@ class TrainOptions:
     style_encoder_ckpt: str = None
     stylegan2_ckpt: str = None
     blendgan_ckpt: str = None
+    from_scratch: bool = False  # G, g_ema and D_face from random weights on purpose (no --stylegan2_ckpt)
     finetune_style_img: list = None
     vgg_ckpt: str = None
     size: int = 1024
@@ -209,6 +210,13 @@ def validate(opts):
         problems.append("AAHQ_LMDB (the artistic faces) is required unless --finetune_style_img is given")
     else:
         lmdbs.append(("AAHQ_LMDB", opts.aahq_lmdb))
+    starts = [f"--{flag}" for flag in ("stylegan2_ckpt", "blendgan_ckpt") if getattr(opts, flag)]
+    if opts.from_scratch and starts:
+        problems.append(f"--from_scratch and {' / '.join(starts)} contradict each other: pass one")
+    elif not (opts.from_scratch or starts or resuming or opts.finetune):
+        problems.append("--stylegan2_ckpt is required: G and D_face start from an FFHQ StyleGAN2, as in the paper "
+                        "(python download_models.py stylegan2-ffhq-config-f.pt), unless --from_scratch asks for "
+                        "random weights on purpose")
     if opts.style_encoder_ckpt is None and opts.blendgan_ckpt is None and not resuming:
         problems.append("--style_encoder_ckpt is required (the frozen style encoder E_style), unless the "
                         "generator comes from --blendgan_ckpt or --resume")
@@ -1034,6 +1042,7 @@ def setup(opts, log=print):
             load_style_encoder(nets.g, opts.style_encoder_ckpt, opts.vgg_ckpt, log)
         clamp_wbm(nets.g)
         if not (opts.stylegan2_ckpt or opts.blendgan_ckpt):
+            log("G, g_ema and D_face start from random weights (no --stylegan2_ckpt)")
             copy_g_to_ema(nets)  # fresh G: g_ema starts equal to it
     g_optim, d_optim = make_optimizers(nets, opts)
     queue = StyleQueue(opts.queue_size, opts.style_dim, device)

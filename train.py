@@ -32,6 +32,9 @@ def build_parser():
                         "a BlendGAN checkpoint whose g_ema holds embedder.*, or a bare StyleEncoder state dict")
     g.add_argument("--stylegan2_ckpt", default=None,
                    help="rosinality-format FFHQ StyleGAN2 checkpoint (g, d, g_ema): initialises G, g_ema and D_face")
+    g.add_argument("--from_scratch", action="store_true",
+                   help="start G, g_ema and D_face from random weights on purpose (the paper starts them from "
+                        "--stylegan2_ckpt)")
     g.add_argument("--blendgan_ckpt", default=None,
                    help="start from a BlendGAN checkpoint (its g_ema is enough, e.g. the release's blendgan.pt); "
                         "required by --finetune_style_img")

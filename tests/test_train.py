@@ -112,6 +112,8 @@ def small_options(data, out_dir, **changes):
                            sample_every=1000)
     for k, v in changes.items():
         setattr(opts, k, v)
+    if "from_scratch" not in changes:
+        opts.from_scratch = not (opts.stylegan2_ckpt or opts.blendgan_ckpt)
     return opts
 
 
@@ -124,7 +126,7 @@ def cli_args(opts):
         value = getattr(opts, name)
         if value is not None:
             args += [f"--{name}", str(value)]
-    return args + ["--no_progress"]
+    return args + ["--no_progress"] + ["--from_scratch"] * opts.from_scratch
 
 
 def subprocess_env():
@@ -1140,7 +1142,8 @@ def test_finetune_moves_g_ema_toward_the_reference(narrow, data, tmp_path):
 # ---- the command line -----------------------------------------------------------------------------
 
 def test_command_line_validation(data, tmp_path, capsys, monkeypatch):
-    base = [data["faces"], data["styles"], "--style_encoder_ckpt", data["style_encoder"]]
+    paper_start = [data["faces"], data["styles"], "--style_encoder_ckpt", data["style_encoder"]]
+    base = paper_start + ["--from_scratch"]
     opts = train_script.parse_args(base + ["--size", "32"])
     assert (opts.batch, opts.iter, opts.size, opts.eq8) == (8, 200000, 32, None)  # None: see test_eq8_reading...
     assert train_script.parse_args(base + ["--size", "32", "--keep", "5"]).keep_checkpoints == 5  # the others' name
@@ -1159,8 +1162,11 @@ def test_command_line_validation(data, tmp_path, capsys, monkeypatch):
            ([data["faces"], "--finetune_style_img", str(text)], f"--finetune_style_img {text}: cannot decode image"),
            (base + ["--mixing", "1.5"], "--mixing"),
            (base + ["--resume", "/nonexistent.pt"], "--resume"),
-           (base + ["--stylegan2_ckpt", "ffhq.pt"], "--stylegan2_ckpt ffhq.pt: file not found (python download_models.py "
-                                                    "stylegan2-ffhq-config-f.pt writes pretrained_models/stylegan2-ffhq"),
+           (paper_start + ["--stylegan2_ckpt", "ffhq.pt"], "--stylegan2_ckpt ffhq.pt: file not found (python "
+                                                           "download_models.py stylegan2-ffhq-config-f.pt writes "
+                                                           "pretrained_models/stylegan2-ffhq"),
+           (paper_start + ["--size", "32"], "--stylegan2_ckpt is required: G and D_face start from an FFHQ StyleGAN2"),
+           (base + ["--blendgan_ckpt", data["style_encoder"]], "--from_scratch and --blendgan_ckpt contradict"),
            (base + ["--out_dir", data["style_encoder"]], f"--out_dir {data['style_encoder']}: {data['style_encoder']} "
                                                          "is a file, not a folder")]
     for argv, message in bad:

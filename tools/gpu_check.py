@@ -355,7 +355,7 @@ def ddp(cfg, device, work):
         f.write(DDP_DRIVER)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", driver, device,
            *lmdbs, "--out_dir", os.path.join(work, "run"), "--size", str(cfg["ddp_size"]), "--batch", "2", "--iter", str(cfg["ddp_iter"]), "--device", device, "--num_workers", "0", "--no_progress",
-           "--log_every", "1", "--sample_every", "1000", "--save_every", "1000", *small]
+           "--from_scratch", "--log_every", "1", "--sample_every", "1000", "--save_every", "1000", *small]
     ok, sec, out = run(cmd, cfg["limits"]["ddp"], env={"OMP_NUM_THREADS": "1"})
     warnings_seen = [w for w in ("Grad strides do not match bucket view strides", "broadcast_buffers` is deprecated")
                      if w in out]
