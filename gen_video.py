@@ -98,7 +98,8 @@ def gen_videos(opts):
     # One network at a time, as style_transfer_folder.py: G (memory-mapped) encodes the styles and is
     # dropped; pSp encodes every face and is dropped; a G without E_style renders the videos. So the
     # 1024 px video fits wherever the style transfer fits.
-    g, _ = load_blendgan(opts.ckpt, opts.size, opts.channel_multiplier, device, dtype, indicator=opts.add_weight_index)
+    g, _ = load_blendgan(opts.ckpt, opts.size, opts.channel_multiplier, device, dtype, indicator=opts.add_weight_index,
+                      photos=True)
     size = g.size
     report = Report()
     aligner = load_aligner(opts.align, opts.predictor)

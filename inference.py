@@ -20,6 +20,7 @@ from imageio_utils import UnreadableImageError, read_image_rgb, size_problem
 from layers import channels_last_
 from model import Generator, guess_generator_config, infer_generator_config, n_latent_for
 from model_zoo import COMMAND, missing_files_message
+from psp_encoder.encoders import STYLE_DIM as PSP_STYLE_DIM
 from utils import img2ten
 
 RELEASE_PAGE = "https://github.com/onion-liu/BlendGAN (README, 'Pretrained models')"
@@ -127,7 +128,7 @@ def for_inference(module, device, dtype, compile=False):
 
 
 def load_blendgan(path, size=None, channel_multiplier=None, device="cpu", dtype=torch.float32, compile=False,
-                  with_style_encoder=True, indicator=None):
+                  with_style_encoder=True, indicator=None, photos=False):
     """Generator from a BlendGAN checkpoint's ``g_ema`` (release layout), ready for inference.
 
     size / channel_multiplier: None reads them from the file. style_dim and n_mlp always come from the
@@ -135,7 +136,9 @@ def load_blendgan(path, size=None, channel_multiplier=None, device="cpu", dtype=
     4-D (VGG) weights are copied, for channels_last (see for_inference), and E_style's 1.25 GB layer is
     read when a style is encoded. with_style_encoder=False leaves E_style out (``g.embedder`` is None):
     for generation from style codes computed before. indicator: the --add_weight_index, noted on stderr when
-    it lies beyond the generator's layers (indicator_note). Returns (generator, the checkpoint dict).
+    it lies beyond the generator's layers (indicator_note). photos: the generator will render pSp's W+ codes of
+    real photos, which are STYLE_DIM wide: another style_dim (train.py --style_dim) is refused before any
+    work. Returns (generator, the checkpoint dict).
     """
     ckpt = load_checkpoint(path, hint=missing_hint("--ckpt", "blendgan.pt"))
     sd = require_key(ckpt, "g_ema", path)
@@ -150,6 +153,10 @@ def load_blendgan(path, size=None, channel_multiplier=None, device="cpu", dtype=
         print(f"note: {note}", file=sys.stderr)
     channel_multiplier = channel_multiplier or cfg["channel_multiplier"] or 2
     style_dim, n_mlp = cfg["style_dim"], cfg["n_mlp"]
+    if photos and style_dim != PSP_STYLE_DIM:
+        raise CheckpointError(f"{path}: a generator with style_dim {style_dim} cannot stylize photos: the pSp encoder "
+                              f"gives {PSP_STYLE_DIM}-D W+ codes (train.py --style_dim {PSP_STYLE_DIM} for photos); "
+                              f"generate_image_pairs.py works with it")
     with torch.device("meta"):
         g = Generator(size, style_dim, n_mlp, channel_multiplier=channel_multiplier, load_pretrained_vgg=False)
     load_state_dict_strict(g, sd, f"{path}['g_ema']", hint=guess_generator_config, assign=True)

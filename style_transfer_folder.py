@@ -55,7 +55,8 @@ def style_transfer(opts):
     # 1 GB pSp encoder and the 1024 px activations are never in memory together (peak RSS: README).
     # The generator is memory-mapped: in float32 loading it reads little more than what is used.
     check_model_files(opts, psp=True)  # every missing file in one message, before any work
-    g = load_blendgan(opts.ckpt, opts.size, opts.channel_multiplier, device, dtype, indicator=opts.add_weight_index)[0]
+    g = load_blendgan(opts.ckpt, opts.size, opts.channel_multiplier, device, dtype, indicator=opts.add_weight_index,
+                      photos=True)[0]
     size = g.size
     report = Report()
     aligner = load_aligner(opts.align, opts.predictor)

@@ -295,6 +295,31 @@ def test_missing_checkpoint_is_one_clear_line(tmp_path):
     assert "nope.pt" in lines[0] and "pretrained_models/blendgan.pt" in lines[0] and "onion-liu/BlendGAN" in lines[0]
 
 
+def test_photo_scripts_refuse_a_generator_pSp_codes_do_not_fit(ckpts, tmp_path, capsys):
+    """A generator trained with --style_dim 16 renders 16-D W codes; pSp gives 512-D ones. The photo scripts
+    refuse it with one line before reading any input (they used to die in the first blend, after the encoders);
+    generate_image_pairs.py, which needs no pSp, still renders with it."""
+    _, psp = ckpts
+    torch.manual_seed(0)
+    g = Generator(SIZE, 16, 2, channel_multiplier=1, load_pretrained_vgg=False)
+    ckpt = tmp_path / "blendgan16.pt"
+    torch.save({"g_ema": g.state_dict()}, ckpt)
+    common = ["--ckpt", ckpt, "--psp_encoder_ckpt", psp, "--input_img_path", FACES, "--style_img_path", STYLES,
+              "--device", "cpu"]
+    for script in (style_transfer_folder, gen_video):
+        out = tmp_path / script.__name__
+        with pytest.raises(SystemExit) as exit_info:
+            run_main(script, common + ["--outdir", out])
+        message = str(exit_info.value.code)
+        assert message.startswith(f"error: {ckpt}: a generator with style_dim 16 cannot stylize photos"), message
+        assert "512-D" in message and "generate_image_pairs.py" in message
+        assert not out.exists() or not os.listdir(out)
+    out = tmp_path / "pairs"
+    assert run_main(generate_image_pairs, ["--ckpt", ckpt, "--pics", 1, "--outdir", out, "--device", "cpu"]) == 0
+    (name,) = os.listdir(out)
+    assert read_rgb(str(out / name)).shape == (SIZE, 2 * SIZE, 3)
+
+
 def test_output_folder_that_is_a_file_is_refused_when_parsing(tmp_path, capsys):
     """--outdir naming a file (or a folder below one) stops at parsing with one line, not with a traceback
     at the first write after minutes of work."""
