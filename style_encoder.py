@@ -96,7 +96,9 @@ class VGGFeatureExtractor(nn.Module):
             return {str(i): name for i, name in zip(sorted(self.taps.values()), FeatureOutput._fields)}
         return {str(i): name for name, i in sorted(self.taps.items(), key=lambda tap: tap[1])}
 
-    def forward(self, x):
+    def features(self, x):
+        """The tapped activations [N, C_k, H_k, W_k] in layer order, in the memory format the layers give
+        (channels_last inside a Generator): what the Gram matrices are computed from."""
         tap_at = set(self.taps.values())
         feats = []
         for i, layer in enumerate(self.vgg_layers):
@@ -104,6 +106,11 @@ class VGGFeatureExtractor(nn.Module):
             if i in tap_at:
                 # In-place ReLUs are safe here: each tap is followed by a max-pool (a new tensor).
                 feats.append(x)
+        return feats
+
+    def forward(self, x):
+        # Contiguous, as the release's: code written against it flattens them with .view.
+        feats = [f.contiguous() for f in self.features(x)]
         return FeatureOutput(*feats) if self.taps == VGG19_TAPS else feats
 
 
@@ -127,7 +134,7 @@ class GramEmbedder(nn.Module):
 
     def forward(self, x):
         # channels_last: oneDNN's VGG convolutions are faster in it (the Gram products do not care).
-        feats = self.feature_extractor(self.avg_pool(x).contiguous(memory_format=torch.channels_last))
+        feats = self.feature_extractor.features(self.avg_pool(x).contiguous(memory_format=torch.channels_last))
         return torch.cat([gram_matrix(f) for f in feats], dim=1)
 
 

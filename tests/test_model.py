@@ -578,6 +578,14 @@ def test_style_encoder_matches_independent_vgg_gram():
             z = reference_linear(z, lin.weight, lin.bias, 1, activate=j < 3)
         assert z.abs().max() > 0.1 and (z < 0).any()  # the last layer is linear
         assert torch.allclose(enc(x), z, rtol=1e-4, atol=1e-5 * z.abs().max())
+        # A Generator holds these weights channels_last (layers.channels_last_); the release's features are
+        # contiguous whatever the layout, and code written against it flattens them with .view.
+        channels_last_(enc)
+        pooled = F.adaptive_avg_pool2d(x, (48, 48))
+        for layout in (torch.contiguous_format, torch.channels_last):
+            for f, want in zip(extractor(pooled.contiguous(memory_format=layout)), feats):
+                assert f.is_contiguous()
+                torch.testing.assert_close(f.view(2, -1), want.reshape(2, -1), rtol=1e-4, atol=1e-5 * want.abs().max())
 
 
 def test_vgg_weights_from_local_file_hub_cache_and_clear_error(tmp_path, monkeypatch):
