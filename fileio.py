@@ -1,10 +1,14 @@
 """Atomic file output, the one mechanism behind every file the project writes (images, videos, JSON,
 checkpoints): write to a temporary file in the same folder, then os.replace it onto the target. Also
-``pid_alive``, which tells a temporary or lock left by a killed process from one still in use, and
+``pid_alive`` and ``remove_dead_temporaries``, which tell a temporary or lock left by a killed process from one
+still in use, and
 ``exit_on_sigterm``, which lets those temporaries be removed when a job scheduler stops the process."""
 import contextlib
 import os
+import re
+import shutil
 import signal
+import socket
 import threading
 import uuid
 
@@ -17,15 +21,42 @@ def atomic_path(path, suffix=".tmp"):
     so it gets the usual umask permissions.
     """
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}{suffix}")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = temporary_path(path, suffix)
     try:
         yield tmp
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def temporary_path(path, suffix=""):
+    """'.{name}.tmp-{host}-{pid}-{8 hex}{suffix}' beside ``path``: a temporary that names its writer, so that
+    one a killed process left behind can be told from one being written (remove_dead_temporaries)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}")
+
+
+def remove_dead_temporaries(folder, name=None):
+    """Delete the temporaries in ``folder`` (temporary_path's names; of ``name`` only, when given) whose writer,
+    a process of this machine, is gone: what a SIGKILL, an out-of-memory kill or a power cut leaves (a whole
+    checkpoint or unfinished LMDB). Those of live processes, and of other machines sharing the folder, stay.
+    Returns their paths."""
+    if not os.path.isdir(folder):
+        return []
+    pattern = re.compile(rf"\.(.+)\.tmp-{re.escape(socket.gethostname())}-(\d+)-[0-9a-f]{{8}}(\..*)?")
+    removed = []
+    for entry in sorted(os.listdir(folder)):
+        m = pattern.fullmatch(entry)
+        if m and (name is None or m.group(1) == name) and not pid_alive(int(m.group(2))):
+            path = os.path.join(folder, entry)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.remove(path)
+            removed.append(path)
+    return removed
 
 
 def atomic_write_bytes(path, data):

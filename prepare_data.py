@@ -18,7 +18,6 @@ import multiprocessing
 import os
 import re
 import shutil
-import socket
 import sys
 import uuid
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ import lmdb
 from PIL import Image
 from tqdm import tqdm
 
-from fileio import exit_on_sigterm, pid_alive
+from fileio import exit_on_sigterm, remove_dead_temporaries, temporary_path
 from imageio_utils import MIN_SIDE, UnreadableImageError, encode_image, list_images, read_image_rgb, size_problem
 
 RESAMPLE = {'lanczos': Image.Resampling.LANCZOS, 'bilinear': Image.Resampling.BILINEAR,
@@ -302,21 +301,6 @@ def _move_into_place(tmp_path, out):
         os.rename(tmp_path, out)
 
 
-def remove_stale_temporaries(out):
-    """Delete the '{out}.tmp-HOST-PID-*' folders of this machine whose process is gone (a run killed before
-    it could clean up: a whole unfinished LMDB, tens of GB for FFHQ); returns their paths. Those of live
-    runs, and of other machines sharing the folder, stay."""
-    folder, name = os.path.split(out)
-    prefix = re.escape(f'{name}.tmp-{socket.gethostname()}-')
-    removed = []
-    for entry in sorted(os.listdir(folder)):
-        m = re.fullmatch(prefix + r'(\d+)-[0-9a-f]{8}', entry)
-        if m and not pid_alive(int(m.group(1))):
-            shutil.rmtree(os.path.join(folder, entry), ignore_errors=True)
-            removed.append(os.path.join(folder, entry))
-    return removed
-
-
 def prepare(options):
     """Build options.out from options.paths; returns a PackSummary."""
     status, length, resolutions = lmdb_status(options.out)
@@ -338,9 +322,9 @@ def prepare(options):
 
     out = os.path.abspath(options.out)
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    for stale in remove_stale_temporaries(out):
+    for stale in remove_dead_temporaries(os.path.dirname(out), os.path.basename(out)):
         print(f'removed {stale}: the unfinished LMDB of an earlier run that was killed')
-    tmp_path = f'{out}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}'
+    tmp_path = temporary_path(out)
     try:
         count, skipped, upscaled = _write_lmdb(tmp_path, paths, options)
         _move_into_place(tmp_path, out)

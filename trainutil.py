@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from fileio import atomic_path, atomic_write_bytes, exit_on_sigterm
+from fileio import atomic_path, atomic_write_bytes, exit_on_sigterm, remove_dead_temporaries
 from distributed import all_gather_object, cleanup, get_rank, get_world_size, is_main, unwrap
 
 CHECKPOINT_NAME = re.compile(r"^(\d{6,})\.pt$")
@@ -91,6 +91,13 @@ class CheckpointManager:
             os.replace(path, target)
             moved.append(target)
         return moved
+
+    def remove_dead_temporaries(self):
+        """Rank 0: delete what processes killed mid-write (SIGKILL, out of memory) left in the run folder and
+        its checkpoints/ (a whole checkpoint each: GBs with E_style); returns their paths."""
+        if not is_main():
+            return []
+        return [path for folder in (os.path.dirname(self.dir), self.dir) for path in remove_dead_temporaries(folder)]
 
     def save(self, step, state):
         """Write ``state`` (a dict of tensors/containers/numbers/strings) as this step's checkpoint.
@@ -355,7 +362,10 @@ class RunMonitor:
     def __init__(self, out_dir, total, start, images_per_step, progress=True, desc=None):
         self.total = total
         self.images_per_step = images_per_step
-        moved = CheckpointManager(out_dir).set_aside_after(start)
+        checkpoints = CheckpointManager(out_dir)
+        for stale in checkpoints.remove_dead_temporaries():
+            print(f"removed {stale}: a file being written when its process was killed")
+        moved = checkpoints.set_aside_after(start)
         if moved:
             print(f"the run continues from step {start}: {len(moved)} later checkpoint(s) of the run it replaces "
                   f"moved to {os.path.dirname(moved[0])}")

@@ -322,16 +322,16 @@ def test_unfinished_lmdb_needs_overwrite(tmp_path):
 
 
 def test_a_killed_runs_temporary_lmdb_is_removed_by_the_next_run(tmp_path, capsys):
-    """A run killed with SIGKILL leaves '{out}.tmp-HOST-PID-XXXXXXXX' (a whole unfinished LMDB): the next
+    """A run killed with SIGKILL leaves '.{name}.tmp-HOST-PID-XXXXXXXX' (a whole unfinished LMDB): the next
     run removes it, naming it; a temporary of a live process (another run writing now) or of another
     machine stays."""
     out = str(tmp_path / 'faces.lmdb')
     gone = subprocess.Popen([sys.executable, '-c', 'pass'])
     gone.wait()
     host = socket.gethostname()
-    dead = f'{out}.tmp-{host}-{gone.pid}-0123abcd'
-    live = f'{out}.tmp-{host}-{os.getpid()}-4567cdef'
-    elsewhere = f'{out}.tmp-another-host-{gone.pid}-89abcdef'  # a shared folder: not ours to judge
+    dead = str(tmp_path / f'.faces.lmdb.tmp-{host}-{gone.pid}-0123abcd')
+    live = str(tmp_path / f'.faces.lmdb.tmp-{host}-{os.getpid()}-4567cdef')
+    elsewhere = str(tmp_path / f'.faces.lmdb.tmp-another-host-{gone.pid}-89abcdef')  # a shared folder: not ours
     for folder in (dead, live, elsewhere):
         os.makedirs(folder)
         with open(os.path.join(folder, 'data.mdb'), 'wb') as f:

@@ -4,6 +4,8 @@ import json
 import os
 import random
 import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -277,14 +279,27 @@ def test_run_monitor_windows_speed_and_due(tmp_path, no_torchrun, monkeypatch):
     assert records == [{"step": 2, **written}, {"step": 3, "loss": 7.0, "speed/it_per_s": 1.0, "speed/images_per_s": 8.0}]
 
 
-def test_a_resumed_run_logs_each_step_once_and_sets_later_checkpoints_aside(tmp_path, no_torchrun):
+def test_a_resumed_run_logs_each_step_once_and_sets_later_checkpoints_aside(tmp_path, no_torchrun, monkeypatch):
     """A run resumed from step 2 after the first run had logged to step 4 and saved steps 2 and 4: the
     records of steps 3-4 are dropped (jsonl and TensorBoard), and 000004.pt, which --resume latest would
     otherwise pick after a crash of the new run, moves to checkpoints/superseded/."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     manager = trainutil.CheckpointManager(tmp_path, keep=5)
+    # what a first run killed mid-save (SIGKILL) leaves: the next run's start removes it, rank 0 only
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    killed = [tmp_path / f".style_encoder.pt.tmp-{socket.gethostname()}-{gone.pid}-0123abcd.pt",
+              tmp_path / "checkpoints" / f".000006.pt.tmp-{socket.gethostname()}-{gone.pid}-4567cdef.pt"]
+    for path in killed:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"half")
+    with monkeypatch.context() as other_rank:
+        other_rank.setattr(trainutil, "is_main", lambda: False)
+        trainutil.RunMonitor(tmp_path, total=4, start=0, images_per_step=1, progress=False).close()
+    assert all(path.exists() for path in killed)
     with trainutil.RunMonitor(tmp_path, total=4, start=0, images_per_step=1, progress=False) as run:
+        assert not any(path.exists() for path in killed)
         for step in range(1, 5):
             run.log(step, {"loss": float(step)})
             if step % 2 == 0:

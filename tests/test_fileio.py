@@ -1,6 +1,7 @@
 """fileio.py: output-folder checks, and a SIGTERM that leaves no temporary file behind."""
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -72,6 +73,29 @@ def test_sigterm_removes_the_temporary_file_and_exits_143(tmp_path):
     # without the guard the process dies mid-write and its temporary file stays (what the guard is for)
     code, left = stop_writer(tmp_path, "unguarded")
     assert code == -signal.SIGTERM and len(left) == 1 and left[0].startswith(".result.bin.")
+
+
+def test_dead_writers_temporaries_are_removed_live_and_other_machines_stay(tmp_path):
+    """A writer killed mid-write (here by SIGTERM without the guard, as SIGKILL would) leaves its temporary;
+    remove_dead_temporaries deletes it (files and folders, of one name when asked); a live process's, another
+    machine's (a shared folder) and files of other names stay."""
+    code, (left,) = stop_writer(tmp_path, "unguarded")
+    out = tmp_path / "unguarded"  # stop_writer's folder
+    host = socket.gethostname()
+    pid = int(left.split(f".tmp-{host}-")[1].split("-")[0])
+    assert code == -signal.SIGTERM and left.startswith(".result.bin.tmp-") and not fileio.pid_alive(pid)
+    folder_of_dead = out / f".data.lmdb.tmp-{host}-{pid}-0123abcd"  # an unfinished LMDB
+    (folder_of_dead / "sub").mkdir(parents=True)
+    (folder_of_dead / "sub" / "data.mdb").write_bytes(b"half")
+    stay = [f".result.bin.tmp-{host}-{os.getpid()}-4567cdef.pt", f".result.bin.tmp-another-host-{pid}-89abcdef",
+            f"result.bin.tmp-{host}-{pid}-89abcdef", "result.bin"]
+    for name in stay:
+        (out / name).write_bytes(b"x")
+    assert fileio.remove_dead_temporaries(out, "other.bin") == []
+    assert fileio.remove_dead_temporaries(out, "result.bin") == [str(out / left)]
+    assert fileio.remove_dead_temporaries(out) == [str(folder_of_dead)]
+    assert sorted(os.listdir(out)) == sorted(stay)
+    assert fileio.remove_dead_temporaries(tmp_path / "absent") == []
 
 
 def test_sigterm_handler_is_restored_after_the_block():
