@@ -96,6 +96,19 @@ class VGGFeatureExtractor(nn.Module):
             return {str(i): name for i, name in zip(sorted(self.taps.values()), FeatureOutput._fields)}
         return {str(i): name for name, i in sorted(self.taps.items(), key=lambda tap: tap[1])}
 
+    def load_vgg(self, vgg_state_dict):
+        """Copy torchvision VGG-19 weights (``features.N.*`` or ``N.*`` keys) into the layers."""
+        own = self.vgg_layers.state_dict()
+        sd = {}
+        for k, v in vgg_state_dict.items():
+            k = k[len("features."):] if k.startswith("features.") else k
+            if k in own:
+                sd[k] = v
+        missing = [k for k in own if k not in sd]
+        if missing:
+            raise RuntimeError(f"VGG-19 weights lack {len(missing)} keys of the feature extractor, e.g. {missing[:3]}")
+        self.vgg_layers.load_state_dict(sd)
+
     def features(self, x):
         """The tapped activations [N, C_k, H_k, W_k] in layer order, in the memory format the layers give
         (channels_last inside a Generator): what the Gram matrices are computed from."""
@@ -165,17 +178,7 @@ class StyleEncoder(nn.Module):
 
     def load_vgg(self, vgg_state_dict):
         """Copy torchvision VGG-19 weights (``features.N.*`` or ``N.*`` keys) into the frozen extractor."""
-        layers = self.embedder.feature_extractor.vgg_layers
-        own = layers.state_dict()
-        sd = {}
-        for k, v in vgg_state_dict.items():
-            k = k[len("features."):] if k.startswith("features.") else k
-            if k in own:
-                sd[k] = v
-        missing = [k for k in own if k not in sd]
-        if missing:
-            raise RuntimeError(f"VGG-19 weights lack {len(missing)} keys of the feature extractor, e.g. {missing[:3]}")
-        layers.load_state_dict(sd)
+        self.embedder.feature_extractor.load_vgg(vgg_state_dict)
 
     def forward(self, image):
         gram = self.embedder(image)  # [N, gram_dim], float32 whatever the network's dtype

@@ -12,7 +12,11 @@ import torch
 from torch import nn
 
 from checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict
-from psp_encoder.encoders import STYLE_DIM, GradualStyleEncoder
+from model import EqualLinear
+from psp_encoder.encoders import STYLE_DIM, GradualStyleBlock, GradualStyleEncoder
+
+# the release's names in this module; EqualLinear and GradualStyleBlock are re-exported for code written against it
+__all__ = ["PSPEncoder", "GradualStyleEncoder", "GradualStyleBlock", "EqualLinear", "get_keys"]
 
 ENCODER_INPUT_SIZE = (256, 256)  # every face is pooled to this size before the encoder
 ENCODER_PREFIX = "encoder"

@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict, save_checkpoint
 from conftest import reference_file
-from layers import ModulatedConv2d, channels_last_
+from layers import EqualLinear, ModulatedConv2d, channels_last_
 from model import Discriminator, Generator, ProjectionDiscriminator, guess_generator_config, wbm_face_weight
 from style_encoder import VGG19_TAPS, Projector, StyleEncoder, VGGFeatureExtractor, gram_dim
 
@@ -344,6 +344,39 @@ def test_release_namespace_and_calls():
     assert torch.equal(g.input(latent), g.input(2)) and g.input(latent).shape == (2, g.input.input.shape[1], 4, 4)
     assert image.is_contiguous() and image.view(2, -1).shape == (2, 3 * 16 * 16)
     assert isinstance(g.embedder.embedder.avg_pool, torch.nn.AdaptiveAvgPool2d)  # the release's name of its pooling
+
+
+def test_release_model_encoder_and_psp_names(monkeypatch):
+    """The rest of the release's model_encoder namespace: gram_matrix in its [N, C, C] shape, FeatureExtractor
+    and StyleEmbedder with its constructors (ImageNet weights unless load_pretrained_vgg=False) and keys,
+    PixelNorm; psp_encoders' GradualStyleBlock and EqualLinear."""
+    import model_encoder
+    from psp_encoder import encoders, psp_encoders
+    from torchvision.models import vgg19
+
+    torch.manual_seed(5)
+    y = torch.randn(2, 4, 3, 5, dtype=torch.float64)
+    want = torch.einsum("nchw,ndhw->ncd", y, y) / (4 * 3 * 5)  # [2, 4, 4]
+    got = model_encoder.gram_matrix(y)
+    assert got.shape == (2, 4, 4) and torch.allclose(got.double(), want, rtol=1e-6)
+    x = torch.randn(1, 3, 3, 8)
+    assert torch.allclose(model_encoder.PixelNorm()(x), x * torch.rsqrt(x.pow(2).mean(1, keepdim=True) + 1e-8))
+    assert (psp_encoders.GradualStyleBlock, psp_encoders.EqualLinear) == (encoders.GradualStyleBlock, EqualLinear)
+
+    vgg = vgg19()
+    monkeypatch.setattr(model_encoder, "imagenet_vgg19_state_dict", lambda: vgg.state_dict())
+    extractor, embedder = model_encoder.FeatureExtractor(), model_encoder.StyleEmbedder()
+    for layers in (extractor.vgg_layers, embedder.feature_extractor.vgg_layers):
+        assert all(torch.equal(layers[i].weight, vgg.features[i].weight) for i in (0, 34))
+    random_extractor = model_encoder.FeatureExtractor(load_pretrained_vgg=False)
+    assert not torch.equal(random_extractor.vgg_layers[0].weight, vgg.features[0].weight)
+    assert list(embedder.state_dict()) == [f"feature_extractor.vgg_layers.{k}" for k in vgg.features[:36].state_dict()]
+    img = torch.rand(1, 3, 40, 40) * 2 - 1
+    with torch.no_grad():
+        feats = extractor(F.adaptive_avg_pool2d(img, (256, 256)))
+        assert type(feats).__name__ == "FeatureOutput"
+        flat = torch.cat([model_encoder.gram_matrix(f).reshape(1, -1) for f in feats], 1)  # the release's embedding
+        assert flat.shape == (1, 610304) and torch.allclose(embedder(img), flat, rtol=1e-4, atol=1e-6 * flat.abs().max())
 
 
 def test_fused_and_activation_modulation_agree_on_whole_generator():
