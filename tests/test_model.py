@@ -379,6 +379,45 @@ def test_release_model_encoder_and_psp_names(monkeypatch):
         assert flat.shape == (1, 610304) and torch.allclose(embedder(img), flat, rtol=1e-4, atol=1e-6 * flat.abs().max())
 
 
+def test_fresh_noise_is_drawn_per_sample_and_mixing_injects_after_the_first_layer(monkeypatch):
+    """randomize_noise: each sample of a batch its own noise maps (the same z twice gives two images; as
+    rosinality's). Style mixing draws the crossover in 1..n_latent-1 (0 would be no mixing) and takes layers
+    inject_index: of the second code, also for W+ codes; theta without an indicator is an error."""
+    import model as model_module
+
+    g = small_generator(size=16)
+    z = torch.randn(1, 16).repeat(2, 1)
+    with torch.no_grad():
+        image = g([z], randomize_noise=True)[0]
+        assert (image[0] - image[1]).abs().max() > 1e-2
+        assert torch.equal(*g([z], randomize_noise=False)[0])  # the same noise buffers: equal images
+
+        drawn = []
+        monkeypatch.setattr(model_module.random, "randint", lambda a, b: drawn.append((a, b)) or 3)
+        numbered = [torch.arange(g.n_latent, dtype=torch.float32).view(1, -1, 1).expand(1, -1, 16) + k
+                    for k in (0, 100)]  # W+ codes whose rows say where they come from
+        latent = g(numbered, input_is_latent=True, return_latents=True, randomize_noise=False)[1]
+        assert drawn == [(1, g.n_latent - 1)]
+        assert latent[0, :, 0].tolist() == [0, 1, 2] + [100 + j for j in range(3, g.n_latent)]
+        with pytest.raises(ValueError, match="theta needs an indicator"):
+            g([z], z_embed=torch.randn(2, 16), theta=0.5)
+
+
+def test_bias_only_equal_linear_keeps_the_autocast_dtype():
+    """Under autocast a bias-only EqualLinear (modulations, D's logit, D_style_latent's l_out / l_style) gives
+    the autocast dtype; the float32 bias would otherwise promote its output back to float32."""
+    torch.manual_seed(0)
+    lin = EqualLinear(8, 4, bias_init=1)
+    d = Discriminator(16, channel_multiplier=1)
+    x = torch.randn(3, 8)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = lin(x)
+        logit = d(torch.randn(2, 3, 16, 16))
+    assert (out.dtype, logit.dtype) == (torch.bfloat16, torch.bfloat16)
+    want = x @ (lin.weight * lin.scale).t() + lin.bias * lin.lr_mul  # float32
+    torch.testing.assert_close(out.float(), want, rtol=2e-2, atol=2e-2)
+
+
 def test_fused_and_activation_modulation_agree_on_whole_generator():
     g = small_generator(size=32)
     z = torch.randn(3, 16)
@@ -733,6 +772,14 @@ def test_discriminators_shapes_and_projection_formula():
     x = torch.randn(4, 3, 32, 32)
     s = torch.randn(4, 16)
     assert d(x).shape == (4, 1)
+    # D's head flattens the final features in (C, H, W) order, as rosinality's .view on NCHW does: the
+    # 8192 x 512 weights of a StyleGAN2 D meet the features they were trained on (a channels_last
+    # flatten would load and give another logit)
+    with torch.no_grad():
+        for lin in d.final_linear:
+            lin.bias.normal_()
+        final = d.final_conv(minibatch_stddev(d.convs(x))).contiguous()  # [4, 512, 4, 4]
+        assert torch.allclose(d(x), d.final_linear(final.view(4, -1)), rtol=1e-5, atol=1e-5)
     out = pd(x, s)
     assert out.shape == (4, 1)
     # projection discriminator: l_out(h) + <l_style(s), h>, h = spatial sum of the final features
