@@ -205,6 +205,17 @@ def test_cli_reports_skipped_and_writes_pngs(tmp_path, capsys, models):
     assert 'shuttle.jpg' in capsys.readouterr().out
 
 
+def test_a_single_photo_in_the_current_folder_is_not_overwritten(tmp_path, capsys, monkeypatch):
+    """--input_img_path face.png --outdir . would write ./face.png over the photo: refused when parsing, as
+    for a folder (the folder of a bare file name is '.')."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(ASTRONAUT, tmp_path / 'face.png')
+    with pytest.raises(SystemExit):
+        align_faces.parse_args(['--input_img_path', 'face.png', '--outdir', '.'])
+    assert '--outdir . is the --input_img_path folder .' in capsys.readouterr().err
+    assert align_faces.parse_args(['--input_img_path', 'face.png', '--outdir', 'aligned']).outdir == 'aligned'
+
+
 def test_outdir_inside_the_photos_folder_takes_no_earlier_output(tmp_path, capsys, models):
     """photos/ -> photos/aligned/: the PNGs of an earlier run (here one with a face) are not aligned again
     into photos/aligned/aligned/."""

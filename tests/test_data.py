@@ -247,6 +247,20 @@ def test_skipped_files_counted_and_indices_contiguous(tmp_path, capsys):
     assert '1 of them smaller than 64 px (shorter side), upscaled' in printed
 
 
+def test_size_limits_are_inclusive(tmp_path):
+    """'need >= 32' takes a 32 px image; an image exactly at the largest pack size is not 'upscaled'."""
+    from imageio_utils import size_problem
+
+    assert size_problem(32, 40) is None and size_problem(40, 32) is None
+    assert size_problem(31, 40) == 'too small for a face image (31x40 px, need >= 32)'
+    rng = np.random.default_rng(2)
+    for width, upscaled in ((64, False), (63, True)):
+        path = tmp_path / f'{width}.png'
+        Image.fromarray(rng.integers(0, 256, (80, width, 3), dtype=np.uint8)).save(path)
+        _, encoded, error, flag = prepare_data._encode_file((str(path), [32, 64], 'lanczos', 'png', 100))
+        assert error is None and len(encoded) == 2 and flag is upscaled, width
+
+
 def test_small_images_fit_small_packs_and_a_folder_of_nothing_usable_says_why(tmp_path):
     """The 32 px minimum is for faces; a pack at 8/16 px takes 24 px images. When nothing can be packed the
     error gives the files' reasons, not 'could not be decoded' for images that decoded."""

@@ -224,6 +224,11 @@ def test_cuda_rng_state_is_this_processs_device_and_goes_to_the_resumed_processs
     restored.clear()
     trainutil.set_rng_state(dict(saved, cuda=[states[0], states[1]]))  # an older checkpoint's list
     assert restored == [(0, 0)]
+    current["device"] = 1  # local rank 1: its own entry of the list; a list without one restores nothing
+    restored.clear()
+    trainutil.set_rng_state(dict(saved, cuda=[states[0], states[1]]))
+    trainutil.set_rng_state(dict(saved, cuda=[states[0]]))
+    assert restored == [(1, 1)]
 
 
 def test_seeding_is_deterministic_and_per_rank():
