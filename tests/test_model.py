@@ -592,6 +592,25 @@ def test_low_precision_ops_emulated_only_where_the_cpu_lacks_them(monkeypatch):
         with _OpDtypes() as ops:
             assert precision.conv2d(x, w, padding=1).dtype == torch.float32
         assert ops.seen == [("convolution", torch.float32)]
+        # float64 is left alone by autocast, and so here: a float64 convolution stays float64, exact
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out64 = precision.conv2d(x.double(), w.double(), padding=1)
+        assert out64.dtype == torch.float64 and torch.equal(out64, F.conv2d(x.double(), w.double(), padding=1))
+
+
+def test_native_low_precision_probe_reads_each_dtypes_own_probe(monkeypatch):
+    """A CPU may have native bf16 kernels without float16 ones (AVX512-BF16 without AVX512-FP16): each dtype
+    asks oneDNN's own probe (the answer is cached: cleared around the test)."""
+    from op import precision
+
+    probes = {"_is_mkldnn_bf16_supported": True, "_is_mkldnn_fp16_supported": False}
+    for name, answer in probes.items():
+        monkeypatch.setattr(torch.ops.mkldnn, name, lambda answer=answer: answer, raising=False)
+    precision.cpu_native_lowp.cache_clear()
+    try:
+        assert (precision.cpu_native_lowp("bfloat16"), precision.cpu_native_lowp("float16")) == (True, False)
+    finally:
+        precision.cpu_native_lowp.cache_clear()
 
 
 def test_style_encoder_matches_independent_vgg_gram():
