@@ -377,6 +377,18 @@ def self_check(name, kernels, device="cuda"):
     return None
 
 
+def report_row(op_name, case, errors, tolerance, grad_ok=None):
+    """Prints main's table row for one case and returns whether it passed: the worst of `errors` (name ->
+    relative error) under `tolerance`, and the gradchecks not failed (grad_ok None: none were run)."""
+    worst = max(errors.values())
+    ok = worst < tolerance and grad_ok is not False
+    detail = " ".join(f"{k}={v:.1e}" for k, v in errors.items())
+    gradchecks = "-" if grad_ok is None else str(grad_ok)
+    print(f"{op_name:<24} {case_id(case):<72} {worst:12.2e} {gradchecks:>10}  "
+          f"{'ok' if ok else 'FAIL'}  ({detail})", flush=True)
+    return ok
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bench", action="store_true", help="also time ref vs cuda (forward + backward)")
@@ -408,15 +420,6 @@ def main(argv=None):
     print(header)
     print("-" * len(header))
 
-    def row(op_name, case, errors, tolerance, grad_ok=None):
-        worst = max(errors.values())
-        ok = worst < tolerance and grad_ok is not False
-        detail = " ".join(f"{k}={v:.1e}" for k, v in errors.items())
-        gradchecks = "-" if grad_ok is None else str(grad_ok)
-        print(f"{op_name:<24} {case_id(case):<72} {worst:12.2e} {gradchecks:>10}  "
-              f"{'ok' if ok else 'FAIL'}  ({detail})", flush=True)
-        return ok
-
     ops = (("upfirdn2d", UPFIRDN2D_CASES, upfirdn2d_errors, upfirdn2d_gradchecks),
            ("lrelu", FUSED_LRELU_CASES, fused_lrelu_errors, fused_lrelu_gradchecks))
     for op_name, cases, errors_fn, gradchecks_fn in ops:
@@ -427,22 +430,22 @@ def main(argv=None):
             except Exception as err:  # gradcheck raises GradcheckError with the offending Jacobians
                 grad_ok = False
                 print(f"  gradcheck failed for {case_id(case)}: {err}")
-            failed |= not row(op_name, case, errors, TOLERANCE, grad_ok)
+            failed |= not report_row(op_name, case, errors, TOLERANCE, grad_ok)
     # channels_last: the kernels read and write it in place (no gradchecks: the same arithmetic)
     for op_name, cases, errors_fn, _ in ops:
         for case in cases:
-            failed |= not row(f"{op_name} channels_last", case, errors_fn(case, layout=channels_last), TOLERANCE)
+            failed |= not report_row(f"{op_name} channels_last", case, errors_fn(case, layout=channels_last), TOLERANCE)
     for dtype, tolerance in LOWP_TOLERANCE.items():
         for layout_name, layout in LAYOUTS.items():
             name = str(dtype).removeprefix("torch.") + ("" if layout is contiguous else f" {layout_name}")
             for op_name, cases, errors_fn, _ in ops:
                 for case in cases:
-                    failed |= not row(f"{op_name} {name}", case, errors_fn(case, dtype=dtype, layout=layout),
-                                      tolerance)
+                    failed |= not report_row(f"{op_name} {name}", case,
+                                             errors_fn(case, dtype=dtype, layout=layout), tolerance)
     for layout_name, layout in LAYOUTS.items():
-        failed |= not row(f"upfirdn2d {layout_name}", LARGE_UPFIRDN2D_CASE,
-                          upfirdn2d_errors(LARGE_UPFIRDN2D_CASE, layout=layout), TOLERANCE)
-    failed |= not row("G and D", dict(size=64), network_errors(), NETWORK_TOLERANCE)
+        failed |= not report_row(f"upfirdn2d {layout_name}", LARGE_UPFIRDN2D_CASE,
+                                 upfirdn2d_errors(LARGE_UPFIRDN2D_CASE, layout=layout), TOLERANCE)
+    failed |= not report_row("G and D", dict(size=64), network_errors(), NETWORK_TOLERANCE)
     if args.bench:
         print()
         print(*_benchmark("cuda"), sep="\n")  # 'auto' uses the kernels on CUDA in both layouts

@@ -10,11 +10,14 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
 
 import gpu_check  # noqa: E402
 
 ROOT = gpu_check.ROOT
+RUN = gpu_check.run  # the real subprocess runner (some tests replace it)
 
 
 def test_cpu_tiny_run_writes_a_complete_report(tmp_path):
@@ -85,6 +88,60 @@ def test_steps_keep_the_callers_pythonpath(monkeypatch):
     ok, _, out = gpu_check.run([sys.executable, "-c", "import os; print(os.environ['PYTHONPATH'])"], 60)
     assert ok and out.strip() == os.pathsep.join([ROOT, "/carried/site"])
 
+
+
+@pytest.fixture
+def cuda_build(monkeypatch):
+    """step_build on the "cuda" path with `run` replaced: build(outputs) gives the step's result for the
+    (ok, output) each extension's build process returns (keyed by name), and the commands it was asked to
+    run. STEP_ENV is a fresh dict for the test (the module's own is restored afterwards)."""
+    monkeypatch.setattr(gpu_check, "STEP_ENV", {})
+
+    def build(outputs):
+        commands = []
+
+        def fake_run(cmd, limit, env=None):
+            commands.append((cmd[-1], limit))
+            ok, text = outputs[cmd[-1]]
+            return ok, 0.5, text
+
+        monkeypatch.setattr(gpu_check, "run", fake_run)
+        return gpu_check.step_build(gpu_check.GPU, "cuda", None), sorted(commands)
+
+    return build
+
+
+def _built(name):
+    return True, f"[1/3] nvcc {name}_kernel.cu\n{name} built\n"
+
+
+def test_build_that_disagrees_with_the_reference_is_not_ok(cuda_build):
+    """A build whose self-check warned exits 0 (the extension falls back to the reference): the step must
+    still fail and send the later steps to the reference ops."""
+    warned = (True, "op/build.py:269: RuntimeWarning: [op.build] CUDA extension 'fused_bias_act' disagrees with the "
+                    "PyTorch reference: output of case x is off by 0.5 relative (tolerance 1e-05); using the reference "
+                    "instead\nfused_bias_act built\n")
+    result, commands = cuda_build(dict(upfirdn2d=_built("upfirdn2d"), fused_bias_act=warned))
+    limit = gpu_check.GPU["limits"]["build"]
+    assert commands == [("fused_bias_act", limit), ("upfirdn2d", limit)]
+    assert result["ok"] is False and "--- fused_bias_act\n" + warned[1] in result["output"]
+    assert gpu_check.STEP_ENV == {"BLENDGAN_CUDA_OPS": "ref"}
+
+
+def test_failed_build_sends_the_later_steps_to_the_reference_ops(cuda_build):
+    result, _ = cuda_build(dict(upfirdn2d=(False, "nvcc fatal: unsupported gpu architecture\n[exit status 1]"),
+                                fused_bias_act=_built("fused_bias_act")))
+    assert result["ok"] is False and "nvcc fatal" in result["output"]
+    assert result["later_steps"] == "BLENDGAN_CUDA_OPS=ref (the PyTorch reference ops)"
+    assert gpu_check.STEP_ENV == {"BLENDGAN_CUDA_OPS": "ref"}
+    # every later step's process sees it (the real runner)
+    ok, _, out = RUN([sys.executable, "-c", "import os; print(os.environ.get('BLENDGAN_CUDA_OPS'))"], 60)
+    assert ok and out.strip() == "ref"
+
+
+def test_successful_build_leaves_the_later_steps_alone(cuda_build):
+    result, _ = cuda_build(dict(upfirdn2d=_built("upfirdn2d"), fused_bias_act=_built("fused_bias_act")))
+    assert result["ok"] is True and "later_steps" not in result and gpu_check.STEP_ENV == {}
 
 
 def test_report_is_rewritten_after_every_step_and_a_raising_step_keeps_its_traceback(tmp_path, monkeypatch):

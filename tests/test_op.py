@@ -749,6 +749,20 @@ def test_self_check_accepts_right_kernels_and_names_what_is_wrong():
     assert reason.startswith("input gradient of case")
 
 
+def test_check_cuda_row_fails_a_case_whose_gradcheck_failed(capsys):
+    """check_cuda's table row (main needs CUDA, the row does not): a case passes only with its worst error
+    under the tolerance and no failed gradcheck (grad_ok None: none were run)."""
+    case = dict(up=2, down=1)
+    small, large = dict(out=1e-7, grad=3e-7), dict(out=1e-7, grad=2e-6)
+    expected = [(small, None, True, ["3.00e-07", "-", "ok"]), (small, True, True, ["3.00e-07", "True", "ok"]),
+                (small, False, False, ["3.00e-07", "False", "FAIL"]),
+                (large, True, False, ["2.00e-06", "True", "FAIL"]), (large, None, False, ["2.00e-06", "-", "FAIL"])]
+    for errors, grad_ok, ok, fields in expected:
+        assert check_cuda.report_row("upfirdn2d", case, errors, 1e-6, grad_ok) is ok
+        detail = ["(out=1.0e-07", f"grad={errors['grad']:.1e})"]
+        assert capsys.readouterr().out.split() == ["upfirdn2d", "up=2-down=1", *fields, *detail]
+
+
 def test_network_check_runs_the_networks_through_the_kernels(monkeypatch):
     """check_cuda.network_errors on the CPU, stand-ins for the extensions wherever a GPU would use them:
     G and D through the CUDA path's autograd wrappers (channels_last views, adjoint calls, double
