@@ -26,7 +26,7 @@ from checkpoint import CheckpointError
 from imageio_utils import UnreadableImageError
 from inference import (DTYPES, Report, add_generator_args, check_model_files, default_device, encode_faces,
                        encode_styles, image_size, list_inputs, load_aligner, load_blendgan, load_psp, looks_aligned,
-                       read_input, resize, truncation_centre, validate_common)
+                       photo_problem, read_input, resize, truncation_centre, validate_common)
 from op.precision import cpu_native_lowp
 from utils import HelpFormatter, ten2img
 from video import compose_frame, interpolation_alphas, sliding_window, write_mp4
@@ -139,6 +139,9 @@ class BlendGANDemo:
 
     def face_from_photo(self, path):
         self.check_ready()
+        problem = photo_problem(self.opts.ckpt, self.g.style_dim)
+        if problem:
+            raise DemoError(f"{problem}; random faces work with it")
         img = self.read_image(path, "face photo", align=True)
         with self.lock:
             code = encode_faces(self.psp, [img], 1, self.device, self.dtype)  # [1, n_latent, 512]

@@ -127,6 +127,15 @@ def for_inference(module, device, dtype, compile=False):
     return torch.compile(module) if compile else module
 
 
+def photo_problem(path, style_dim):
+    """Why the generator of ``path`` (``style_dim``) cannot render real photos, or None: they go through pSp,
+    whose W+ codes are PSP_STYLE_DIM wide (a generator trained with another train.py --style_dim)."""
+    if style_dim == PSP_STYLE_DIM:
+        return None
+    return (f"{path}: a generator with style_dim {style_dim} cannot stylize photos: the pSp encoder gives "
+            f"{PSP_STYLE_DIM}-D W+ codes (train.py --style_dim {PSP_STYLE_DIM} for photos)")
+
+
 def load_blendgan(path, size=None, channel_multiplier=None, device="cpu", dtype=torch.float32, compile=False,
                   with_style_encoder=True, indicator=None, photos=False):
     """Generator from a BlendGAN checkpoint's ``g_ema`` (release layout), ready for inference.
@@ -153,10 +162,9 @@ def load_blendgan(path, size=None, channel_multiplier=None, device="cpu", dtype=
         print(f"note: {note}", file=sys.stderr)
     channel_multiplier = channel_multiplier or cfg["channel_multiplier"] or 2
     style_dim, n_mlp = cfg["style_dim"], cfg["n_mlp"]
-    if photos and style_dim != PSP_STYLE_DIM:
-        raise CheckpointError(f"{path}: a generator with style_dim {style_dim} cannot stylize photos: the pSp encoder "
-                              f"gives {PSP_STYLE_DIM}-D W+ codes (train.py --style_dim {PSP_STYLE_DIM} for photos); "
-                              f"generate_image_pairs.py works with it")
+    problem = photo_problem(path, style_dim) if photos else None
+    if problem:
+        raise CheckpointError(f"{problem}; generate_image_pairs.py works with it")
     with torch.device("meta"):
         g = Generator(size, style_dim, n_mlp, channel_multiplier=channel_multiplier, load_pretrained_vgg=False)
     load_state_dict_strict(g, sd, f"{path}['g_ema']", hint=guess_generator_config, assign=True)

@@ -199,6 +199,25 @@ def test_truncation_centre_without_latent_avg_is_the_same_in_every_launch(ckpts,
     assert torch.equal(centres[0], centres[1]) and torch.equal(centres[0], expected)
 
 
+def test_a_generator_pSp_codes_do_not_fit_takes_random_faces_and_names_why_not_photos(ckpts, tmp_path):
+    """A generator trained with --style_dim 16: the demo starts and renders random faces and styles; a face
+    photo (512-D pSp codes) is refused with the reason instead of failing inside the generator."""
+    from model import Generator
+
+    _, psp_ckpt = ckpts
+    torch.manual_seed(0)
+    ckpt = tmp_path / "blendgan16.pt"
+    torch.save({"g_ema": Generator(SIZE, 16, 2, channel_multiplier=1, load_pretrained_vgg=False).state_dict()}, ckpt)
+    demo = app.BlendGANDemo(app.parse_args(["--ckpt", str(ckpt), "--psp_encoder_ckpt", psp_ckpt,
+                                            "--device", "cpu"])).load()
+    assert demo.error is None
+    image = demo.forward(demo.random_face(3), demo.random_style(4)[0], 6, 1.0, 0.75)
+    assert image.shape == (1, 3, SIZE, SIZE) and torch.isfinite(image).all()
+    with pytest.raises(app.DemoError, match=f"{ckpt}: a generator with style_dim 16 cannot stylize photos.*"
+                                            "random faces work with it"):
+        demo.face_from_photo(os.path.join(FACES, sorted(os.listdir(FACES))[0]))
+
+
 def test_starts_without_checkpoints_and_names_them(tmp_path):
     port = free_port()
     missing = tmp_path / "blendgan.pt"
