@@ -4,6 +4,7 @@ checkpoints): write to a temporary file in the same folder, then os.replace it o
 still in use, and
 ``exit_on_sigterm``, which lets those temporaries be removed when a job scheduler stops the process."""
 import contextlib
+import hashlib
 import os
 import re
 import shutil
@@ -31,31 +32,45 @@ def atomic_path(path, suffix=".tmp"):
             os.remove(tmp)
 
 
+def process_space():
+    """8 hex naming the processes whose pids this one can look up: this machine (hostname) and its PID
+    namespace (two containers may share a hostname, e.g. with --network=host, and not their pids)."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:  # not Linux
+        namespace = ""
+    return hashlib.sha1(f"{socket.gethostname()}/{namespace}".encode()).hexdigest()[:8]
+
+
 def temporary_path(path, suffix=""):
-    """'.{name}.tmp-{host}-{pid}-{8 hex}{suffix}' beside ``path``: a temporary that names its writer, so that
-    one a killed process left behind can be told from one being written (remove_dead_temporaries)."""
+    """'.{name}.tmp-{process space}-{pid}-{8 hex}{suffix}' beside ``path``: a temporary that names its writer, so
+    that one a killed process left behind can be told from one being written (remove_dead_temporaries)."""
     folder, name = os.path.split(os.path.abspath(path))
-    return os.path.join(folder, f".{name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}")
+    return os.path.join(folder, f".{name}.tmp-{process_space()}-{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}")
 
 
 def remove_dead_temporaries(folder, name=None):
     """Delete the temporaries in ``folder`` (temporary_path's names; of ``name`` only, when given) whose writer,
-    a process of this machine, is gone: what a SIGKILL, an out-of-memory kill or a power cut leaves (a whole
-    checkpoint or unfinished LMDB). Those of live processes, and of other machines sharing the folder, stay.
-    Returns their paths."""
+    a process of this machine and PID namespace, is gone: what a SIGKILL, an out-of-memory kill or a power cut
+    leaves (a whole checkpoint or unfinished LMDB). Those of live processes and of other machines or containers
+    sharing the folder stay, and so does one that cannot be removed (another user's). Returns the removed paths."""
     if not os.path.isdir(folder):
         return []
-    pattern = re.compile(rf"\.(.+)\.tmp-{re.escape(socket.gethostname())}-(\d+)-[0-9a-f]{{8}}(\..*)?")
+    pattern = re.compile(rf"\.(.+)\.tmp-{process_space()}-(\d+)-[0-9a-f]{{8}}(\..*)?")
     removed = []
     for entry in sorted(os.listdir(folder)):
         m = pattern.fullmatch(entry)
-        if m and (name is None or m.group(1) == name) and not pid_alive(int(m.group(2))):
-            path = os.path.join(folder, entry)
-            if os.path.isdir(path):
-                shutil.rmtree(path, ignore_errors=True)
+        if not m or (name is not None and m.group(1) != name) or pid_alive(int(m.group(2))):
+            continue
+        path = os.path.join(folder, entry)
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
             else:
                 os.remove(path)
-            removed.append(path)
+        except OSError:  # gone already (another run's start removed it), or not ours to remove
+            continue
+        removed.append(path)
     return removed
 
 

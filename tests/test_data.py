@@ -4,7 +4,6 @@ import hashlib
 import io
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -16,6 +15,7 @@ from PIL import Image
 from torchvision import transforms
 
 import prepare_data
+from fileio import process_space
 from dataset import InfiniteSampler, MultiResolutionDataset, PairedLoader, random_flip
 from imageio_utils import UnreadableImageError, list_images, read_image_rgb
 
@@ -336,16 +336,17 @@ def test_unfinished_lmdb_needs_overwrite(tmp_path):
 
 
 def test_a_killed_runs_temporary_lmdb_is_removed_by_the_next_run(tmp_path, capsys):
-    """A run killed with SIGKILL leaves '.{name}.tmp-HOST-PID-XXXXXXXX' (a whole unfinished LMDB): the next
+    """A run killed with SIGKILL leaves '.{name}.tmp-SPACE-PID-XXXXXXXX' (a whole unfinished LMDB): the next
     run removes it, naming it; a temporary of a live process (another run writing now) or of another
     machine stays."""
     out = str(tmp_path / 'faces.lmdb')
     gone = subprocess.Popen([sys.executable, '-c', 'pass'])
     gone.wait()
-    host = socket.gethostname()
-    dead = str(tmp_path / f'.faces.lmdb.tmp-{host}-{gone.pid}-0123abcd')
-    live = str(tmp_path / f'.faces.lmdb.tmp-{host}-{os.getpid()}-4567cdef')
-    elsewhere = str(tmp_path / f'.faces.lmdb.tmp-another-host-{gone.pid}-89abcdef')  # a shared folder: not ours
+    space = process_space()  # this machine and PID namespace
+    dead = str(tmp_path / f'.faces.lmdb.tmp-{space}-{gone.pid}-0123abcd')
+    live = str(tmp_path / f'.faces.lmdb.tmp-{space}-{os.getpid()}-4567cdef')
+    other = format(int(space, 16) ^ 1, '08x')
+    elsewhere = str(tmp_path / f'.faces.lmdb.tmp-{other}-{gone.pid}-89abcdef')  # a shared folder: not ours
     for folder in (dead, live, elsewhere):
         os.makedirs(folder)
         with open(os.path.join(folder, 'data.mdb'), 'wb') as f:

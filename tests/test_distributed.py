@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import distributed
+import fileio
 import trainutil
 from checkpoint import load_checkpoint, save_checkpoint
 from style_encoder import nt_xent
@@ -294,8 +295,9 @@ def test_a_resumed_run_logs_each_step_once_and_sets_later_checkpoints_aside(tmp_
     # what a first run killed mid-save (SIGKILL) leaves: the next run's start removes it, rank 0 only
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    killed = [tmp_path / f".style_encoder.pt.tmp-{socket.gethostname()}-{gone.pid}-0123abcd.pt",
-              tmp_path / "checkpoints" / f".000006.pt.tmp-{socket.gethostname()}-{gone.pid}-4567cdef.pt"]
+    space = fileio.process_space()
+    killed = [tmp_path / f".style_encoder.pt.tmp-{space}-{gone.pid}-0123abcd.pt",
+              tmp_path / "checkpoints" / f".000006.pt.tmp-{space}-{gone.pid}-4567cdef.pt"]
     for path in killed:
         path.parent.mkdir(exist_ok=True)
         path.write_bytes(b"half")

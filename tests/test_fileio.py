@@ -1,5 +1,6 @@
 """fileio.py: output-folder checks, and a SIGTERM that leaves no temporary file behind."""
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -75,27 +76,50 @@ def test_sigterm_removes_the_temporary_file_and_exits_143(tmp_path):
     assert code == -signal.SIGTERM and len(left) == 1 and left[0].startswith(".result.bin.")
 
 
-def test_dead_writers_temporaries_are_removed_live_and_other_machines_stay(tmp_path):
+def test_dead_writers_temporaries_are_removed_live_and_other_machines_stay(tmp_path, monkeypatch):
     """A writer killed mid-write (here by SIGTERM without the guard, as SIGKILL would) leaves its temporary;
-    remove_dead_temporaries deletes it (files and folders, of one name when asked); a live process's, another
-    machine's (a shared folder) and files of other names stay."""
+    remove_dead_temporaries deletes it (files and folders, of one name when asked); a live process's, those of
+    another machine or PID namespace (a shared folder: pids there mean other processes), files of other names,
+    and one that cannot be removed stay."""
     code, (left,) = stop_writer(tmp_path, "unguarded")
     out = tmp_path / "unguarded"  # stop_writer's folder
-    host = socket.gethostname()
-    pid = int(left.split(f".tmp-{host}-")[1].split("-")[0])
+    space = fileio.process_space()
+    other_space = format(int(space, 16) ^ 1, "08x")
+    pid = int(left.split(f".tmp-{space}-")[1].split("-")[0])
     assert code == -signal.SIGTERM and left.startswith(".result.bin.tmp-") and not fileio.pid_alive(pid)
-    folder_of_dead = out / f".data.lmdb.tmp-{host}-{pid}-0123abcd"  # an unfinished LMDB
+    folder_of_dead = out / f".data.lmdb.tmp-{space}-{pid}-0123abcd"  # an unfinished LMDB
     (folder_of_dead / "sub").mkdir(parents=True)
     (folder_of_dead / "sub" / "data.mdb").write_bytes(b"half")
-    stay = [f".result.bin.tmp-{host}-{os.getpid()}-4567cdef.pt", f".result.bin.tmp-another-host-{pid}-89abcdef",
-            f"result.bin.tmp-{host}-{pid}-89abcdef", "result.bin"]
+    locked = out / f".locked.bin.tmp-{space}-{pid}-0123abcd"
+    stay = [f".result.bin.tmp-{space}-{os.getpid()}-4567cdef.pt", f".result.bin.tmp-{other_space}-{pid}-89abcdef",
+            f"result.bin.tmp-{space}-{pid}-89abcdef", "result.bin", locked.name]
     for name in stay:
         (out / name).write_bytes(b"x")
+    remove = os.remove
+
+    def refuse(path):  # another user's file in a shared sticky folder (root may remove anything)
+        if os.path.basename(path) == locked.name:
+            raise PermissionError(1, "Operation not permitted", path)
+        remove(path)
+
+    monkeypatch.setattr(os, "remove", refuse)
     assert fileio.remove_dead_temporaries(out, "other.bin") == []
     assert fileio.remove_dead_temporaries(out, "result.bin") == [str(out / left)]
     assert fileio.remove_dead_temporaries(out) == [str(folder_of_dead)]
     assert sorted(os.listdir(out)) == sorted(stay)
     assert fileio.remove_dead_temporaries(tmp_path / "absent") == []
+
+
+def test_process_space_names_the_machine_and_its_pid_namespace(monkeypatch):
+    """Temporaries carry a short tag of hostname and PID namespace instead of the hostname: a fixed 8 characters
+    (output names stay short), and containers sharing a hostname but not their pids get different tags."""
+    here = fileio.process_space()
+    assert re.fullmatch(r"[0-9a-f]{8}", here) and fileio.process_space() == here
+    assert fileio.temporary_path("/data/x.pt", ".pt").startswith(f"/data/.x.pt.tmp-{here}-{os.getpid()}-")
+    monkeypatch.setattr(os, "readlink", lambda path: "pid:[1]" if path == "/proc/self/ns/pid" else path)
+    other_namespace = fileio.process_space()
+    monkeypatch.setattr(socket, "gethostname", lambda: "another-host")
+    assert len({here, other_namespace, fileio.process_space()}) == 3
 
 
 def test_sigterm_handler_is_restored_after_the_block():
