@@ -600,6 +600,7 @@ class TrainState:
     d_scaler: torch.amp.GradScaler = None
     iteration: int = 0  # completed iterations
     last_checkpoint: str = None
+    log_window: dict = None  # RunMonitor.window_state() of the checkpoint resumed from
 
     def __post_init__(self):
         if self.g_train is None:
@@ -901,7 +902,7 @@ def _generator_state_without_encoder(g):
     return {k: v for k, v in g.state_dict().items() if not k.startswith("embedder.")}
 
 
-def checkpoint_state(s, rng_states):
+def checkpoint_state(s, rng_states, log_window=None):
     """The complete, self-describing checkpoint of a training run.
 
     'g_ema' and 'latent_avg' are the release's layout (generate_image_pairs.py & co. load it as is);
@@ -924,6 +925,7 @@ def checkpoint_state(s, rng_states):
         "world_size": distributed.get_world_size(),
         "args": options_dict(s.opts),
         "rng": rng_states,
+        "log_window": log_window,
     }
 
 
@@ -958,6 +960,7 @@ def load_training_checkpoint(s, path, log=print):
     s.mean_path_length = ckpt["mean_path_length"].to(s.device)
     s.iteration = int(ckpt["iteration"])
     s.last_checkpoint = path
+    s.log_window = ckpt.get("log_window")
     return ckpt.get("rng")
 
 
@@ -1102,7 +1105,7 @@ def train(opts, log=None):
     sample_z = torch.randn(opts.n_sample, opts.style_dim, generator=torch.Generator().manual_seed(opts.seed))
     sample_z = sample_z.to(s.device)
     sample_styles = data.sample_styles(opts.n_sample).to(s.device)
-    with RunMonitor(opts.out_dir, opts.iter, s.iteration, opts.batch * world, opts.progress) as run:
+    with RunMonitor(opts.out_dir, opts.iter, s.iteration, opts.batch * world, opts.progress, window=s.log_window) as run:
         while s.iteration < opts.iter:
             x_f, x_s = next(data)
             if opts.flip:
@@ -1123,5 +1126,5 @@ def train(opts, log=None):
                 if run.due(step, opts.save_every) and s.nonfinite.healthy:
                     # (during a run of skipped non-finite steps the last good checkpoint stays the newest)
                     rng_states = gather_rng_states()  # a collective: every rank takes part
-                    s.last_checkpoint = ckpts.save(step, checkpoint_state(s, rng_states) if main else None)
+                    s.last_checkpoint = ckpts.save(step, checkpoint_state(s, rng_states, run.window_state()) if main else None)
     return s

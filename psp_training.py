@@ -383,7 +383,7 @@ def load_training_checkpoint(path, options):
     return ckpt
 
 
-def checkpoint_state(psp, optimizer, scaler, step, options, generator_info, rng):
+def checkpoint_state(psp, optimizer, scaler, step, options, generator_info, rng, log_window=None):
     """The release layout of the encoder (top-level 'encoder.*', 'latent_avg') plus the training state.
 
     The training entries use names that neither start with 'encoder' nor are 'state_dict', so PSPEncoder
@@ -394,7 +394,7 @@ def checkpoint_state(psp, optimizer, scaler, step, options, generator_info, rng)
         **trainutil.checkpoint_tag(CHECKPOINT_KIND, CHECKPOINT_VERSION), "step": step,
         "world_size": distributed.get_world_size(), "optimizer": optimizer.state_dict(),
         "grad_scaler": scaler.state_dict(), "options": trainutil.options_dict(options),
-        "generator": generator_info, "rng": rng,
+        "generator": generator_info, "rng": rng, "log_window": log_window,
     })
     return state
 
@@ -502,6 +502,7 @@ def _train(options, device, log):
             log(f"note: the checkpoint was written by {ckpt.get('world_size')} processes, this run has {world}: "
                 "the data order is not continued exactly")
     rng = ckpt.get("rng") if ckpt is not None else None
+    window = ckpt.get("log_window") if ckpt is not None else None
     del ckpt
     model = psp
     if world > 1:
@@ -535,7 +536,7 @@ def _train(options, device, log):
     history = []
     autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext())
     with trainutil.RunMonitor(options.out_dir, options.iter, step, options.batch * world, options.progress,
-                              desc="pSp") as run:
+                              desc="pSp", window=window) as run:
         while step < options.iter:
             x = next(batches).to(device, non_blocking=True)  # [B, 3, S, S]
             # flips drawn from (seed, rank, step) only: the same on resume
@@ -567,8 +568,8 @@ def _train(options, device, log):
                 if run.due(step, options.save_every):
                     sync_buffers(psp)
                     rng_states = trainutil.gather_rng_states()  # a collective: every rank takes part
-                    state = (checkpoint_state(psp, optimizer, scaler, step, options, generator_info, rng_states)
-                             if main else None)
+                    state = (checkpoint_state(psp, optimizer, scaler, step, options, generator_info, rng_states,
+                                              run.window_state()) if main else None)
                     last_checkpoint = manager.save(step, state)
                     distributed.barrier()
 

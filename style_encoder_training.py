@@ -378,10 +378,11 @@ def _train(options, device):
         encoder.embedder.to(memory_format=torch.channels_last)
     head = SimCLRHead(encoder.embedder_mlp, projector).train()
     optimizer = torch.optim.Adam(head.parameters(), lr=options.lr, betas=(float(options.beta1), float(options.beta2)))
-    step, samples_seen, rng = 0, 0, None
+    step, samples_seen, rng, window = 0, 0, None, None
     if ckpt is not None:
         trainutil.load_optimizer_state(optimizer, ckpt["optimizer"], print if main else None)
         step, samples_seen, rng = int(ckpt["step"]), int(ckpt["samples_seen"]), ckpt.get("rng")
+        window = ckpt.get("log_window")
     del ckpt
     model = head
     if world > 1:
@@ -404,7 +405,7 @@ def _train(options, device):
     last_checkpoint = resume
     history = []
     with trainutil.RunMonitor(options.out_dir, options.iter, step, global_batch, options.progress,
-                              desc="E_style") as run:
+                              desc="E_style", window=window) as run:
         batches = iter(loader)  # creating the iterator draws a base seed from the global generator
         # The random streams start (or continue from the checkpoint) here, right before the first step:
         # what ran since the weights were seeded (the loader's iterator draws a seed) must not shift them,
@@ -437,6 +438,7 @@ def _train(options, device):
                         "style_encoder": encoder.state_dict(), "projector": projector.state_dict(),
                         "style_encoder_config": style_encoder_config(options), "optimizer": optimizer.state_dict(),
                         "options": trainutil.options_dict(options), "rng": trainutil.gather_rng_states(),
+                        "log_window": run.window_state(),
                     }
                     last_checkpoint = manager.save(step, state)
                     distributed.barrier()

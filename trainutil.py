@@ -359,7 +359,7 @@ class RunMonitor:
                     if run.due(step, save_every): ...
     """
 
-    def __init__(self, out_dir, total, start, images_per_step, progress=True, desc=None):
+    def __init__(self, out_dir, total, start, images_per_step, progress=True, desc=None, window=None):
         self.total = total
         self.images_per_step = images_per_step
         checkpoints = CheckpointManager(out_dir)
@@ -376,6 +376,13 @@ class RunMonitor:
 
             self.bar = tqdm(total=total, initial=start, dynamic_ncols=True, desc=desc)
         self._new_window(start)
+        if window:  # a resumed run: the steps since the last log before its checkpoint (window_state)
+            self.sums, self.counts = dict(window["sums"]), dict(window["counts"])
+
+    def window_state(self):
+        """The per-step scalars summed since the last log, for a checkpoint: a run resumed from it (``window``)
+        logs the same means as an uninterrupted one, whatever --log_every and --save_every are."""
+        return {"sums": dict(self.sums), "counts": dict(self.counts)}
 
     def _new_window(self, step):
         self.sums, self.counts = {}, {}

@@ -879,7 +879,7 @@ def test_amp_dtype_and_guard_patience(monkeypatch):
 # ---- exact resume, also after SIGKILL --------------------------------------------------------------
 
 def test_resume_after_sigkill_matches_uninterrupted_run(narrow, data, tmp_path):
-    common = dict(iter=4, save_every=2, d_reg_every=2, g_reg_every=2, keep_checkpoints=5)
+    common = dict(iter=4, save_every=2, d_reg_every=2, g_reg_every=2, keep_checkpoints=5, log_every=3)
     reference = small_options(data, tmp_path / "uninterrupted", **common)
     bt.train(reference, log=lambda *a: None)
 
@@ -916,6 +916,11 @@ def test_resume_after_sigkill_matches_uninterrupted_run(narrow, data, tmp_path):
         ckpt.pop("args")
     assert_same(got4, ref4)  # networks, g_ema, optimizers, queue, path-length mean, RNG states, iteration
     assert not torch.equal(got4["g_ema"]["style.1.weight"], got2["g_ema"]["style.1.weight"])
+    # the step-3 means cover steps 1-3 as in the uninterrupted run: the checkpoint carried steps 1-2
+    assert got2["log_window"]["counts"]["d_total"] == 2
+    logs = [read_jsonl(os.path.join(o.out_dir, "logs", "scalars.jsonl")) for o in (reference, resumed)]
+    means = [[{k: v for k, v in r.items() if k.startswith("mean/") or k == "step"} for r in log] for log in logs]
+    assert means[0] == means[1] and [r["step"] for r in means[0]] == [3, 4] and "mean/d_total" in means[0][0]
 
 
 def test_command_line_run_ends_naming_its_last_checkpoint(narrow, data, tmp_path, capsys):

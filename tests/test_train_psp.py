@@ -462,12 +462,21 @@ def _encoder_weights(path):
 def test_resume_continues_exactly(assets, trained, tmp_path, capsys):
     opts, result = trained
     half = os.path.join(opts.out_dir, "checkpoints", "000006.pt")
-    resumed = options(assets, tmp_path / "resumed", iter=8, save_every=6, resume=half, export=False)
+    # the log window the checkpoint carries (steps since the last log; empty at --log_every 1) continues: one
+    # made up here must show in the first mean after the resume
+    ckpt = load_checkpoint(half)
+    assert ckpt["log_window"] == {"sums": {}, "counts": {}}
+    half = str(tmp_path / "000006.pt")
+    torch.save({**ckpt, "log_window": {"sums": {"total": 100.0}, "counts": {"total": 1}}}, half)
+    resumed = options(assets, tmp_path / "resumed", iter=8, save_every=6, resume=half, export=False, log_every=2)
     with fast_cpu():
         again = pt.train(resumed)
     assert "resuming at step 6" in capsys.readouterr().out
     assert [h["step"] for h in again.history] == [7, 8]
     assert again.history == result.history[6:]
+    (record,) = read_jsonl(tmp_path / "resumed" / "logs" / "scalars.jsonl")
+    assert record["step"] == 8
+    assert record["loss/total"] == pytest.approx((100.0 + sum(h["total"] for h in again.history)) / 3, rel=1e-6)
     a, ckpt_a = _encoder_weights(os.path.join(opts.out_dir, "checkpoints", "000008.pt"))
     b, ckpt_b = _encoder_weights(tmp_path / "resumed" / "checkpoints" / "000008.pt")
     assert a.keys() == b.keys()

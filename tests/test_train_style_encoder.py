@@ -332,6 +332,23 @@ def test_resume_continues_exactly(assets, tmp_path, capsys):
     assert "global batch 4 = 1 process(es) x 4" in capsys.readouterr().out
 
 
+def test_a_run_resumed_mid_log_window_logs_the_uninterrupted_means(assets, tmp_path):
+    """A checkpoint between two logs (--save_every 2, --log_every 3) carries the steps since the last log: a run
+    killed after it and resumed logs the same step-3 mean as the uninterrupted run, not the mean of step 3 alone."""
+    straight = options(assets, tmp_path / "straight", iter=4, save_every=2, log_every=3)
+    assert train_style_encoder.main(cli_args(straight)) == 0
+    mid = str(tmp_path / "straight" / "checkpoints" / "000002.pt")
+    window = load_checkpoint(mid)["log_window"]
+    assert window["counts"] == {"loss": 2, "acc": 2}
+    resumed = options(assets, tmp_path / "resumed", iter=4, log_every=3, resume=mid)
+    assert train_style_encoder.main(cli_args(resumed)) == 0
+    want = read_jsonl(tmp_path / "straight" / "logs" / "scalars.jsonl")
+    got = read_jsonl(tmp_path / "resumed" / "logs" / "scalars.jsonl")
+    keys = ("step", "loss/nt_xent", "metrics/positive_top1")
+    assert [[r[k] for k in keys] for r in got] == [[r[k] for k in keys] for r in want]
+    assert [r["step"] for r in got] == [3, 4]
+
+
 def test_resume_refuses_another_architecture(assets, tmp_path, capsys):
     first = options(assets, tmp_path / "run", iter=1)
     se.train(first)
