@@ -63,9 +63,10 @@ when given, and the log names every discriminator that starts fresh.
 Mixed precision (--amp): the adversarial phases under autocast, bfloat16 where supported (no loss
 scaling), float16 on GPUs without bfloat16 tensor cores (compute capability < 8.0), then with a
 GradScaler per optimizer (an overflowing step is skipped and the scale halves). R1 and the path length
-(double backward) stay float32. A non-finite (rank-averaged) loss skips that optimizer step; the run stops with NonFiniteLossError only when one phase
-stays non-finite for --nonfinite_patience consecutive steps or the weights are non-finite, and no
-checkpoint is written during such a run of bad steps (the last good one stays the newest).
+(double backward) stay float32. A non-finite (rank-averaged) loss skips that optimizer step; the run
+stops with NonFiniteLossError only when one phase stays non-finite for --nonfinite_patience consecutive
+steps or the weights are non-finite, and no checkpoint is written during such a run of bad steps (the
+last good one stays the newest).
 
 Distributed: torchrun starts one process per GPU; the trained modules are wrapped in DDP (G without its
 frozen style encoder, which DDP neither broadcasts nor reduces), each rank reads its share of the data,
@@ -1105,7 +1106,8 @@ def train(opts, log=None):
     sample_z = torch.randn(opts.n_sample, opts.style_dim, generator=torch.Generator().manual_seed(opts.seed))
     sample_z = sample_z.to(s.device)
     sample_styles = data.sample_styles(opts.n_sample).to(s.device)
-    with RunMonitor(opts.out_dir, opts.iter, s.iteration, opts.batch * world, opts.progress, window=s.log_window) as run:
+    with RunMonitor(opts.out_dir, opts.iter, s.iteration, opts.batch * world, opts.progress,
+                    window=s.log_window) as run:
         while s.iteration < opts.iter:
             x_f, x_s = next(data)
             if opts.flip:
@@ -1126,5 +1128,6 @@ def train(opts, log=None):
                 if run.due(step, opts.save_every) and s.nonfinite.healthy:
                     # (during a run of skipped non-finite steps the last good checkpoint stays the newest)
                     rng_states = gather_rng_states()  # a collective: every rank takes part
-                    s.last_checkpoint = ckpts.save(step, checkpoint_state(s, rng_states, run.window_state()) if main else None)
+                    state = checkpoint_state(s, rng_states, run.window_state()) if main else None
+                    s.last_checkpoint = ckpts.save(step, state)
     return s

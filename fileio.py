@@ -1,8 +1,8 @@
 """Atomic file output, the one mechanism behind every file the project writes (images, videos, JSON,
 checkpoints): write to a temporary file in the same folder, then os.replace it onto the target. Also
-``pid_alive`` and ``remove_dead_temporaries``, which tell a temporary or lock left by a killed process from one
-still in use, and
-``exit_on_sigterm``, which lets those temporaries be removed when a job scheduler stops the process."""
+``pid_alive`` and ``remove_dead_temporaries``, which tell a temporary or lock left by a killed process from
+one still in use, and ``exit_on_sigterm``, which lets those temporaries be removed when a job scheduler
+stops the process."""
 import contextlib
 import hashlib
 import os
