@@ -47,7 +47,8 @@ def ckpts(tmp_path_factory):
                 m.running_var.fill_(4.0)
     sd = {f"encoder.{k}": v for k, v in psp.encoder.state_dict().items()}
     torch.save({**sd, "latent_avg": latent_avg[0]}, d / "psp_encoder.pt")
-    return str(d / "blendgan.pt"), str(d / "psp_encoder.pt")
+    yield str(d / "blendgan.pt"), str(d / "psp_encoder.pt")
+    shutil.rmtree(d, ignore_errors=True)  # its module is done: do not keep 1.9 GB to the session's end
 
 
 def read_rgb(path):

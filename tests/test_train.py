@@ -15,6 +15,7 @@ import copy
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -589,7 +590,8 @@ def real_width_run(data, tmp_path_factory):
     opts = small_options(data, root / "run", stylegan2_ckpt=str(root / "stylegan2.pt"), channel_multiplier=2)
     before, _ = bt.setup(checked(bt.resolve_defaults(copy.deepcopy(opts))), log=lambda *a: None)
     after = bt.train(opts, log=lambda *a: None)  # the same seed: `before` is its starting point
-    return {"opts": opts, "before": before, "after": after, "stylegan2": sg2, "dir": root / "run"}
+    yield {"opts": opts, "before": before, "after": after, "stylegan2": sg2, "dir": root / "run"}
+    shutil.rmtree(root, ignore_errors=True)  # its module is done: do not keep 670 MB to the session's end
 
 
 def test_stylegan2_initialisation(real_width_run, data):

@@ -18,7 +18,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import warnings
 from contextlib import contextmanager
 
@@ -119,7 +118,7 @@ def random_arcface(path):
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    """Faces LMDB at 32 px, the BlendGAN checkpoint (1.4 GB, in /dev/shm when there), LPIPS and ArcFace files."""
+    """Faces LMDB at 32 px, the BlendGAN checkpoint (1.4 GB), LPIPS and ArcFace files; deleted when done."""
     root = tmp_path_factory.mktemp("psp_assets")
     lmdb = str(root / "faces.lmdb")
     prepare_data.prepare(prepare_data.PrepareOptions(out=lmdb, paths=[FACES], size=(SIZE,), n_worker=0))
@@ -127,18 +126,12 @@ def assets(tmp_path_factory):
     random_alexnet_features(alexnet_file)
     arcface_file = str(root / "model_ir_se50.pth")
     random_arcface(arcface_file)
-    shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    big = tempfile.mkdtemp(prefix="psp_test_", dir=shm or str(root))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(model, "stylegan2_channels", narrow_channels)
-        try:
-            g = tiny_generator()
-            ckpt = os.path.join(big, "blendgan.pt")
-            torch.save({"g_ema": g.state_dict()}, ckpt)
-            del g
-            yield {"lmdb": lmdb, "ckpt": ckpt, "alexnet": alexnet_file, "arcface": arcface_file, "root": root}
-        finally:
-            shutil.rmtree(big, ignore_errors=True)
+        ckpt = str(root / "blendgan.pt")
+        torch.save({"g_ema": tiny_generator().state_dict()}, ckpt)
+        yield {"lmdb": lmdb, "ckpt": ckpt, "alexnet": alexnet_file, "arcface": arcface_file, "root": root}
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def options(assets, out_dir, **kw):
@@ -174,7 +167,8 @@ def trained(assets, tmp_path_factory):
     opts = options(assets, out, iter=8, save_every=6)
     with fast_cpu():
         result = pt.train(opts)
-    return opts, result
+    yield opts, result
+    shutil.rmtree(out, ignore_errors=True)  # its module is done: do not keep 3.3 GB to the session's end
 
 
 def faces(assets):
