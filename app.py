@@ -14,6 +14,7 @@ import atexit
 import functools
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -379,6 +380,8 @@ def launch(page, opts, **kwargs):
 def main(argv=None):
     opts = parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    # `kill`, `docker stop`, a service manager: stop as on Ctrl-C, so that atexit removes the clips folder
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     demo = BlendGANDemo(opts).load()
     if demo.error:
         print(f"error: {demo.error}\n(the page starts anyway and shows this message)", file=sys.stderr)

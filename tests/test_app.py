@@ -218,13 +218,15 @@ def test_a_generator_pSp_codes_do_not_fit_takes_random_faces_and_names_why_not_p
         demo.face_from_photo(os.path.join(FACES, sorted(os.listdir(FACES))[0]))
 
 
-def test_starts_without_checkpoints_and_names_them(tmp_path):
+def test_starts_without_checkpoints_and_names_them_and_cleans_up_on_sigterm(tmp_path):
     port = free_port()
     missing = tmp_path / "blendgan.pt"
+    temp = tmp_path / "temp"  # the app's TMPDIR: its clips folder goes here
+    temp.mkdir()
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "app.py"), "--ckpt", str(missing),
                              "--psp_encoder_ckpt", str(tmp_path / "psp.pt"), "--device", "cpu", "--port", str(port)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"})
+                            env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "TMPDIR": str(temp)})
     try:
         config = wait_for_http(f"http://127.0.0.1:{port}/config", proc)
         assert f"{missing} (--ckpt)" in config
@@ -235,9 +237,12 @@ def test_starts_without_checkpoints_and_names_them(tmp_path):
         with pytest.raises(AppError, match="download_models.py"):
             Client(f"http://127.0.0.1:{port}/", verbose=False).predict(handle_file(FACE), 6, 1, 0.75,
                                                                         api_name="/set_face")
+        assert any(temp.glob("blendgan_app_*"))  # made at start, in TMPDIR
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        proc.terminate()  # SIGTERM: stops as on Ctrl-C
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert list(temp.glob("blendgan_app_*")) == []
 
 
 @pytest.fixture(scope="module")
