@@ -10,6 +10,7 @@ import argparse
 import os
 import pickle
 import re
+import shutil
 import zipfile
 
 import torch
@@ -29,6 +30,10 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 class CheckpointError(RuntimeError):
     """A checkpoint file is missing, unreadable, or does not fit the model it is loaded into."""
+
+
+class DiskFullError(CheckpointError):
+    """A checkpoint could not be written for lack of disk space (the files written before it are intact)."""
 
 
 HTML_SNIFF_BYTES = 1024
@@ -179,10 +184,34 @@ def load_state_dict_strict(module, state_dict, what, hint=None, assign=False):
     return module
 
 
+def tensor_bytes(obj):
+    """Bytes of the tensors in ``obj`` (nested dicts, lists and tuples): about what torch.save writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
 def save_checkpoint(obj, path):
-    """torch.save to a temporary file in the same folder, then os.replace: never a half-written file."""
-    with atomic_path(path, suffix=".pt") as tmp:
-        with open(tmp, "xb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
+    """torch.save to a temporary file in the same folder, then os.replace: never a half-written file.
+
+    A write that fails with less space left on the disk than the checkpoint takes is a DiskFullError that
+    says so; torch's own words for it are 'unexpected pos 1044480 vs 1044432' or 'file write failed'.
+    """
+    try:
+        with atomic_path(path, suffix=".pt") as tmp:
+            with open(tmp, "xb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+    except (OSError, RuntimeError) as e:  # the temporary is gone: the space it took is free again
+        folder = os.path.dirname(os.path.abspath(path))
+        need, free = tensor_bytes(obj), shutil.disk_usage(folder).free
+        if free >= need:
+            raise
+        raise DiskFullError(f"cannot write {path}: the disk is full ({free / 2**20:.0f} MiB free in {folder}, the "
+                            f"checkpoint takes {need / 2**20:.0f} MiB); the files written before it are intact: "
+                            f"free some space and run again (a trainer continues with --resume latest)") from e

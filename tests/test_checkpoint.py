@@ -4,6 +4,8 @@ with a plain one-line message naming the file and the global.
 """
 import argparse
 import os
+import shutil
+import subprocess
 from types import SimpleNamespace
 
 import pytest
@@ -11,7 +13,9 @@ import torch
 
 import blendgan_training as bt
 import model
-from checkpoint import SAFE_CLASSES, CheckpointError, load_checkpoint
+import checkpoint
+import trainutil
+from checkpoint import SAFE_CLASSES, CheckpointError, DiskFullError, load_checkpoint, save_checkpoint
 
 SIZE = 8
 STYLE_DIM = 16
@@ -165,3 +169,47 @@ def test_files_that_are_not_checkpoints_say_what_they_are(tmp_path):
     torch.save({"w": torch.arange(3), "note": "<html> in a string"}, legacy, _use_new_zipfile_serialization=False)
     for path in (whole, legacy):  # (a legacy file's pickle holds its strings in its first bytes)
         assert torch.equal(load_checkpoint(path)["w"], torch.arange(3))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB file system (tmpfs), or a skip where mounting one is not allowed (it needs root)."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True,
+                           text=True) if shutil.which("mount") and os.geteuid() == 0 else None
+    if mount is None or mount.returncode:
+        pytest.skip(f"cannot mount a 1 MiB tmpfs here ({mount.stderr.strip() if mount else 'needs root'})")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_full_disk_is_named_and_the_earlier_checkpoint_stays(small_disk, capsys):
+    """torch's words for a full disk are 'unexpected pos ...': the error says the disk is full, the file written
+    before stays whole and no temporary is left; a trainer ends with that one line and exit code 1."""
+    path = small_disk / "000001.pt"
+    save_checkpoint({"w": torch.arange(1000)}, path)
+    big = {"w": torch.zeros(2 * 2**18), "step": 2}  # 2 MiB of float32
+    with pytest.raises(DiskFullError, match=rf"cannot write {path}: the disk is full \((0|1) MiB free in "
+                                            rf"{small_disk}, the checkpoint takes 2 MiB\); the files written "
+                                            rf"before it are intact"):
+        save_checkpoint(big, path)
+    assert os.listdir(small_disk) == ["000001.pt"]
+    assert torch.equal(load_checkpoint(path)["w"], torch.arange(1000))
+    assert trainutil.run_trainer(lambda options: save_checkpoint(big, small_disk / "000002.pt"), None,
+                                 lambda result: "done") == 1
+    assert capsys.readouterr().err.startswith(f"error: cannot write {small_disk / '000002.pt'}: the disk is full")
+    assert os.listdir(small_disk) == ["000001.pt"]
+
+
+def test_other_write_failures_keep_their_own_error(tmp_path, monkeypatch):
+    """With room on the disk a failed write is not called a full disk: torch's error comes out as it is."""
+    def failing_save(obj, f):
+        f.write(b"PK partial")
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+
+    monkeypatch.setattr(checkpoint.torch, "save", failing_save)
+    with pytest.raises(RuntimeError, match="failed writing file data/0") as failure:
+        save_checkpoint({"w": torch.zeros(8)}, tmp_path / "ck.pt")
+    assert not isinstance(failure.value, DiskFullError)
+    assert os.listdir(tmp_path) == []
