@@ -27,7 +27,8 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 from tqdm import tqdm
 
-from fileio import distinct_by, exit_on_sigterm, folder_problems, input_folder_problems, without_outputs
+from fileio import (DiskFullError, distinct_by, exit_on_sigterm, folder_problems, input_folder_problems,
+                    without_outputs)
 from imageio_utils import UnreadableImageError, list_images, read_image_rgb, save_image_atomic, to_rgb
 
 # dlib's 68-point layout (iBUG 300-W): index ranges of the parts the crop is built from.
@@ -371,6 +372,8 @@ def main(argv=None):
             summary = align_images(options)
     except FileNotFoundError as e:  # no images under --input_img_path: one line, not a traceback
         raise SystemExit(f'error: {e}')
+    except DiskFullError as e:  # the next faces would not fit either; the PNGs written before it are complete
+        raise SystemExit(f'error: {e}; the PNGs already in {options.outdir} are complete')
     except KeyboardInterrupt:
         print(f'interrupted: the PNGs already in {options.outdir} are complete', file=sys.stderr)
         return 130

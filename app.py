@@ -24,6 +24,7 @@ import uuid
 import torch
 
 from checkpoint import CheckpointError
+from fileio import DiskFullError
 from imageio_utils import UnreadableImageError
 from inference import (DTYPES, Report, add_generator_args, check_model_files, default_device, encode_faces,
                        encode_styles, image_size, list_inputs, load_aligner, load_blendgan, load_psp, looks_aligned,
@@ -238,7 +239,7 @@ def user_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except DemoError as e:
+        except (DemoError, DiskFullError) as e:  # a full disk (the clip's mp4) says so, without a traceback
             raise gr.Error(str(e), duration=None, print_exception=False) from None
         except gr.Error:
             raise

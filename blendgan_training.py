@@ -1124,7 +1124,7 @@ def train(opts, log=None):
                     if run.logger.writer is not None:  # cells of at most 256 px in the event file
                         scale = min(1.0, TENSORBOARD_CELL / opts.size)
                         small = F.interpolate(grid[None], scale_factor=scale, mode="area")[0] if scale < 1 else grid
-                        run.logger.writer.add_image("samples", small, step)
+                        run.logger.add_image("samples", small, step)
                 if run.due(step, opts.save_every) and s.nonfinite.healthy:
                     # (during a run of skipped non-finite steps the last good checkpoint stays the newest)
                     rng_states = gather_rng_states()  # a collective: every rank takes part

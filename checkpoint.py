@@ -15,7 +15,8 @@ import zipfile
 
 import torch
 
-from fileio import atomic_path
+import fileio
+from fileio import atomic_path, disk_full_message
 
 
 # Classes a weights-only load accepts on top of torch's defaults (tensors, containers, numbers, strings).
@@ -32,7 +33,7 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, unreadable, or does not fit the model it is loaded into."""
 
 
-class DiskFullError(CheckpointError):
+class DiskFullError(CheckpointError, fileio.DiskFullError):
     """A checkpoint could not be written for lack of disk space (the files written before it are intact)."""
 
 
@@ -210,8 +211,8 @@ def save_checkpoint(obj, path):
     except (OSError, RuntimeError) as e:  # the temporary is gone: the space it took is free again
         folder = os.path.dirname(os.path.abspath(path))
         need, free = tensor_bytes(obj), shutil.disk_usage(folder).free
-        if free >= need:
+        if free >= need and not isinstance(e, fileio.DiskFullError):  # ENOSPC/EDQUOT itself: full (or a quota)
             raise
-        raise DiskFullError(f"cannot write {path}: the disk is full ({free / 2**20:.0f} MiB free in {folder}, the "
-                            f"checkpoint takes {need / 2**20:.0f} MiB); the files written before it are intact: "
-                            f"free some space and run again (a trainer continues with --resume latest)") from e
+        raise DiskFullError(disk_full_message(path, f", the checkpoint takes {need / 2**20:.0f} MiB") +
+                            "; the files written before it are intact: free some space and run again (a trainer "
+                            "continues with --resume latest)") from e

@@ -28,7 +28,7 @@ import torch
 from checkpoint import CheckpointError
 from evaluation import (MODES, ImageSet, Protocol, evaluation_settings, image_set_id, load_metric_networks,
                         parse_indicators, real_statistics, run_protocol)
-from fileio import exit_on_sigterm
+from fileio import DiskFullError, exit_on_sigterm
 from imageio_utils import UnreadableImageError
 from inference import DTYPES, add_common_args, load_blendgan, truncation_centre, validate_common
 from utils import HelpFormatter
@@ -123,7 +123,7 @@ def main(argv=None):
     try:
         with exit_on_sigterm():  # a stopped run leaves no temporary files behind
             table = evaluate(opts)
-    except (CheckpointError, ValueError, FileNotFoundError, UnreadableImageError) as e:
+    except (CheckpointError, ValueError, FileNotFoundError, UnreadableImageError, DiskFullError) as e:
         raise SystemExit(f"error: {e}")
     print(table)
     return 0

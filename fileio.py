@@ -1,9 +1,11 @@
 """Atomic file output, the one mechanism behind every file the project writes (images, videos, JSON,
-checkpoints): write to a temporary file in the same folder, then os.replace it onto the target. Also
+checkpoints): write to a temporary file in the same folder, then os.replace it onto the target; a full disk
+(ENOSPC, or a quota: EDQUOT) on the way is one ``DiskFullError`` naming the file (``disk_full_named``). Also
 ``pid_alive`` and ``remove_dead_temporaries``, which tell a temporary or lock left by a killed process from
 one still in use, and ``exit_on_sigterm``, which lets those temporaries be removed when a job scheduler
 stops the process."""
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -14,22 +16,67 @@ import threading
 import uuid
 
 
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(RuntimeError):
+    """A file could not be written for lack of disk space (or quota); the message names it and the free space.
+    Raised by the atomic writes, which leave no part of the file: what was written before it is intact."""
+
+
+def is_disk_full(error):
+    """Whether ``error``, or an error it was raised from or while handling, is an OSError ENOSPC / EDQUOT."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def disk_full_message(path, detail=""):
+    """'cannot write PATH: the disk is full (N MiB free in FOLDER{detail})', FOLDER being path's folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    probe = folder
+    while not os.path.isdir(probe):  # a folder that could not be made
+        probe = os.path.dirname(probe)
+    free = shutil.disk_usage(probe).free
+    return f"cannot write {path}: the disk is full ({free / 2**20:.0f} MiB free in {folder}{detail})"
+
+
+@contextlib.contextmanager
+def disk_full_named(path, note="no part of it was left there"):
+    """Within the block, an error that is_disk_full becomes one DiskFullError: disk_full_message(path) and
+    ``note`` (what became of the file), instead of e.g. '[Errno 28] No space left on device' and a traceback."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        raise DiskFullError(f"{disk_full_message(path)}; {note}") from e
+
+
 @contextlib.contextmanager
 def atomic_path(path, suffix=".tmp"):
     """Yield a temporary path beside ``path``; when the block succeeds it replaces ``path``, otherwise it
     is removed. ``path`` is always absent, the old file, or the complete new one. The temporary name
     ends with ``suffix`` (tools such as ffmpeg pick the format from it) and is created by the caller,
-    so it gets the usual umask permissions.
+    so it gets the usual umask permissions. A full disk is a DiskFullError naming ``path`` (disk_full_named),
+    raised once the temporary is gone (the free space it reports is what there is without it).
     """
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = temporary_path(path, suffix)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with disk_full_named(path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = temporary_path(path, suffix)
+        try:
+            yield tmp
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
 def process_space():

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import CheckpointError, load_checkpoint, load_state_dict_strict, require_key
-from fileio import (atomic_write_bytes, distinct_by, exit_on_sigterm, folder_problems, input_folder_problems,
-                    without_outputs)
+from fileio import (DiskFullError, atomic_write_bytes, distinct_by, exit_on_sigterm, folder_problems,
+                    input_folder_problems, without_outputs)
 from imageio_utils import UnreadableImageError, read_image_rgb, size_problem
 from layers import channels_last_
 from model import Generator, guess_generator_config, infer_generator_config, n_latent_for
@@ -254,7 +254,7 @@ def run_job(job, opts, what):
     try:
         with exit_on_sigterm():  # a stopped job leaves no temporary files behind
             report = job(opts)
-    except (CheckpointError, FileNotFoundError) as e:
+    except (CheckpointError, FileNotFoundError, DiskFullError) as e:  # a full disk: the next files would not fit either
         raise SystemExit(f"error: {e}")
     print(report.summary(what))
     return report.exit_code()

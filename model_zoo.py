@@ -15,6 +15,7 @@ same checks. The scripts' missing-file messages come from missing_files_message(
 load a torch-hub weights file at run time (evaluation.py and psp_training.py, for metrics.py's FID
 Inception and LPIPS AlexNet) find it with pretrained_file(). Nothing happens at import.
 """
+import errno
 import hashlib
 import http.client
 import os
@@ -28,6 +29,7 @@ from urllib.parse import urlparse
 import torch
 
 from checkpoint import CheckpointError, html_title, load_checkpoint, require_key
+from fileio import disk_full_message, is_disk_full
 
 COMMAND = "python download_models.py"
 MIRROR_ENV = "BLENDGAN_MIRROR"  # URL prefix that replaces every source, like --mirror
@@ -382,13 +384,15 @@ def drive_download(file_id, part, desc):
     except gdown.exceptions.FileURLRetrievalError as e:
         raise FileProblem(f"Google Drive gave a page instead of the file ({str(e).strip().splitlines()[0][:160]})") from None
     except Exception as e:  # gdown's DownloadError and requests' other errors: kept partial file, next run resumes
+        if is_disk_full(e):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), part) from e
         raise OSError(f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}") from None
 
 
 @dataclass
 class Outcome:
     name: str
-    status: str  # "verified" (downloaded or already there), "unreachable", "refused", "failed"
+    status: str  # "verified" (downloaded or already there), "unreachable", "refused", "failed", "disk full"
     line: str
 
 
@@ -421,6 +425,11 @@ def fetch(entry, folder, mirror=None, retries=3):
             remove(part)
             return Outcome(entry.name, "refused", f"{entry.name}: {e}; {manual}")
         except OSError as e:
+            if is_disk_full(e):  # the part downloaded so far stays under its .part name, never as the target
+                kept = (f"the {os.path.getsize(part) / 2**20:.0f} MiB downloaded so far are kept in {part}"
+                        if os.path.isfile(part) else "the part downloaded so far is kept beside it")
+                return Outcome(entry.name, "disk full", f"{entry.name}: {disk_full_message(target)}; {kept}: free "
+                                                        f"some space and run the command again to resume")
             return Outcome(entry.name, "failed", f"{entry.name}: download failed: {e}")
         try:
             digest, note = verify_file(entry, part)
@@ -515,8 +524,14 @@ def select(names, manifest, all_files=False):
 
 def download_all(entries, folder, mirror=None, retries=3, out=print):
     """fetch() each entry, print one line per file. Exit code: 0 all verified, 2 some source unreachable
-    (and nothing refused or failed), 1 otherwise."""
-    outcomes = [fetch(e, folder, mirror, retries) for e in entries]
+    (and nothing refused or failed), 1 otherwise. A full disk stops there: the next files would not fit either."""
+    outcomes = []
+    for e in entries:
+        outcomes.append(fetch(e, folder, mirror, retries))
+        if outcomes[-1].status == "disk full":
+            outcomes += [Outcome(rest.name, "disk full", f"{rest.name}: not downloaded, the disk is full")
+                         for rest in entries[len(outcomes):]]
+            break
     for o in outcomes:
         out(o.line)
     statuses = {o.status for o in outcomes}

@@ -14,6 +14,7 @@ finished LMDB leaves it untouched unless --overwrite is given.
 """
 
 import argparse
+import errno
 import multiprocessing
 import os
 import re
@@ -26,7 +27,7 @@ import lmdb
 from PIL import Image
 from tqdm import tqdm
 
-from fileio import exit_on_sigterm, remove_dead_temporaries, temporary_path
+from fileio import DiskFullError, disk_full_named, exit_on_sigterm, remove_dead_temporaries, temporary_path
 from imageio_utils import MIN_SIDE, UnreadableImageError, encode_image, list_images, read_image_rgb, size_problem
 
 RESAMPLE = {'lanczos': Image.Resampling.LANCZOS, 'bilinear': Image.Resampling.BILINEAR,
@@ -198,14 +199,29 @@ class PackSummary:
     upscaled: int = 0  # images whose shorter side is below the largest size
 
 
+def raise_if_disk_full(error, path, need=0):
+    """An lmdb.Error that means the disk under ``path`` is full, as the OSError ENOSPC it stands for (prepare's
+    fileio.disk_full_named names --out): ENOSPC itself (lmdb.DiskError), or a short write, which LMDB reports as
+    EIO ('Input/output error'), with less room left than the ``need`` bytes being written and a MiB for pages."""
+    if isinstance(error, lmdb.DiskError) or shutil.disk_usage(path).free < need + 2 ** 20:
+        raise OSError(errno.ENOSPC, f'{error} (the disk is full)', path) from error
+
+
 class _LmdbWriter:
     """Batched puts into a fresh LMDB; grows an automatic map size, or explains a too small --map_size."""
 
     def __init__(self, path, map_size, fixed_map_size, label, suggested_map_size):
+        self.path = path
         self.label = label
         self.fixed = fixed_map_size
         self.suggested = suggested_map_size
-        self.env = lmdb.open(path, map_size=map_size, readahead=False, meminit=False, map_async=False)
+        # no lock file: only this writer uses the fresh folder, and LMDB's memory-mapped lock file is a SIGBUS (the
+        # process killed without a word) on a disk too full to hold its first page
+        try:
+            self.env = lmdb.open(path, map_size=map_size, lock=False, readahead=False, meminit=False, map_async=False)
+        except lmdb.Error as error:
+            raise_if_disk_full(error, path)
+            raise
         self.pending = []
         self.written = 0
 
@@ -229,10 +245,15 @@ class _LmdbWriter:
                         f'data is {self.suggested}) or leave it out to size the LMDB automatically.'
                     ) from None
                 self.env.set_mapsize(2 * map_size)
+            except lmdb.Error as error:
+                raise_if_disk_full(error, self.path, sum(len(key) + len(value) for key, value in self.pending))
+                raise
+
+    def sync(self):
+        self.env.sync(True)
 
     def close(self):
-        """Sync and close; puts not yet flushed are dropped (an error is on its way)."""
-        self.env.sync(True)
+        """Close; puts not yet flushed are dropped (an error is on its way)."""
         self.env.close()
 
 
@@ -285,6 +306,7 @@ def _write_lmdb(tmp_path, paths, options):
         writer.flush()
         writer.put(LENGTH_KEY, str(index).encode('utf-8'))
         writer.flush()
+        writer.sync()
     finally:
         stream.close()  # stops the worker pool at once if an error ends the loop early
         writer.close()
@@ -325,12 +347,14 @@ def prepare(options):
     for stale in remove_dead_temporaries(os.path.dirname(out), os.path.basename(out)):
         print(f'removed {stale}: the unfinished LMDB of an earlier run that was killed')
     tmp_path = temporary_path(out)
-    try:
-        count, skipped, upscaled = _write_lmdb(tmp_path, paths, options)
-        _move_into_place(tmp_path, out)
-    finally:
-        if os.path.exists(tmp_path):
-            shutil.rmtree(tmp_path)
+    # a full disk: the next run starts over (an LMDB in the making is not resumed); --out stays as it was
+    with disk_full_named(options.out, f'{options.out} was left as it was and the unfinished LMDB removed'):
+        try:
+            count, skipped, upscaled = _write_lmdb(tmp_path, paths, options)
+            _move_into_place(tmp_path, out)
+        finally:
+            if os.path.exists(tmp_path):
+                shutil.rmtree(tmp_path)
     return PackSummary('written', count, list(options.size), skipped, upscaled)
 
 
@@ -384,6 +408,9 @@ def main(argv=None):
     except ValueError as error:
         print(f'error: {error}', file=sys.stderr)
         return 2
+    except DiskFullError as error:
+        print(f'error: {error}', file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f'interrupted: {options.out} was left as it was', file=sys.stderr)
         return 130

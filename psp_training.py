@@ -564,7 +564,7 @@ def _train(options, device, log):
                     grid = sample_grid(psp, g, sample_x, z_embed, options.sample_index)
                     save_grid(grid, os.path.join(options.out_dir, "samples", f"{step:06d}.png"))
                     if run.logger.writer is not None:
-                        run.logger.writer.add_image("samples/input|reconstruction|stylized", grid, step)
+                        run.logger.add_image("samples/input|reconstruction|stylized", grid, step)
                 if run.due(step, options.save_every):
                     sync_buffers(psp)
                     rng_states = trainutil.gather_rng_states()  # a collective: every rank takes part

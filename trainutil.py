@@ -26,6 +26,7 @@ import os
 import random
 import re
 import sys
+import threading
 import time
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -34,7 +35,8 @@ import numpy as np
 import torch
 
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from fileio import atomic_path, atomic_write_bytes, exit_on_sigterm, remove_dead_temporaries
+from fileio import (DiskFullError, atomic_path, atomic_write_bytes, disk_full_named, exit_on_sigterm, is_disk_full,
+                    remove_dead_temporaries)
 from distributed import all_gather_object, cleanup, get_rank, get_world_size, is_main, unwrap
 
 CHECKPOINT_NAME = re.compile(r"^(\d{6,})\.pt$")
@@ -278,6 +280,7 @@ class ScalarLogger:
     that the continued run logs each step once and nothing is lost. A line that does not parse (a run
     killed mid-write) moves with them.
     A no-op off rank 0. Without the tensorboard package only the jsonl file is written (one warning).
+    A full disk is a DiskFullError naming the file (no torn line is left in scalars.jsonl).
     Use as a context manager or call close().
     """
 
@@ -291,13 +294,16 @@ class ScalarLogger:
         path = os.path.join(log_dir, "scalars.jsonl")
         if start is not None and os.path.isfile(path):
             self._set_aside_after(path, start)
-        self.jsonl = open(path, "a")
+        self.jsonl = open(path, "ab", buffering=0)  # one write per record (append_whole)
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
             warnings.warn(f"TensorBoard is not available ({e}); scalars go to scalars.jsonl only")
         else:
-            self.writer = SummaryWriter(log_dir, purge_step=None if start is None else start + 1)
+            self.events = os.path.join(log_dir, "events.out.tfevents.*")  # the file's name, as the messages give it
+            with disk_full_named(self.events):
+                self.writer = SummaryWriter(log_dir, purge_step=None if start is None else start + 1)
+            quiet_tensorboard_threads()
 
     @staticmethod
     def _set_aside_after(path, start):
@@ -324,24 +330,71 @@ class ScalarLogger:
             return
         values = {k: float(v) for k, v in scalars.items()}
         if self.writer is not None:
-            for k, v in values.items():
-                self.writer.add_scalar(k, v, step)
-        self.jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
-        self.jsonl.flush()
+            with disk_full_named(self.events, "the events before it are intact"):
+                for k, v in values.items():
+                    self.writer.add_scalar(k, v, step)
+        with disk_full_named(self.jsonl.name, "the records before it are intact"):
+            append_whole(self.jsonl, (json.dumps({"step": int(step), **values}) + "\n").encode())
+
+    def add_image(self, tag, image, step):
+        """A TensorBoard image ([3, H, W] in [0, 1]; a sample grid), when TensorBoard is there."""
+        if self.writer is not None:
+            with disk_full_named(self.events, "the events before it are intact"):
+                self.writer.add_image(tag, image, step)
 
     def close(self):
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        writer, self.writer = self.writer, None
         if self.jsonl is not None:
             self.jsonl.close()
             self.jsonl = None
+        if writer is not None:
+            with disk_full_named(self.events, "the events before it are intact"):
+                writer.close()
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, kind, error, tb):
+        close_after(self, error)
+
+
+def append_whole(f, data):
+    """Append ``data`` to the unbuffered binary file ``f`` whole or not at all: a write that fails (a full disk)
+    truncates the file back to where it was, so that no torn record is left."""
+    end = f.seek(0, os.SEEK_END)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[f.write(view):]
+    except OSError:
+        f.truncate(end)
+        raise
+
+
+def close_after(closable, error):
+    """closable.close() at the end of a with-block; while ``error`` is on its way, a full disk found again by the
+    closing (TensorBoard flushing its last events) is left unsaid: the first error is the one to report."""
+    try:
+        closable.close()
+    except DiskFullError:
+        if error is None:
+            raise
+
+
+def quiet_tensorboard_threads():
+    """TensorBoard writes its events in a thread of its own, which prints the traceback of a full disk before
+    the next add_scalar raises the same error in the main thread (there one DiskFullError line): that thread's
+    traceback is left out. Installed once per process; other exceptions and threads print as before."""
+    previous = threading.excepthook
+    if getattr(previous, "quiets_tensorboard", False):
+        return
+
+    def hook(args):
+        if not (type(args.thread).__module__.startswith("tensorboard.") and is_disk_full(args.exc_value)):
+            previous(args)
+
+    hook.quiets_tensorboard = True
+    threading.excepthook = hook
 
 
 class RunMonitor:
@@ -436,8 +489,8 @@ class RunMonitor:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, kind, error, tb):
+        close_after(self, error)
 
 
 def read_jsonl(path):
@@ -596,7 +649,8 @@ def validated(parser, options, validate):
 def run_trainer(train, options, done, expected=()):
     """A trainer script's main: train(options), then print done(result) when it returns text.
 
-    A non-finite loss, an unusable checkpoint (or another of the `expected` exception types) is one line
+    A non-finite loss, an unusable checkpoint, a full disk (a checkpoint, sample grid, log record or config.json
+    that cannot be written: fileio.DiskFullError) or another of the `expected` exception types is one line
     on stderr and exit code 1 (the last good checkpoint stays); anything else keeps its traceback. The
     process group is left in any case.
     """
@@ -607,7 +661,7 @@ def run_trainer(train, options, done, expected=()):
     try:
         with guard:
             result = train(options)
-    except (NonFiniteLossError, CheckpointError, *expected) as e:
+    except (NonFiniteLossError, CheckpointError, DiskFullError, *expected) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:

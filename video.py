@@ -4,10 +4,16 @@ Per pair of consecutive styles (prev, next): 31 frames with alpha in [0] + sigmo
 [1] * 10; the style code is lerp(z_prev, z_next, alpha) and the reference window slides from prev to
 next. The last frame is held 10 more frames: (n_styles - 1) * 31 + 10 frames per face.
 """
+import errno
+import os
+import subprocess
+import threading
+from fractions import Fraction
+
 import numpy as np
 import torch
 
-from fileio import atomic_path
+from fileio import DISK_FULL_ERRNOS, atomic_path
 from utils import img2ten
 
 HOLD_FRAMES = 10
@@ -41,30 +47,59 @@ def compose_frame(face, window, result):
 def write_mp4(path, frames, fps=30, crf=18):
     """Encode an iterable of uint8 [H, W, 3] RGB frames as H.264 (yuv420p) MP4, atomically.
 
-    The file appears only when complete (temporary file + os.replace); returns the frame count.
+    The file appears only when complete (temporary file + os.replace); returns the frame count. ffmpeg's
+    exit code is checked (imageio-ffmpeg's writer does not look at it: a file ffmpeg could not finish, e.g.
+    on a full disk, would be moved into place): a full disk is a fileio.DiskFullError naming ``path``, any
+    other failure a RuntimeError with ffmpeg's message.
     """
     import imageio_ffmpeg
 
     count = 0
     with atomic_path(path, suffix=".tmp.mp4") as tmp:
-        writer = None
+        ffmpeg, messages = None, []
         try:
             for frame in frames:
-                if writer is None:
-                    h, w = frame.shape[:2]
-                    writer = imageio_ffmpeg.write_frames(
-                        tmp, (w, h), fps=fps, codec="libx264", pix_fmt_in="rgb24", pix_fmt_out="yuv420p",
-                        quality=None, macro_block_size=2, ffmpeg_log_level="error",
-                        output_params=["-crf", str(crf), "-movflags", "+faststart"])
-                    writer.send(None)  # start ffmpeg
-                writer.send(np.ascontiguousarray(frame))
+                if ffmpeg is None:
+                    ffmpeg = start_ffmpeg(imageio_ffmpeg.get_ffmpeg_exe(), tmp, frame.shape, fps, crf, messages)
+                try:
+                    ffmpeg.stdin.write(np.ascontiguousarray(frame).data)
+                except BrokenPipeError:  # ffmpeg stopped: its exit code and message say why
+                    break
                 count += 1
-            if writer is None:
+            if ffmpeg is None:
                 raise ValueError(f"{path}: no frames to write")
+            try:
+                ffmpeg.stdin.close()
+            except BrokenPipeError:
+                pass
+            ffmpeg.wait()
         finally:
-            if writer is not None:
-                writer.close()
+            if ffmpeg is not None:
+                if ffmpeg.poll() is None:  # an error (or Ctrl-C) on the way: nothing to finish
+                    ffmpeg.kill()
+                    ffmpeg.wait()
+                ffmpeg.stderr_reader.join()
+                ffmpeg.stderr.close()
+        if ffmpeg.returncode:
+            message = b"".join(messages).decode(errors="replace").strip().splitlines() or ["no message"]
+            if any(os.strerror(code) in line for line in message for code in DISK_FULL_ERRNOS):
+                raise OSError(errno.ENOSPC, f"ffmpeg: {message[-1]}", tmp)  # atomic_path: a DiskFullError
+            raise RuntimeError(f"ffmpeg could not write {path} (exit code {ffmpeg.returncode}): {message[-1]}")
     return count
+
+
+def start_ffmpeg(exe, path, shape, fps, crf, messages):
+    """An ffmpeg process encoding raw RGB frames of ``shape`` from its stdin into ``path`` (H.264, yuv420p,
+    sides rounded up to even), its stderr collected into ``messages`` by a thread (``stderr_reader``)."""
+    h, w = shape[:2]
+    even = ["-vf", f"scale={w + w % 2}:{h + h % 2}"] if w % 2 or h % 2 else []  # yuv420p needs even sides
+    cmd = [exe, "-y", "-f", "rawvideo", "-vcodec", "rawvideo", "-s", f"{w}x{h}", "-pix_fmt", "rgb24",
+           "-r", str(Fraction(fps).limit_denominator()), "-i", "-", "-an", "-vcodec", "libx264", "-pix_fmt", "yuv420p",
+           *even, "-v", "error", "-crf", str(crf), "-movflags", "+faststart", path]
+    ffmpeg = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ffmpeg.stderr_reader = threading.Thread(target=lambda: messages.extend(ffmpeg.stderr), daemon=True)
+    ffmpeg.stderr_reader.start()
+    return ffmpeg
 
 
 def read_mp4(path):

@@ -1,4 +1,6 @@
 import os
+import shutil
+import subprocess
 import sys
 
 import pytest
@@ -27,4 +29,31 @@ def reference_file(name, env=None):
             pytest.fail(f"reference file {path} is missing; under CI (CI=true) the release-schema tests must run: "
                         f"provide it{f' or point ${env} at it' if env else ''}", pytrace=False)
         pytest.skip(f"reference file {path} not found (the release-schema check did not run)")
+    return path
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB file system (tmpfs) mounted on a new folder, or a skip where mounting one is not allowed (it needs
+    root). Unmounted after the test, also when it fails (lazily, if a file on it is still open)."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True,
+                           text=True) if shutil.which("mount") and os.geteuid() == 0 else None
+    if mount is None or mount.returncode:
+        pytest.skip(f"cannot mount a 1 MiB tmpfs here ({mount.stderr.strip() if mount else 'needs root'})")
+    try:
+        yield folder
+    finally:
+        if subprocess.run(["umount", str(folder)], capture_output=True).returncode:
+            subprocess.run(["umount", "--lazy", str(folder)], check=True)
+
+
+def fill_disk(folder, leave):
+    """Fill the file system of ``folder`` with a file ``folder/fill`` until ``leave`` bytes (rounded down to whole
+    4 KiB pages) are free; returns its path (remove it to free the space again)."""
+    path = os.path.join(folder, "fill")
+    page = 4096
+    with open(path, "wb") as f:
+        f.write(bytes(max(0, shutil.disk_usage(folder).free - leave) // page * page))
     return path

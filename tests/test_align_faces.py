@@ -2,7 +2,9 @@
 
 import glob
 import os
+import re
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -10,6 +12,8 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 
 import align_faces
+from conftest import fill_disk
+from fileio import DiskFullError, atomic_path
 from align_faces import align_face, align_from_landmarks, detect_landmarks, ffhq_quad, load_face_models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -251,3 +255,55 @@ def test_two_photos_with_one_output_name_the_second_is_named_and_skipped(tmp_pat
     detector, predictor = models  # the one written is the first file's (the JPEG)
     expected = align_face(_rgb(photos / 'astronaut.jpg'), predictor, detector, output_size=32)[0]
     np.testing.assert_array_equal(_rgb(outdir / 'astronaut.png'), np.asarray(expected))
+
+
+@pytest.mark.parametrize('n_worker', [0, 2])
+def test_a_full_disk_stops_the_run_with_one_line_and_whole_pngs(tmp_path, small_disk, n_worker):
+    """The next faces would not fit either: the run stops at the first full-disk error; the PNGs written are whole
+    and no temporary is left, also of a worker process stopped while it was writing one."""
+    photos = tmp_path / 'photos'
+    photos.mkdir()
+    for path in FACES[:4]:
+        shutil.copy(path, photos)
+    fill_disk(small_disk, 96 * 1024)  # room for a PNG or two of 128 px
+    outdir = small_disk / 'aligned'
+    with pytest.raises(SystemExit) as stop:
+        align_faces.main(['--input_img_path', str(photos), '--outdir', str(outdir), '--output_size', '128',
+                          '--n_worker', str(n_worker)])
+    written = sorted(os.listdir(outdir))
+    assert 0 < len(written) < 4 and all(name.endswith('.png') and not name.startswith('.') for name in written)
+    assert re.fullmatch(rf'error: cannot write {re.escape(str(outdir))}/\d+\.png: the disk is full \(0 MiB free in '
+                        rf'{re.escape(str(outdir))}\); no part of it was left there; the PNGs already in '
+                        rf'{re.escape(str(outdir))} are complete', stop.value.code), stop.value.code
+    for name in written:
+        with Image.open(outdir / name) as out:
+            out.load()
+            assert out.format == 'PNG' and out.size == (128, 128)
+
+
+def test_a_worker_stopped_while_writing_leaves_no_temporary(tmp_path, monkeypatch):
+    """A full disk in one worker stops the pool while another is still writing its PNG: the workers inherit main's
+    SIGTERM handler (exit_on_sigterm), so the one the pool's terminate() stops removes its temporary."""
+    photos = tmp_path / 'photos'
+    photos.mkdir()
+    for path in FACES[:2]:
+        shutil.copy(path, photos)
+    first = os.path.splitext(os.path.basename(FACES[0]))[0]
+
+    def save(face, name, image_format):  # in the forked workers
+        if os.path.basename(name) == f'{first}.png':
+            time.sleep(1)  # the other worker is in the middle of its write by then
+            raise DiskFullError(f'cannot write {name}: the disk is full (0 MiB free in {os.path.dirname(name)}); '
+                                'no part of it was left there')
+        with atomic_path(name) as tmp:
+            with open(tmp, 'wb') as f:
+                f.write(b'half a PNG')
+                f.flush()
+                time.sleep(60)
+
+    monkeypatch.setattr(align_faces, 'save_image_atomic', save)
+    outdir = tmp_path / 'aligned'
+    with pytest.raises(SystemExit, match='the disk is full'):
+        align_faces.main(['--input_img_path', str(photos), '--outdir', str(outdir), '--output_size', '64',
+                          '--n_worker', '2'])
+    assert os.listdir(outdir) == []

@@ -4,8 +4,6 @@ with a plain one-line message naming the file and the global.
 """
 import argparse
 import os
-import shutil
-import subprocess
 from types import SimpleNamespace
 
 import pytest
@@ -169,19 +167,6 @@ def test_files_that_are_not_checkpoints_say_what_they_are(tmp_path):
     torch.save({"w": torch.arange(3), "note": "<html> in a string"}, legacy, _use_new_zipfile_serialization=False)
     for path in (whole, legacy):  # (a legacy file's pickle holds its strings in its first bytes)
         assert torch.equal(load_checkpoint(path)["w"], torch.arange(3))
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 1 MiB file system (tmpfs), or a skip where mounting one is not allowed (it needs root)."""
-    folder = tmp_path / "disk"
-    folder.mkdir()
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True,
-                           text=True) if shutil.which("mount") and os.geteuid() == 0 else None
-    if mount is None or mount.returncode:
-        pytest.skip(f"cannot mount a 1 MiB tmpfs here ({mount.stderr.strip() if mount else 'needs root'})")
-    yield folder
-    subprocess.run(["umount", str(folder)], check=True)
 
 
 def test_a_full_disk_is_named_and_the_earlier_checkpoint_stays(small_disk, capsys):

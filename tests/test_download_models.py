@@ -426,3 +426,29 @@ def test_right_keys_with_one_wrong_shape_or_latent_avg_are_refused_naming_the_ke
     for bad in (torch.empty(512, 8), torch.empty(4, 512), torch.empty(8, 256), torch.empty(2, 8, 512)):
         with pytest.raises(model_zoo.LayoutError, match=f"'latent_avg' .*found {re.escape(str(list(bad.shape)))}"):
             model_zoo.check_psp({**encoder, "latent_avg": bad}, 32)
+
+
+def test_a_download_onto_a_full_disk_keeps_only_its_part_file_and_resumes(fresh, files, small_disk, capsys):
+    """psp_encoder.pt (950 KiB) after blendgan.pt (140 KiB) does not fit a 1 MiB disk: its part stays under the
+    .part name (never as the file), the files after it are not tried, exit code 1; with room it resumes."""
+    manifest = manifest_for(fresh.url)
+    code = download_models.main(["--dir", str(small_disk), "blendgan.pt", "psp_encoder.pt", "extra.pt"],
+                                manifest=manifest)
+    out = lines_of(capsys)
+    part = small_disk / ".psp_encoder.pt.part"
+    assert code == 1 and len(out) == 3, out
+    assert out[0].startswith("blendgan.pt: downloaded to ")
+    assert out[1] == (f"psp_encoder.pt: cannot write {small_disk / 'psp_encoder.pt'}: the disk is full (0 MiB free "
+                      f"in {small_disk}); the 1 MiB downloaded so far are kept in {part}: free some space and run the "
+                      f"command again to resume")
+    assert out[2] == "extra.pt: not downloaded, the disk is full"
+    assert sorted(os.listdir(small_disk)) == [".psp_encoder.pt.part", "blendgan.pt"]
+    have = part.read_bytes()
+    assert 0 < len(have) < len(files["/psp_encoder.pt"]) and files["/psp_encoder.pt"].startswith(have)
+    assert (small_disk / "blendgan.pt").read_bytes() == files["/blendgan.pt"]
+    assert [path for path, _ in fresh.requests] == ["/blendgan.pt", "/psp_encoder.pt"]
+    (small_disk / "blendgan.pt").unlink()  # room again
+    assert download_models.main(["--dir", str(small_disk), "psp_encoder.pt"], manifest=manifest) == 0
+    assert fresh.requests[-1] == ("/psp_encoder.pt", f"bytes={len(have)}-")
+    assert (small_disk / "psp_encoder.pt").read_bytes() == files["/psp_encoder.pt"]
+    assert os.listdir(small_disk) == ["psp_encoder.pt"]

@@ -16,6 +16,7 @@ from PIL import Image
 import gen_video
 import generate_image_pairs
 import style_transfer_folder
+from conftest import fill_disk
 from inference import encode_faces, encode_styles, load_blendgan, load_psp, pooled_batches, resize, stem
 from model import Generator
 from psp_encoder.psp_encoders import PSPEncoder
@@ -771,3 +772,20 @@ def test_face_frames_walk_from_each_style_to_the_next():
         assert (result(t) == int((value * 0.5 + 0.5) * 255)).all(), t
         assert (np.abs(window(t) - colour) <= 1).all(), t
     assert (np.abs(window(11)[:4] - 10) <= 1).all() and (np.abs(window(11)[4:] - 120) <= 1).all()  # alpha 0.5
+
+
+def test_generate_pairs_stops_at_a_full_disk_with_one_line_and_whole_files(ckpts, tmp_path, small_disk):
+    """Going on to the next pictures on a full disk is pointless: the run stops there, exit code 1, the pictures
+    before it whole (the same bytes as on a disk with room), no temporary left."""
+    ckpt, _ = ckpts
+    args = ["--ckpt", ckpt, "--pics", 6, "--seed", 3, "--batch", 3, "--device", "cpu"]
+    assert run_main(generate_image_pairs, args + ["--outdir", tmp_path / "room"]) == 0
+    fill_disk(small_disk, 20 * 1024)  # room for a few of the 64 x 128 px JPEGs (two or three 4 KiB pages each)
+    out = small_disk / "pairs"
+    with pytest.raises(SystemExit) as stop:
+        run_main(generate_image_pairs, args + ["--outdir", out])
+    written = sorted(os.listdir(out))
+    assert 0 < len(written) < 6 and written == [f"{i:06d}.jpg" for i in range(len(written))]
+    assert stop.value.code == (f"error: cannot write {out / f'{len(written):06d}.jpg'}: the disk is full (0 MiB "
+                               f"free in {out}); no part of it was left there")
+    assert all((out / name).read_bytes() == (tmp_path / "room" / name).read_bytes() for name in written)

@@ -1,0 +1,184 @@
+"""Every writer on a real full file system (a 1 MiB tmpfs, conftest.small_disk): one line that names the file and
+says the disk is full, nothing half-written at the target, no temporary left, and the files before it intact."""
+import errno
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import checkpoint
+import prepare_data
+import trainutil
+from conftest import fill_disk
+from evaluation import PartialResults
+from fileio import DiskFullError, atomic_path, atomic_write_bytes, is_disk_full
+from video import read_mp4, write_mp4
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FACES = os.path.join(ROOT, "test_imgs", "face_imgs")
+STYLES = os.path.join(ROOT, "test_imgs", "style_imgs")
+
+
+def test_an_atomic_write_on_a_full_disk_names_the_file_and_keeps_the_old_one(small_disk):
+    path = small_disk / "table1.csv"
+    atomic_write_bytes(path, b"old rows\n")
+    with pytest.raises(DiskFullError) as failure:
+        atomic_write_bytes(path, bytes(2 * 2**20))
+    # free space as it is once the temporary is gone: 1 MiB less the old file's page
+    assert str(failure.value) == (f"cannot write {path}: the disk is full (1 MiB free in {small_disk}); no part of "
+                                  f"it was left there")
+    assert is_disk_full(failure.value.__cause__) and failure.value.__cause__.errno == errno.ENOSPC
+    assert os.listdir(small_disk) == ["table1.csv"] and path.read_bytes() == b"old rows\n"
+    # other failures keep their own error; a quota counts as a full disk
+    with pytest.raises(PermissionError):
+        with atomic_path(path):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+    assert is_disk_full(OSError(errno.EDQUOT, "Disk quota exceeded")) and not is_disk_full(OSError(errno.EIO, "I/O"))
+    # the checkpoint's DiskFullError is one of them (a trainer's expected errors catch either)
+    assert issubclass(checkpoint.DiskFullError, DiskFullError)
+
+
+def noise_frames(n, h, w, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def test_an_mp4_ffmpeg_could_not_finish_is_not_moved_into_place(small_disk):
+    """imageio-ffmpeg does not look at ffmpeg's exit code: on a full disk the truncated mp4 became the output."""
+    done = small_disk / "done.mp4"
+    ramp = [np.full((32, 48, 3), 8 * i, np.uint8) for i in range(20)]
+    assert write_mp4(done, ramp) == 20
+    with pytest.raises(DiskFullError) as failure:
+        write_mp4(small_disk / "big.mp4", noise_frames(40, 256, 256))  # ~8 MB of incompressible frames
+    assert str(failure.value) == (f"cannot write {small_disk / 'big.mp4'}: the disk is full (1 MiB free in "
+                                  f"{small_disk}); no part of it was left there")
+    assert os.listdir(small_disk) == ["done.mp4"]
+    frames, fps, codec = read_mp4(str(done))  # the video before it is whole
+    assert frames.shape == (20, 32, 48, 3) and fps == 30 and "h264" in codec
+    assert np.abs(frames.astype(float).mean(axis=(1, 2, 3)) - 8 * np.arange(20)).max() < 2
+
+
+def test_ffmpeg_failing_for_another_reason_says_what_ffmpeg_said(tmp_path):
+    with pytest.raises(RuntimeError, match=rf"^ffmpeg could not write {tmp_path / 'a.mp4'} \(exit code \d+\): "
+                                           r"Error opening input files: Invalid argument$"):
+        write_mp4(tmp_path / "a.mp4", noise_frames(3, 16, 16), fps=0)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_log_record_the_disk_has_no_room_for_leaves_no_torn_line(small_disk, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # scalars.jsonl only
+    logs = small_disk / "logs"
+    with pytest.warns(UserWarning, match="TensorBoard is not available"):
+        logger = trainutil.ScalarLogger(logs)
+    fill = fill_disk(small_disk, 4096)
+    record = {"loss/total": 0.123456789, "speed/it_per_s": 12.5}
+    with pytest.raises(DiskFullError) as failure:
+        for step in range(1, 1000):  # a page holds ~60 records
+            logger.log(step, record)
+    assert str(failure.value) == (f"cannot write {logs / 'scalars.jsonl'}: the disk is full (0 MiB free in {logs}); "
+                                  f"the records before it are intact")
+    written = (logs / "scalars.jsonl").read_text()
+    steps = [json.loads(line)["step"] for line in written.splitlines()]
+    assert written.endswith("\n") and steps == list(range(1, step))  # whole records, the failed one not at all
+    os.remove(fill)  # room again: the log goes on where it stopped
+    logger.log(step, record)
+    logger.close()
+    assert [r["step"] for r in trainutil.read_jsonl(logs / "scalars.jsonl")] == list(range(1, step + 1))
+
+
+def test_a_trainer_whose_logs_fill_the_disk_ends_with_one_line(small_disk, capsys):
+    """TensorBoard's own writer thread printed its traceback first; now the run ends with one line, exit code 1."""
+    def train(options):
+        with trainutil.RunMonitor(small_disk, total=10**6, start=0, images_per_step=1, progress=False) as run:
+            fill_disk(small_disk, 4096)
+            for step in range(1, 10**6):
+                run.update({"loss": 0.5})
+                run.log(step, {f"loss/term{k}": float(k) for k in range(20)})
+
+    assert trainutil.run_trainer(train, None, lambda result: "done") == 1
+    out, err = capsys.readouterr()
+    logs = small_disk / "logs"
+    assert err.count("\n") == 1 and err.startswith(f"error: cannot write {logs}/"), err
+    assert f": the disk is full (0 MiB free in {logs}); the " in err and "Traceback" not in err
+    assert trainutil.read_jsonl(logs / "scalars.jsonl")  # what was logged before reads back
+
+
+def make_lmdb_args(out, size, folder, *extra):
+    return ["--out", str(out), "--size", str(size), "--n_worker", "0", "--format", "png", *extra, folder]
+
+
+@pytest.fixture
+def lmdb_handles(monkeypatch):
+    """prepare_data's shared read-only handles of this test, closed after it (before small_disk is unmounted)."""
+    envs = {}
+    monkeypatch.setattr(prepare_data, "_OPEN_ENVS", envs)
+    yield
+    for _, env in envs.values():
+        env.close()
+
+
+def lmdb_digest(path):
+    with prepare_data.open_shared_lmdb(str(path)).begin() as txn:
+        return dict(txn.cursor())
+
+
+def test_packing_an_lmdb_on_a_full_disk_keeps_the_finished_one(small_disk, lmdb_handles, capsys):
+    out = small_disk / "faces.lmdb"
+    assert prepare_data.main(make_lmdb_args(out, 32, FACES)) == 0
+    before = lmdb_digest(out)
+    assert len(before) == 9 and before[b"length"] == b"8"
+    fill = fill_disk(small_disk, 64 * 1024)
+    capsys.readouterr()
+    # LMDB says 'Input/output error' for the short write: the disk is named for what it is
+    assert prepare_data.main(make_lmdb_args(out, 256, STYLES, "--overwrite")) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not line.startswith("packing ")]
+    assert err == [f"error: cannot write {out}: the disk is full (0 MiB free in {small_disk}); {out} was left as it "
+                   f"was and the unfinished LMDB removed"]
+    assert sorted(os.listdir(small_disk)) == ["faces.lmdb", "fill"] and os.listdir(out) == ["data.mdb"]
+    assert lmdb_digest(out) == before and prepare_data.lmdb_status(str(out))[:2] == ("complete", 8)
+    # no room at all: LMDB's lock file, a memory map, was a SIGBUS that killed the process without a word
+    os.remove(fill)
+    fill_disk(small_disk, 0)
+    new = small_disk / "styles.lmdb"
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "prepare_data.py"), *make_lmdb_args(new, 32, STYLES)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert run.returncode == 1, run.stderr[-2000:]
+    assert run.stderr.strip().splitlines()[-1] == (f"error: cannot write {new}: the disk is full (0 MiB free in "
+                                                   f"{small_disk}); {new} was left as it was and the unfinished "
+                                                   f"LMDB removed")
+    assert sorted(os.listdir(small_disk)) == ["faces.lmdb", "fill"]
+
+
+def test_evaluation_rows_the_disk_has_no_room_for_keep_the_rows_before(small_disk):
+    outdir = small_disk / "evaluation"
+    settings = {"ckpt": "g.pt", "n_samples": 100}
+    partial = PartialResults(outdir, settings)
+    partial.add("latent/0", {"fid": 12.5})
+    fill_disk(small_disk, 0)
+    with pytest.raises(DiskFullError) as failure:
+        partial.add("latent/2", {"fid": 11.0, "note": "x" * 8192})
+    path = outdir / "partial_results.json"
+    assert str(failure.value) == (f"cannot write {path}: the disk is full (0 MiB free in {outdir}); no part of it "
+                                  f"was left there")
+    assert os.listdir(outdir) == ["partial_results.json"]
+    assert PartialResults(outdir, settings).rows == {"latent/0": {"fid": 12.5}}  # a rerun resumes from it
+
+
+def test_a_sample_grid_and_config_on_a_full_disk_stop_the_run_with_one_line(small_disk, capsys):
+    from utils import save_grid
+
+    run_dir = small_disk / "run"
+    trainutil.write_config(run_dir, {"lr": 0.002})
+    fill_disk(small_disk, 0)
+    grid = small_disk / "run" / "samples" / "000100.png"
+    assert trainutil.run_trainer(lambda options: save_grid(torch.rand(3, 64, 64), grid), None, lambda r: "done") == 1
+    assert capsys.readouterr().err == (f"error: cannot write {grid}: the disk is full (0 MiB free in {grid.parent}); "
+                                       f"no part of it was left there\n")
+    with pytest.raises(DiskFullError, match=rf"^cannot write {run_dir / 'config.json'}: the disk is full"):
+        trainutil.write_config(run_dir, {"lr": 0.002, "note": "x" * 8192})
+    assert sorted(os.listdir(run_dir)) == ["config.json", "samples"] and os.listdir(run_dir / "samples") == []
+    assert json.loads((run_dir / "config.json").read_text()) == {"lr": 0.002}
