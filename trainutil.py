@@ -330,7 +330,7 @@ class ScalarLogger:
             return
         values = {k: float(v) for k, v in scalars.items()}
         if self.writer is not None:
-            with disk_full_named(self.events, "the events before it are intact"):
+            with disk_full_named(self.events, "the events logged before it are kept"):
                 for k, v in values.items():
                     self.writer.add_scalar(k, v, step)
         with disk_full_named(self.jsonl.name, "the records before it are intact"):
@@ -339,7 +339,7 @@ class ScalarLogger:
     def add_image(self, tag, image, step):
         """A TensorBoard image ([3, H, W] in [0, 1]; a sample grid), when TensorBoard is there."""
         if self.writer is not None:
-            with disk_full_named(self.events, "the events before it are intact"):
+            with disk_full_named(self.events, "the events logged before it are kept"):
                 self.writer.add_image(tag, image, step)
 
     def close(self):
@@ -348,7 +348,7 @@ class ScalarLogger:
             self.jsonl.close()
             self.jsonl = None
         if writer is not None:
-            with disk_full_named(self.events, "the events before it are intact"):
+            with disk_full_named(self.events, "the events logged before it are kept"):
                 writer.close()
 
     def __enter__(self):
