@@ -50,8 +50,8 @@ def small_disk(tmp_path):
 
 
 def fill_disk(folder, leave):
-    """Fill the file system of ``folder`` with a file ``folder/fill`` until ``leave`` bytes (rounded down to whole
-    4 KiB pages) are free; returns its path (remove it to free the space again)."""
+    """Fill the file system of ``folder`` with a file ``folder/fill`` until ``leave`` bytes, rounded up to a whole
+    4 KiB page, are free; returns its path (remove it to free the space again)."""
     path = os.path.join(folder, "fill")
     page = 4096
     with open(path, "wb") as f:
