@@ -63,9 +63,11 @@ def test_an_mp4_ffmpeg_could_not_finish_is_not_moved_into_place(small_disk):
 
 
 def test_ffmpeg_failing_for_another_reason_says_what_ffmpeg_said(tmp_path):
-    with pytest.raises(RuntimeError, match=rf"^ffmpeg could not write {tmp_path / 'a.mp4'} \(exit code \d+\): "
-                                           r"Error opening input files: Invalid argument$"):
+    """(fps 0: ffmpeg refuses the input; the wording of its last line depends on its version)"""
+    with pytest.raises(RuntimeError, match=rf"^ffmpeg could not write {tmp_path / 'a.mp4'} \(exit code [1-9]\d*\): "
+                                           r"\S.*$") as failure:
         write_mp4(tmp_path / "a.mp4", noise_frames(3, 16, 16), fps=0)
+    assert not isinstance(failure.value, DiskFullError) and "no message" not in str(failure.value)
     assert os.listdir(tmp_path) == []
 
 
