@@ -10,7 +10,6 @@ import argparse
 import os
 import pickle
 import re
-import shutil
 import zipfile
 
 import torch
@@ -199,8 +198,9 @@ def tensor_bytes(obj):
 def save_checkpoint(obj, path):
     """torch.save to a temporary file in the same folder, then os.replace: never a half-written file.
 
-    A write that fails with less space left on the disk than the checkpoint takes is a DiskFullError that
-    says so; torch's own words for it are 'unexpected pos 1044480 vs 1044432' or 'file write failed'.
+    A full disk is a DiskFullError that says so: an OSError ENOSPC / EDQUOT (atomic_path's fileio.DiskFullError),
+    or torch's RuntimeError, which has no errno ('unexpected pos 1044480 vs 1044432', 'file write failed'), with
+    less space left than the checkpoint takes. Another OSError (read-only, no permission) stays as it is.
     """
     try:
         with atomic_path(path, suffix=".pt") as tmp:
@@ -209,9 +209,8 @@ def save_checkpoint(obj, path):
                 f.flush()
                 os.fsync(f.fileno())
     except (OSError, RuntimeError) as e:  # the temporary is gone: the space it took is free again
-        folder = os.path.dirname(os.path.abspath(path))
-        need, free = tensor_bytes(obj), shutil.disk_usage(folder).free
-        if free >= need and not isinstance(e, fileio.DiskFullError):  # ENOSPC/EDQUOT itself: full (or a quota)
+        need = tensor_bytes(obj)
+        if not isinstance(e, fileio.DiskFullError) and (isinstance(e, OSError) or fileio.free_bytes(path) >= need):
             raise
         raise DiskFullError(disk_full_message(path, f", the checkpoint takes {need / 2**20:.0f} MiB") +
                             "; the files written before it are intact: free some space and run again (a trainer "

@@ -35,14 +35,18 @@ def is_disk_full(error):
     return False
 
 
+def free_bytes(path):
+    """Free bytes (for this user) on the file system that holds, or would hold, ``path``."""
+    probe = os.path.abspath(path)
+    while not os.path.isdir(probe):  # a file, or a folder that could not be made
+        probe = os.path.dirname(probe)
+    return shutil.disk_usage(probe).free
+
+
 def disk_full_message(path, detail=""):
     """'cannot write PATH: the disk is full (N MiB free in FOLDER{detail})', FOLDER being path's folder."""
     folder = os.path.dirname(os.path.abspath(path))
-    probe = folder
-    while not os.path.isdir(probe):  # a folder that could not be made
-        probe = os.path.dirname(probe)
-    free = shutil.disk_usage(probe).free
-    return f"cannot write {path}: the disk is full ({free / 2**20:.0f} MiB free in {folder}{detail})"
+    return f"cannot write {path}: the disk is full ({free_bytes(folder) / 2**20:.0f} MiB free in {folder}{detail})"
 
 
 @contextlib.contextmanager

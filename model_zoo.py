@@ -396,14 +396,19 @@ class Outcome:
     line: str
 
 
+def already_there(entry, target):
+    """The 'verified' Outcome of the file at ``target``; FileProblem when it is bad."""
+    digest, note = verify_file(entry, target)
+    return Outcome(entry.name, "verified", f"{entry.name}: already at {target}, verified (sha256 {digest})"
+                   + (f"; note: {note}" if note else ""))
+
+
 def fetch(entry, folder, mirror=None, retries=3):
     """Get one file to its target, verified. Returns an Outcome with a one-line message."""
     target = target_path(entry, folder)
     if os.path.isfile(target):
         try:
-            digest, note = verify_file(entry, target)
-            return Outcome(entry.name, "verified", f"{entry.name}: already at {target}, verified (sha256 {digest})"
-                           + (f"; note: {note}" if note else ""))
+            return already_there(entry, target)
         except FileProblem as e:
             print(f"{entry.name}: the file at {target} is bad ({e}); downloading it again", file=sys.stderr)
     os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
@@ -525,12 +530,20 @@ def select(names, manifest, all_files=False):
 def download_all(entries, folder, mirror=None, retries=3, out=print):
     """fetch() each entry, print one line per file. Exit code: 0 all verified, 2 some source unreachable
     (and nothing refused or failed), 1 otherwise. A full disk stops there: the next files would not fit either."""
+    def not_fetched(entry):  # after a full disk: a good file already there is still verified
+        target = target_path(entry, folder)
+        try:
+            if os.path.isfile(target):
+                return already_there(entry, target)
+        except FileProblem:
+            pass
+        return Outcome(entry.name, "disk full", f"{entry.name}: not downloaded, the disk is full")
+
     outcomes = []
     for e in entries:
         outcomes.append(fetch(e, folder, mirror, retries))
         if outcomes[-1].status == "disk full":
-            outcomes += [Outcome(rest.name, "disk full", f"{rest.name}: not downloaded, the disk is full")
-                         for rest in entries[len(outcomes):]]
+            outcomes += [not_fetched(rest) for rest in entries[len(outcomes):]]
             break
     for o in outcomes:
         out(o.line)

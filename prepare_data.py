@@ -27,7 +27,8 @@ import lmdb
 from PIL import Image
 from tqdm import tqdm
 
-from fileio import DiskFullError, disk_full_named, exit_on_sigterm, remove_dead_temporaries, temporary_path
+from fileio import (DiskFullError, disk_full_named, exit_on_sigterm, free_bytes, remove_dead_temporaries,
+                    temporary_path)
 from imageio_utils import MIN_SIDE, UnreadableImageError, encode_image, list_images, read_image_rgb, size_problem
 
 RESAMPLE = {'lanczos': Image.Resampling.LANCZOS, 'bilinear': Image.Resampling.BILINEAR,
@@ -200,10 +201,13 @@ class PackSummary:
 
 
 def raise_if_disk_full(error, path, need=0):
-    """An lmdb.Error that means the disk under ``path`` is full, as the OSError ENOSPC it stands for (prepare's
-    fileio.disk_full_named names --out): ENOSPC itself (lmdb.DiskError), or a short write, which LMDB reports as
-    EIO ('Input/output error'), with less room left than the ``need`` bytes being written and a MiB for pages."""
-    if isinstance(error, lmdb.DiskError) or shutil.disk_usage(path).free < need + 2 ** 20:
+    """An lmdb.Error that means the disk under ``path`` is full, as the OSError it stands for (prepare's
+    fileio.disk_full_named names --out): ENOSPC itself (lmdb.DiskError), a quota (py-lmdb has no class for
+    EDQUOT: its message), or a short write, which LMDB reports as EIO ('Input/output error'), with less room
+    left than the ``need`` bytes being written and a MiB for pages."""
+    if os.strerror(errno.EDQUOT) in str(error):
+        raise OSError(errno.EDQUOT, f'{error} (over the disk quota)', path) from error
+    if isinstance(error, lmdb.DiskError) or free_bytes(path) < need + 2 ** 20:
         raise OSError(errno.ENOSPC, f'{error} (the disk is full)', path) from error
 
 

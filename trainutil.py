@@ -301,9 +301,9 @@ class ScalarLogger:
             warnings.warn(f"TensorBoard is not available ({e}); scalars go to scalars.jsonl only")
         else:
             self.events = os.path.join(log_dir, "events.out.tfevents.*")  # the file's name, as the messages give it
-            with disk_full_named(self.events):
+            quiet_tensorboard_threads()  # first: the writer thread writes the file's first event at once
+            with disk_full_named(self.events, "TensorBoard's events file may be left empty"):
                 self.writer = SummaryWriter(log_dir, purge_step=None if start is None else start + 1)
-            quiet_tensorboard_threads()
 
     @staticmethod
     def _set_aside_after(path, start):

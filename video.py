@@ -4,6 +4,7 @@ Per pair of consecutive styles (prev, next): 31 frames with alpha in [0] + sigmo
 [1] * 10; the style code is lerp(z_prev, z_next, alpha) and the reference window slides from prev to
 next. The last frame is held 10 more frames: (n_styles - 1) * 31 + 10 frames per face.
 """
+import contextlib
 import errno
 import os
 import subprocess
@@ -68,16 +69,16 @@ def write_mp4(path, frames, fps=30, crf=18):
                 count += 1
             if ffmpeg is None:
                 raise ValueError(f"{path}: no frames to write")
-            try:
+            with contextlib.suppress(BrokenPipeError):
                 ffmpeg.stdin.close()
-            except BrokenPipeError:
-                pass
             ffmpeg.wait()
         finally:
             if ffmpeg is not None:
                 if ffmpeg.poll() is None:  # an error (or Ctrl-C) on the way: nothing to finish
                     ffmpeg.kill()
                     ffmpeg.wait()
+                with contextlib.suppress(BrokenPipeError):  # (closed already unless an error ended the frames)
+                    ffmpeg.stdin.close()
                 ffmpeg.stderr_reader.join()
                 ffmpeg.stderr.close()
         if ffmpeg.returncode:

@@ -3,15 +3,17 @@
 with a plain one-line message naming the file and the global.
 """
 import argparse
+import errno
 import os
+import subprocess
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 import blendgan_training as bt
-import model
 import checkpoint
+import model
 import trainutil
 from checkpoint import SAFE_CLASSES, CheckpointError, DiskFullError, load_checkpoint, save_checkpoint
 
@@ -198,3 +200,19 @@ def test_other_write_failures_keep_their_own_error(tmp_path, monkeypatch):
         save_checkpoint({"w": torch.zeros(8)}, tmp_path / "ck.pt")
     assert not isinstance(failure.value, DiskFullError)
     assert os.listdir(tmp_path) == []
+
+
+def test_no_room_for_the_checkpoints_folder_is_a_full_disk_and_a_read_only_disk_is_not(small_disk):
+    """A full disk can refuse the folder itself (the first save makes checkpoints/); an OSError that is not about
+    space (a disk remounted read-only after an I/O error) keeps its own words, even when the checkpoint is larger
+    than the free space."""
+    big = {"w": torch.zeros(2 * 2**18)}  # 2 MiB of float32
+    path = small_disk / "run" / "checkpoints" / "000001.pt"
+    subprocess.run(["mount", "-o", "remount,nr_inodes=1", str(small_disk)], check=True)  # no inode for a folder
+    with pytest.raises(DiskFullError, match=rf"^cannot write {path}: the disk is full \(1 MiB free in "
+                                            rf"{path.parent}, the checkpoint takes 2 MiB\)"):
+        save_checkpoint(big, path)
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    with pytest.raises(OSError) as failure:
+        save_checkpoint(big, small_disk / "000001.pt")
+    assert failure.value.errno == errno.EROFS and not isinstance(failure.value, DiskFullError)

@@ -92,21 +92,40 @@ def test_a_log_record_the_disk_has_no_room_for_leaves_no_torn_line(small_disk, m
     assert [r["step"] for r in trainutil.read_jsonl(logs / "scalars.jsonl")] == list(range(1, step + 1))
 
 
-def test_a_trainer_whose_logs_fill_the_disk_ends_with_one_line(small_disk, capsys):
-    """TensorBoard's own writer thread printed its traceback first; now the run ends with one line, exit code 1."""
-    def train(options):
-        with trainutil.RunMonitor(small_disk, total=10**6, start=0, images_per_step=1, progress=False) as run:
-            fill_disk(small_disk, 4096)
-            for step in range(1, 10**6):
-                run.update({"loss": 0.5})
-                run.log(step, {f"loss/term{k}": float(k) for k in range(20)})
+LOGGING_TRAINER = """
+import sys
+sys.path[:0] = [{root!r}, {tests!r}]
+import trainutil
+from conftest import fill_disk
 
-    assert trainutil.run_trainer(train, None, lambda result: "done") == 1
-    out, err = capsys.readouterr()
-    logs = small_disk / "logs"
-    assert err.count("\n") == 1 and err.startswith(f"error: cannot write {logs}/"), err
-    assert f": the disk is full (0 MiB free in {logs}); the " in err and "Traceback" not in err
-    assert trainutil.read_jsonl(logs / "scalars.jsonl")  # what was logged before reads back
+def train(run_dir):
+    if {full_at_start}:
+        fill_disk({disk!r}, 0)
+    with trainutil.RunMonitor(run_dir, total=10**6, start=0, images_per_step=1, progress=False) as run:
+        fill_disk(run_dir, 4096)
+        for step in range(1, 10**6):
+            run.update({{"loss": 0.5}})
+            run.log(step, {{f"loss/term{{k}}": float(k) for k in range(20)}})
+
+sys.exit(trainutil.run_trainer(train, {run_dir!r}, lambda result: "done"))
+"""
+
+
+@pytest.mark.parametrize("full_at_start", [False, True])
+def test_a_trainer_whose_logs_fill_the_disk_ends_with_one_line(small_disk, full_at_start):
+    """TensorBoard's own writer thread printed its traceback first, also when the run started on a full disk; now
+    the run ends with one line, exit code 1. (A subprocess: in pytest, a thread's traceback is not printed.)"""
+    run_dir = small_disk / "run"
+    run_dir.mkdir()
+    code = LOGGING_TRAINER.format(root=ROOT, tests=os.path.join(ROOT, "tests"), disk=str(small_disk),
+                                  run_dir=str(run_dir), full_at_start=full_at_start)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    logs = run_dir / "logs"
+    assert run.returncode == 1 and run.stderr.count("\n") == 1, run.stderr[-3000:]
+    assert run.stderr.startswith(f"error: cannot write {logs}/"), run.stderr
+    assert f": the disk is full (0 MiB free in {logs}); " in run.stderr
+    if not full_at_start:
+        assert trainutil.read_jsonl(logs / "scalars.jsonl")  # what was logged before reads back
 
 
 def make_lmdb_args(out, size, folder, *extra):

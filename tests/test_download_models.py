@@ -452,3 +452,22 @@ def test_a_download_onto_a_full_disk_keeps_only_its_part_file_and_resumes(fresh,
     assert fresh.requests[-1] == ("/psp_encoder.pt", f"bytes={len(have)}-")
     assert (small_disk / "psp_encoder.pt").read_bytes() == files["/psp_encoder.pt"]
     assert os.listdir(small_disk) == ["psp_encoder.pt"]
+
+
+def test_after_a_full_disk_the_files_already_there_are_still_verified(fresh, files, tmp_path, monkeypatch, capsys):
+    """Verifying a file in place needs no room: only the files that are not there are 'not downloaded'."""
+    (tmp_path / "psp_encoder.pt").write_bytes(files["/psp_encoder.pt"])
+    fetched = []
+
+    def fetch(entry, *args):
+        fetched.append(entry.name)
+        return model_zoo.Outcome(entry.name, "disk full", f"{entry.name}: cannot write it, the disk is full")
+
+    monkeypatch.setattr(model_zoo, "fetch", fetch)
+    code = download_models.main(["--dir", str(tmp_path), "blendgan.pt", "psp_encoder.pt", "extra.pt"],
+                                manifest=manifest_for(fresh.url))
+    out = lines_of(capsys)
+    assert code == 1 and fetched == ["blendgan.pt"] and len(out) == 3, out
+    assert out[0] == "blendgan.pt: cannot write it, the disk is full"
+    assert out[1].startswith(f"psp_encoder.pt: already at {tmp_path / 'psp_encoder.pt'}, verified (sha256 ")
+    assert out[2] == "extra.pt: not downloaded, the disk is full"
