@@ -2,14 +2,31 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from fileio import free_bytes  # noqa: E402 (after the path)
+
 # The release reference (official_checkpoint_schema.json, ...) that sits beside the repository.
 SHARED_REFERENCE = os.path.join(os.path.dirname(ROOT), "shared", "reference")
+
+# The most the suite's files take at once (pytest.ini deletes a passing test's files), with a margin.
+SUITE_DISK_GB = 10
+
+
+def pytest_sessionstart(session):
+    """Say at the start when the temporary folder has less room than the suite needs; otherwise the first sign is
+    tests failing with 'the disk is full' minutes later."""
+    folder = session.config.option.basetemp or tempfile.gettempdir()
+    free = free_bytes(folder) / 2**30
+    if free < SUITE_DISK_GB:
+        session.config.pluginmanager.get_plugin("terminalreporter").write_line(
+            f"WARNING: {free:.1f} GB free under {folder}; the suite needs about {SUITE_DISK_GB} GB there (set "
+            f"TMPDIR or --basetemp to a folder with room)", yellow=True, bold=True)
 
 
 def under_ci():
