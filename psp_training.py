@@ -520,10 +520,15 @@ def _train(options, device, log):
 
     if main:
         os.makedirs(options.out_dir, exist_ok=True)
+        checkpoint_bytes = trainutil.estimated_checkpoint_bytes([psp, [psp.latent_avg]], [optimizer])
         log(f"pSp training: {len(dataset)} faces at {size} px, generator {g.size} px ({g.n_latent} W+ entries), "
             f"global batch {options.batch * world} = {world} process(es) x {options.batch}, {options.iter} "
-            f"iterations, device {device}, amp {options.amp}, losses {' + '.join(active)}"
+            f"iterations, device {device}, amp {options.amp}, losses {' + '.join(active)}, checkpoints "
+            f"~{trainutil.size_text(checkpoint_bytes)} each"
             + (f", resuming at step {step} from {resume}" if resume else ""))
+        warning = trainutil.checkpoint_room_warning(manager.dir, options.keep, checkpoint_bytes, len(manager.list()))
+        if warning:
+            log(warning)
     trainutil.write_config(options.out_dir, options, world_size=world, generator=generator_info,
                            active_losses=active, torch_version=torch.__version__)
 

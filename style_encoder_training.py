@@ -396,9 +396,14 @@ def _train(options, device):
 
     if main:
         os.makedirs(options.out_dir, exist_ok=True)
+        checkpoint_bytes = trainutil.estimated_checkpoint_bytes([encoder, projector], [optimizer])
         print(f"style encoder training: {len(dataset)} images, global batch {global_batch} = {world} process(es) "
-              f"x {options.batch}, {options.iter} iterations, device {device}, amp {options.amp}"
+              f"x {options.batch}, {options.iter} iterations, device {device}, amp {options.amp}, checkpoints "
+              f"~{trainutil.size_text(checkpoint_bytes)} each"
               + (f", resuming at step {step} from {resume}" if resume else ""), flush=True)
+        warning = trainutil.checkpoint_room_warning(manager.dir, options.keep, checkpoint_bytes, len(manager.list()))
+        if warning:
+            print(warning, flush=True)
     trainutil.write_config(options.out_dir, options, world_size=world, global_batch=global_batch,
                            gram_dim=gram_dim(), torch_version=torch.__version__)
 

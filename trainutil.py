@@ -3,6 +3,7 @@
 - ``CheckpointManager``: complete checkpoints as ``DIR/checkpoints/NNNNNN.pt`` (the step, zero-padded
   to six digits), written atomically through checkpoint.save_checkpoint, the last ``keep`` kept; those
   of an abandoned continuation set aside when a run restarts from an earlier step.
+  ``estimated_checkpoint_bytes`` / ``checkpoint_room_warning``: a run's start says when they will not fit.
 - ``load_optimizer_state`` / ``load_scaler_state``: resume an optimizer (moments from the checkpoint,
   hyperparameters from this run) and a GradScaler (also from a run that had none).
 - ``rng_state`` / ``set_rng_state``: Python, NumPy, torch CPU and (when present) CUDA generator
@@ -34,9 +35,9 @@ from contextlib import contextmanager, nullcontext
 import numpy as np
 import torch
 
-from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from fileio import (DiskFullError, atomic_path, atomic_write_bytes, disk_full_named, exit_on_sigterm, is_disk_full,
-                    remove_dead_temporaries)
+from checkpoint import CheckpointError, load_checkpoint, save_checkpoint, tensor_bytes
+from fileio import (DiskFullError, atomic_path, atomic_write_bytes, disk_full_named, exit_on_sigterm, free_bytes,
+                    is_disk_full, remove_dead_temporaries)
 from distributed import all_gather_object, cleanup, get_rank, get_world_size, is_main, unwrap
 
 CHECKPOINT_NAME = re.compile(r"^(\d{6,})\.pt$")
@@ -116,6 +117,34 @@ class CheckpointManager:
             except FileNotFoundError:
                 pass
         return path
+
+
+def estimated_checkpoint_bytes(parts, optimizers=()):
+    """About the bytes of a checkpoint holding ``parts`` (modules, or the state dicts the trainer saves) and the
+    Adam moments of ``optimizers``: two tensors the size of each parameter they update (made at the first step,
+    so counted before it)."""
+    weights = sum(tensor_bytes(p.state_dict() if isinstance(p, torch.nn.Module) else p) for p in parts)
+    moments = sum(2 * p.numel() * p.element_size() for optimizer in optimizers for group in optimizer.param_groups
+                  for p in group["params"] if p.requires_grad)
+    return weights + moments
+
+
+def size_text(n):
+    """Bytes as '2.4 GB' (decimal units; MB below 1 GB)."""
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def checkpoint_room_warning(folder, keep, checkpoint_bytes, existing=0):
+    """A warning line when the file system of ``folder`` (checkpoints/) has no room for the checkpoints a run
+    will write, else None. A save writes the new file before it deletes the oldest beyond ``keep``, so keep + 1
+    exist at its peak; the ``existing`` ones (a resumed run's) already have their room. A warning only: space
+    may be freed before the first save."""
+    free = free_bytes(folder)
+    if free >= max(keep + 1 - existing, 1) * checkpoint_bytes:
+        return None
+    return (f"warning: checkpoints here take ~{size_text(checkpoint_bytes)} each and --keep {keep} needs room for "
+            f"{keep + 1} at a save; {size_text(free)} free in {folder}: the run will stop at a save (make room or "
+            "lower --keep)")
 
 
 def resolve_resume(resume, run_dir):

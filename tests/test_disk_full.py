@@ -203,3 +203,16 @@ def test_a_sample_grid_and_config_on_a_full_disk_stop_the_run_with_one_line(smal
         trainutil.write_config(run_dir, {"lr": 0.002, "note": "x" * 8192})
     assert sorted(os.listdir(run_dir)) == ["config.json", "samples"] and os.listdir(run_dir / "samples") == []
     assert json.loads((run_dir / "config.json").read_text()) == {"lr": 0.002}
+
+
+def test_the_checkpoint_room_warning_counts_keep_plus_one_less_those_already_there(small_disk):
+    """1 MiB free: keep 2 needs room for 3 checkpoints at a save, of which a resumed run's are already paid for."""
+    folder = str(small_disk / "run" / "checkpoints")  # not made yet
+    third = 2**20 // 3 + 1  # three of them do not fit, two do
+    assert trainutil.checkpoint_room_warning(folder, 2, third) == (
+        f"warning: checkpoints here take ~0.3 MB each and --keep 2 needs room for 3 at a save; 1.0 MB free in "
+        f"{folder}: the run will stop at a save (make room or lower --keep)")
+    assert trainutil.checkpoint_room_warning(folder, 2, third, existing=1) is None
+    assert trainutil.checkpoint_room_warning(folder, 1, third) is None
+    assert trainutil.checkpoint_room_warning(folder, 1, 2**20 + 1, existing=5) is not None  # a save adds one
+    assert trainutil.checkpoint_room_warning(folder, 3, 1.25e9).startswith("warning: checkpoints here take ~1.2 GB")

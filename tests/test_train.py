@@ -30,7 +30,7 @@ import blendgan_training as bt
 import model
 import prepare_data
 import train as train_script
-from checkpoint import load_checkpoint, save_checkpoint
+from checkpoint import DiskFullError, load_checkpoint, save_checkpoint
 from dataset import InfiniteSampler
 from model import Discriminator, Generator, ProjectionDiscriminator
 from style_encoder import StyleEncoder
@@ -951,6 +951,28 @@ def test_eq8_reading_default_and_kept_on_resume(narrow, data, tmp_path):
     assert switched.opts.eq8 == "conditional"
     assert any("was trained with Eq. 8 read as 'paper', this run continues with --eq8 conditional" in line
                for line in lines), lines
+
+
+def test_start_warns_when_the_checkpoints_will_not_fit(narrow, data, tmp_path, small_disk, monkeypatch):
+    """The estimate is the checkpoint file's size within a few percent; on a 1 MiB disk the start logs the exact
+    warning and the run goes on as before, to the full disk at its save; with room there is no warning."""
+    estimates = []
+    estimate = bt.estimated_checkpoint_bytes
+    monkeypatch.setattr(bt, "estimated_checkpoint_bytes", lambda *a: estimates.append(estimate(*a)) or estimates[-1])
+    roomy = []
+    bt.train(small_options(data, tmp_path / "run", save_every=1, keep_checkpoints=1), log=roomy.append)
+    real = os.path.getsize(tmp_path / "run" / "checkpoints" / "000001.pt")
+    assert len(estimates) == 1 and abs(estimates[0] - real) < 0.03 * real, (estimates, real)
+    assert not any("warning: checkpoints" in line for line in roomy), roomy
+
+    free, lines = shutil.disk_usage(small_disk).free, []
+    with pytest.raises(DiskFullError):
+        bt.train(small_options(data, small_disk / "run", save_every=1, keep_checkpoints=1), log=lines.append)
+    folder = small_disk / "run" / "checkpoints"
+    size = f"{estimates[1] / 1e6:.1f} MB" if estimates[1] < 1e9 else f"{estimates[1] / 1e9:.1f} GB"
+    assert (f"warning: checkpoints here take ~{size} each and --keep 1 needs room for 2 at a save; "
+            f"{free / 1e6:.1f} MB free in {folder}: the run will stop at a save (make room or lower --keep)") in lines
+    assert estimates[1] == estimates[0] and not os.listdir(folder)
 
 
 # ---- two processes under torchrun ---------------------------------------------------------------

@@ -32,6 +32,7 @@ import model
 import prepare_data
 import psp_training as pt
 import train_psp
+import trainutil
 from checkpoint import CheckpointError, load_checkpoint
 from inference import load_psp
 from psp_encoder.arcface import ArcFaceIRSE50, load_arcface
@@ -453,8 +454,12 @@ def _encoder_weights(path):
     return {k: v for k, v in ckpt.items() if k.startswith("encoder.") or k == "latent_avg"}, ckpt
 
 
-def test_resume_continues_exactly(assets, trained, tmp_path, capsys):
+def test_resume_continues_exactly(assets, trained, tmp_path, capsys, monkeypatch):
     opts, result = trained
+    estimates = []  # the checkpoint size the start line gives, unrounded
+    estimate = trainutil.estimated_checkpoint_bytes
+    monkeypatch.setattr(trainutil, "estimated_checkpoint_bytes", lambda *a: estimates.append(estimate(*a)) or
+                        estimates[-1])
     half = os.path.join(opts.out_dir, "checkpoints", "000006.pt")
     # the log window the checkpoint carries (steps since the last log; empty at --log_every 1) continues: one
     # made up here must show in the first mean after the resume
@@ -465,7 +470,11 @@ def test_resume_continues_exactly(assets, trained, tmp_path, capsys):
     resumed = options(assets, tmp_path / "resumed", iter=8, save_every=6, resume=half, export=False, log_every=2)
     with fast_cpu():
         again = pt.train(resumed)
-    assert "resuming at step 6" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "resuming at step 6" in out and "warning: checkpoints" not in out
+    real = os.path.getsize(tmp_path / "resumed" / "checkpoints" / "000008.pt")
+    assert len(estimates) == 1 and abs(estimates[0] - real) < 0.03 * real, (estimates, real)
+    assert f", checkpoints ~{estimates[0] / 1e9:.1f} GB each, resuming" in out
     assert [h["step"] for h in again.history] == [7, 8]
     assert again.history == result.history[6:]
     (record,) = read_jsonl(tmp_path / "resumed" / "logs" / "scalars.jsonl")

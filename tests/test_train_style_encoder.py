@@ -11,6 +11,7 @@ style_dim 8-16) to keep the suite fast; one test builds the full 610,304 x 512 p
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -26,7 +27,7 @@ import prepare_data
 import style_encoder_training as se
 import train_style_encoder
 import trainutil
-from checkpoint import load_checkpoint, load_state_dict_strict
+from checkpoint import DiskFullError, load_checkpoint, load_state_dict_strict
 from model import Generator
 from style_encoder import VGG19_TAPS, GramEmbedder, StyleEncoder, gram_dim, nt_xent
 from trainutil import NonFiniteLossError, read_jsonl
@@ -449,3 +450,27 @@ def test_torchrun_two_cpu_processes_match_one_process(assets, tmp_path):
     ckpt = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "000003.pt")
     assert ckpt["world_size"] == 2 and ckpt["global_batch"] == 4 and len(ckpt["rng"]) == 2
     assert ckpt["samples_seen"] == 12
+
+
+def test_start_says_when_the_checkpoints_will_not_fit(assets, tmp_path, small_disk, capsys, monkeypatch):
+    """The start line's checkpoint size is the file's within a few percent; on a 1 MiB disk the start warns (exact
+    line) and the run still goes on, to the full disk at its save; with room there is no warning."""
+    estimates = []
+    estimate = trainutil.estimated_checkpoint_bytes
+    monkeypatch.setattr(trainutil, "estimated_checkpoint_bytes", lambda *a: estimates.append(estimate(*a)) or
+                        estimates[-1])
+    se.train(options(assets, tmp_path / "run", iter=1, save_every=1, keep=2))
+    out = capsys.readouterr().out
+    real = os.path.getsize(tmp_path / "run" / "checkpoints" / "000001.pt")
+    assert len(estimates) == 1 and abs(estimates[0] - real) < 0.03 * real, (estimates, real)
+    assert f", checkpoints ~{estimates[0] / 1e6:.1f} MB each" in out and "warning: checkpoints" not in out
+
+    free = shutil.disk_usage(small_disk).free
+    with pytest.raises(DiskFullError):
+        se.train(options(assets, small_disk / "run", iter=1, save_every=1, keep=2))
+    folder = small_disk / "run" / "checkpoints"
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == (f"warning: checkpoints here take ~{estimates[1] / 1e6:.1f} MB each and --keep 2 needs room "
+                        f"for 3 at a save; {free / 1e6:.1f} MB free in {folder}: the run will stop at a save (make "
+                        "room or lower --keep)"), lines
+    assert estimates[1] == estimates[0] and not os.listdir(folder)
