@@ -526,7 +526,7 @@ def _train(options, device, log):
             f"iterations, device {device}, amp {options.amp}, losses {' + '.join(active)}, checkpoints "
             f"~{trainutil.size_text(checkpoint_bytes)} each"
             + (f", resuming at step {step} from {resume}" if resume else ""))
-        warning = trainutil.checkpoint_room_warning(manager.dir, options.keep, checkpoint_bytes, len(manager.list()))
+        warning = manager.room_warning(checkpoint_bytes)
         if warning:
             log(warning)
     trainutil.write_config(options.out_dir, options, world_size=world, generator=generator_info,

@@ -401,7 +401,7 @@ def _train(options, device):
               f"x {options.batch}, {options.iter} iterations, device {device}, amp {options.amp}, checkpoints "
               f"~{trainutil.size_text(checkpoint_bytes)} each"
               + (f", resuming at step {step} from {resume}" if resume else ""), flush=True)
-        warning = trainutil.checkpoint_room_warning(manager.dir, options.keep, checkpoint_bytes, len(manager.list()))
+        warning = manager.room_warning(checkpoint_bytes)
         if warning:
             print(warning, flush=True)
     trainutil.write_config(options.out_dir, options, world_size=world, global_batch=global_batch,

@@ -3,7 +3,7 @@
 - ``CheckpointManager``: complete checkpoints as ``DIR/checkpoints/NNNNNN.pt`` (the step, zero-padded
   to six digits), written atomically through checkpoint.save_checkpoint, the last ``keep`` kept; those
   of an abandoned continuation set aside when a run restarts from an earlier step.
-  ``estimated_checkpoint_bytes`` / ``checkpoint_room_warning``: a run's start says when they will not fit.
+  ``estimated_checkpoint_bytes`` / ``CheckpointManager.room_warning``: a run's start says when they will not fit.
 - ``load_optimizer_state`` / ``load_scaler_state``: resume an optimizer (moments from the checkpoint,
   hyperparameters from this run) and a GradScaler (also from a run that had none).
 - ``rng_state`` / ``set_rng_state``: Python, NumPy, torch CPU and (when present) CUDA generator
@@ -101,6 +101,10 @@ class CheckpointManager:
         if not is_main():
             return []
         return [path for folder in (os.path.dirname(self.dir), self.dir) for path in remove_dead_temporaries(folder)]
+
+    def room_warning(self, checkpoint_bytes):
+        """checkpoint_room_warning for this folder, its ``keep`` and the checkpoints already in it."""
+        return checkpoint_room_warning(self.dir, self.keep, checkpoint_bytes, len(self.list()))
 
     def save(self, step, state):
         """Write ``state`` (a dict of tensors/containers/numbers/strings) as this step's checkpoint.
@@ -359,16 +363,20 @@ class ScalarLogger:
             return
         values = {k: float(v) for k, v in scalars.items()}
         if self.writer is not None:
-            with disk_full_named(self.events, "the events logged before it are kept"):
+            with self._writing_events():
                 for k, v in values.items():
                     self.writer.add_scalar(k, v, step)
         with disk_full_named(self.jsonl.name, "the records before it are intact"):
             append_whole(self.jsonl, (json.dumps({"step": int(step), **values}) + "\n").encode())
 
+    def _writing_events(self):
+        """A full disk while TensorBoard writes is a DiskFullError naming its events file."""
+        return disk_full_named(self.events, "the events logged before it are kept")
+
     def add_image(self, tag, image, step):
         """A TensorBoard image ([3, H, W] in [0, 1]; a sample grid), when TensorBoard is there."""
         if self.writer is not None:
-            with disk_full_named(self.events, "the events logged before it are kept"):
+            with self._writing_events():
                 self.writer.add_image(tag, image, step)
 
     def close(self):
@@ -377,7 +385,7 @@ class ScalarLogger:
             self.jsonl.close()
             self.jsonl = None
         if writer is not None:
-            with disk_full_named(self.events, "the events logged before it are kept"):
+            with self._writing_events():
                 writer.close()
 
     def __enter__(self):

@@ -18,6 +18,18 @@ SHARED_REFERENCE = os.path.join(os.path.dirname(ROOT), "shared", "reference")
 SUITE_DISK_GB = 10
 
 
+def record_returns(monkeypatch, owner, name):
+    """Wrap ``owner.name`` so that each call's result is appended to the list returned here."""
+    returns, original = [], getattr(owner, name)
+
+    def recorded(*args, **kwargs):
+        returns.append(original(*args, **kwargs))
+        return returns[-1]
+
+    monkeypatch.setattr(owner, name, recorded)
+    return returns
+
+
 def pytest_sessionstart(session):
     """Say at the start when the temporary folder has less room than the suite needs; otherwise the first sign is
     tests failing with 'the disk is full' minutes later."""

@@ -31,6 +31,7 @@ import model
 import prepare_data
 import train as train_script
 from checkpoint import DiskFullError, load_checkpoint, save_checkpoint
+from conftest import record_returns
 from dataset import InfiniteSampler
 from model import Discriminator, Generator, ProjectionDiscriminator
 from style_encoder import StyleEncoder
@@ -956,9 +957,7 @@ def test_eq8_reading_default_and_kept_on_resume(narrow, data, tmp_path):
 def test_start_warns_when_the_checkpoints_will_not_fit(narrow, data, tmp_path, small_disk, monkeypatch):
     """The estimate is the checkpoint file's size within a few percent; on a 1 MiB disk the start logs the exact
     warning and the run goes on as before, to the full disk at its save; with room there is no warning."""
-    estimates = []
-    estimate = bt.estimated_checkpoint_bytes
-    monkeypatch.setattr(bt, "estimated_checkpoint_bytes", lambda *a: estimates.append(estimate(*a)) or estimates[-1])
+    estimates = record_returns(monkeypatch, bt, "estimated_checkpoint_bytes")
     roomy = []
     bt.train(small_options(data, tmp_path / "run", save_every=1, keep_checkpoints=1), log=roomy.append)
     real = os.path.getsize(tmp_path / "run" / "checkpoints" / "000001.pt")

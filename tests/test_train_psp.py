@@ -34,6 +34,7 @@ import psp_training as pt
 import train_psp
 import trainutil
 from checkpoint import CheckpointError, load_checkpoint
+from conftest import record_returns
 from inference import load_psp
 from psp_encoder.arcface import ArcFaceIRSE50, load_arcface
 from psp_encoder.encoders import GradualStyleEncoder
@@ -456,10 +457,8 @@ def _encoder_weights(path):
 
 def test_resume_continues_exactly(assets, trained, tmp_path, capsys, monkeypatch):
     opts, result = trained
-    estimates = []  # the checkpoint size the start line gives, unrounded
-    estimate = trainutil.estimated_checkpoint_bytes
-    monkeypatch.setattr(trainutil, "estimated_checkpoint_bytes", lambda *a: estimates.append(estimate(*a)) or
-                        estimates[-1])
+    # the checkpoint size the start line gives, unrounded
+    estimates = record_returns(monkeypatch, trainutil, "estimated_checkpoint_bytes")
     half = os.path.join(opts.out_dir, "checkpoints", "000006.pt")
     # the log window the checkpoint carries (steps since the last log; empty at --log_every 1) continues: one
     # made up here must show in the first mean after the resume

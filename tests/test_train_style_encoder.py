@@ -28,6 +28,7 @@ import style_encoder_training as se
 import train_style_encoder
 import trainutil
 from checkpoint import DiskFullError, load_checkpoint, load_state_dict_strict
+from conftest import record_returns
 from model import Generator
 from style_encoder import VGG19_TAPS, GramEmbedder, StyleEncoder, gram_dim, nt_xent
 from trainutil import NonFiniteLossError, read_jsonl
@@ -455,10 +456,7 @@ def test_torchrun_two_cpu_processes_match_one_process(assets, tmp_path):
 def test_start_says_when_the_checkpoints_will_not_fit(assets, tmp_path, small_disk, capsys, monkeypatch):
     """The start line's checkpoint size is the file's within a few percent; on a 1 MiB disk the start warns (exact
     line) and the run still goes on, to the full disk at its save; with room there is no warning."""
-    estimates = []
-    estimate = trainutil.estimated_checkpoint_bytes
-    monkeypatch.setattr(trainutil, "estimated_checkpoint_bytes", lambda *a: estimates.append(estimate(*a)) or
-                        estimates[-1])
+    estimates = record_returns(monkeypatch, trainutil, "estimated_checkpoint_bytes")
     se.train(options(assets, tmp_path / "run", iter=1, save_every=1, keep=2))
     out = capsys.readouterr().out
     real = os.path.getsize(tmp_path / "run" / "checkpoints" / "000001.pt")
