@@ -39,9 +39,9 @@ def ten2img(t):
     return list(arr)
 
 
-def ten2cv(t, bgr=True):
-    """[1, 3, H, W] -> uint8 [H, W, 3], BGR for cv2.imwrite by default (release API, batch 1)."""
-    img = ten2img(t)[0]
+def ten2cv(img_ten, bgr=True):
+    """[1, 3, H, W] -> uint8 [H, W, 3], BGR for cv2.imwrite by default (release API and argument names, batch 1)."""
+    img = ten2img(img_ten)[0]
     return np.ascontiguousarray(img[:, :, ::-1]) if bgr else img
 
 

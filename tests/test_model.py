@@ -5,6 +5,7 @@ import math
 import os
 import pickle
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -377,6 +378,30 @@ def test_release_model_encoder_and_psp_names(monkeypatch):
         assert type(feats).__name__ == "FeatureOutput"
         flat = torch.cat([model_encoder.gram_matrix(f).reshape(1, -1) for f in feats], 1)  # the release's embedding
         assert flat.shape == (1, 610304) and torch.allclose(embedder(img), flat, rtol=1e-4, atol=1e-6 * flat.abs().max())
+
+
+def test_release_image_conversions_cv2ten_and_ten2cv():
+    """utils.cv2ten / ten2cv: the release's arithmetic and argument names. BGR uint8 [H, W, 3] -> RGB [1, 3, H, W]
+    (x / 255 - 0.5) / 0.5 in float64, then float32; back: * 0.5 + 0.5, * 255 in float32, clamped, truncated
+    to uint8, BGR. Unlike the release's ten2cv, the caller's tensor is left unchanged."""
+    from utils import cv2ten, ten2cv
+
+    rng = np.random.default_rng(0)
+    bgr = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    want = torch.from_numpy(((bgr[:, :, ::-1].transpose(2, 0, 1) / 255.0 - 0.5) / 0.5).copy()).float()[None]
+    got = cv2ten(img=bgr, device="cpu")
+    assert got.dtype == torch.float32 and got.shape == (1, 3, 5, 7) and torch.equal(got, want)
+    assert torch.equal(got[0, 0], want[0, 0]) and got[0, 0, 0, 0] == bgr[0, 0, 2] / 127.5 - 1  # channel 0 is red
+
+    t = torch.rand(1, 3, 5, 7, generator=torch.Generator().manual_seed(1)) * 2.4 - 1.2  # beyond [-1, 1]: clamped
+    t[0, :, 0, 0] = torch.tensor([-1.0, 1.0, 0.0])
+    before = t.clone()
+    expect = (t[0] * 0.5 + 0.5).mul(255).clamp(0, 255).permute(1, 2, 0).to(torch.uint8).numpy()  # RGB
+    out = ten2cv(img_ten=t)
+    assert out.dtype == np.uint8 and out.shape == (5, 7, 3)
+    assert np.array_equal(out, expect[:, :, ::-1]) and list(out[0, 0]) == [127, 255, 0]
+    assert np.array_equal(ten2cv(t, bgr=False), expect) and torch.equal(t, before)
+    assert np.abs(ten2cv(cv2ten(bgr)).astype(int) - bgr).max() <= 1  # the truncating cast may lose one level
 
 
 def test_fresh_noise_is_drawn_per_sample_and_mixing_injects_after_the_first_layer(monkeypatch):
