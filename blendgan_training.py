@@ -95,7 +95,7 @@ from style_encoder import VGG19_WEIGHTS_FILE
 from trainutil import (CheckpointManager, NonFiniteGuard, RunMonitor, accumulate, checkpoint_tag, default_device,
                        estimated_checkpoint_bytes, gather_rng_states, load_optimizer_state, load_scaler_state,
                        load_tagged_checkpoint, options_dict, require_valid, resolve_resume, restore_rng_states,
-                       seed_everything, write_config)
+                       seed_everything, size_text, write_config)
 from utils import save_grid, tile_rows
 
 CHECKPOINT_KIND = "blendgan_training"  # trainutil.checkpoint_tag, as the other trainers
@@ -1104,9 +1104,11 @@ def train(opts, log=None):
 
     ckpts = CheckpointManager(opts.out_dir, keep=opts.keep_checkpoints)
     if main:
-        warning = ckpts.room_warning(estimated_checkpoint_bytes(
+        checkpoint_bytes = estimated_checkpoint_bytes(
             [_generator_state_without_encoder(s.nets.g), s.nets.g_ema, *s.nets.discriminators().values(),
-             s.queue.state_dict()], [s.g_optim, s.d_optim]))
+             s.queue.state_dict()], [s.g_optim, s.d_optim])
+        log(f"checkpoints ~{size_text(checkpoint_bytes)} each, the last {opts.keep_checkpoints} kept in {ckpts.dir}")
+        warning = ckpts.room_warning(checkpoint_bytes)
         if warning:
             log(warning)
     write_config(opts.out_dir, opts, world_size=world, start_iteration=s.iteration, **budget)

@@ -963,6 +963,8 @@ def test_start_warns_when_the_checkpoints_will_not_fit(narrow, data, tmp_path, s
     real = os.path.getsize(tmp_path / "run" / "checkpoints" / "000001.pt")
     assert len(estimates) == 1 and abs(estimates[0] - real) < 0.03 * real, (estimates, real)
     assert not any("warning: checkpoints" in line for line in roomy), roomy
+    size = f"{estimates[0] / 1e6:.1f} MB" if estimates[0] < 1e9 else f"{estimates[0] / 1e9:.1f} GB"
+    assert f"checkpoints ~{size} each, the last 1 kept in {tmp_path / 'run' / 'checkpoints'}" in roomy, roomy
 
     free, lines = shutil.disk_usage(small_disk).free, []
     with pytest.raises(DiskFullError):
