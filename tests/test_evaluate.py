@@ -85,13 +85,31 @@ def test_matrix_square_root_matches_scipy():
     assert trace_sqrt_product(s3, s4) == pytest.approx(expected, rel=1e-6)
 
 
-def test_frechet_distance_matches_pytorch_fid():
+def pytorch_fid_distance(mu1, sigma1, mu2, sigma2):
+    """pytorch-fid's calculate_frechet_distance, the definition evaluate.py's FID is held to. pytorch-fid 0.3
+    calls scipy.linalg.sqrtm(..., disp=False), an argument SciPy 1.18 removes; there its computation is written
+    out here: the same sqrtm, the eps offset it retries a non-finite root with, the real part."""
     from pytorch_fid.fid_score import calculate_frechet_distance
+    from scipy import linalg
 
+    try:
+        return calculate_frechet_distance(mu1, sigma1, mu2, sigma2)
+    except TypeError as e:
+        if "disp" not in str(e):
+            raise
+    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    if not np.isfinite(covmean).all():
+        offset = np.eye(len(sigma1)) * 1e-6
+        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean.real))
+
+
+def test_frechet_distance_matches_pytorch_fid():
     rng = np.random.default_rng(1)
     mu1, mu2 = rng.standard_normal(64), rng.standard_normal(64)
     s1, s2 = random_covariance(rng, 64, 500), random_covariance(rng, 64, 500)
-    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(calculate_frechet_distance(mu1, s1, mu2, s2), rel=1e-8)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(pytorch_fid_distance(mu1, s1, mu2, s2), rel=1e-8)
     assert abs(frechet_distance(mu1, s1, mu1, s1)) < 1e-8 * np.trace(s1)
     with pytest.raises(ValueError):
         frechet_distance(mu1, s1, mu2[:10], s2[:10, :10])
@@ -378,8 +396,6 @@ def count_rows(monkeypatch, fail_after=None):
 
 def independent_row(g, parts, indicator, z_style):
     """One row recomputed from the documented protocol with the packages' own metrics."""
-    from pytorch_fid.fid_score import calculate_frechet_distance
-
     p = PROTOCOL
     n_faces = max(-(-p.n_samples // p.n_styles), p.lpips_faces)
     rng = torch.Generator().manual_seed(2 * p.seed)
@@ -393,7 +409,7 @@ def independent_row(g, parts, indicator, z_style):
     x01 = torch.stack([torch.from_numpy(im).permute(2, 0, 1).float() / 255 for im in saved[:p.n_samples]])
     with torch.no_grad():
         feats = parts["extractor"](x01).double().numpy()
-    fid = calculate_frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), parts["mu"], parts["sigma"])
+    fid = pytorch_fid_distance(feats.mean(0), np.cov(feats, rowvar=False), parts["mu"], parts["sigma"])
     ref = parts["ref_lpips"]
     div, cos = [], []
     for k in range(p.lpips_faces):
