@@ -18,6 +18,7 @@ from PIL import Image
 
 import app
 import style_transfer_folder
+from fileio import DiskFullError
 from inference import Report, encode_faces, encode_styles, load_blendgan, load_psp, read_input
 from test_inference import FACES, ROOT, SIZE, STYLES, ckpts, jpeg_roundtrip, read_rgb  # noqa: F401 (ckpts: fixture)
 from utils import ten2img
@@ -362,3 +363,25 @@ def test_import_is_light():
     code = ("import sys, app; assert 'gradio' not in sys.modules, 'gradio imported'; "
             "assert not [m for m in sys.modules if m.startswith('selenium')]")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
+
+
+def test_page_callbacks_turn_expected_errors_into_one_line_and_others_into_unexpected(capsys):
+    """A DemoError or a full disk (the clip's mp4) is its own text in the page; anything else is 'unexpected error'
+    in the page and a traceback on the server."""
+    import gradio as gr
+
+    def failing(error):
+        @app.user_errors
+        def callback():
+            raise error
+        return callback
+
+    for error in (app.DemoError("no face photo given"), DiskFullError("cannot write clip.mp4: the disk is full")):
+        with pytest.raises(gr.Error) as failure:
+            failing(error)()
+        assert failure.value.message == str(error)
+    assert capsys.readouterr().err == ""
+    with pytest.raises(gr.Error) as failure:
+        failing(KeyError("frame"))()
+    assert failure.value.message == "unexpected error: KeyError: 'frame'"
+    assert "Traceback" in capsys.readouterr().err

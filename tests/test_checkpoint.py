@@ -189,17 +189,29 @@ def test_a_full_disk_is_named_and_the_earlier_checkpoint_stays(small_disk, capsy
     assert os.listdir(small_disk) == ["000001.pt"]
 
 
-def test_other_write_failures_keep_their_own_error(tmp_path, monkeypatch):
-    """With room on the disk a failed write is not called a full disk: torch's error comes out as it is."""
+@pytest.mark.parametrize("free", [None, 32])
+def test_other_write_failures_keep_their_own_error(free, tmp_path, monkeypatch):
+    """With room on the disk a failed write is not called a full disk: torch's error comes out as it is; also when
+    the room is exactly the checkpoint's tensors (32 bytes here)."""
     def failing_save(obj, f):
         f.write(b"PK partial")
         raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
 
     monkeypatch.setattr(checkpoint.torch, "save", failing_save)
+    if free is not None:
+        monkeypatch.setattr(checkpoint.fileio, "free_bytes", lambda path: free)
     with pytest.raises(RuntimeError, match="failed writing file data/0") as failure:
         save_checkpoint({"w": torch.zeros(8)}, tmp_path / "ck.pt")
     assert not isinstance(failure.value, DiskFullError)
     assert os.listdir(tmp_path) == []
+
+
+def test_tensor_bytes_counts_each_dtype_in_nested_containers():
+    """The size a full-disk message and the trainers' room warning give: every tensor's bytes at its own dtype,
+    in dicts, lists and tuples; numbers and strings count nothing."""
+    state = {"g": {"w": torch.zeros(4, dtype=torch.bfloat16)}, "queue": [torch.zeros(3, dtype=torch.int64)],
+             "rng": (torch.zeros(5, dtype=torch.uint8), 7), "args": {"name": "x", "lr": 0.002}}
+    assert checkpoint.tensor_bytes(state) == 4 * 2 + 3 * 8 + 5
 
 
 def test_no_room_for_the_checkpoints_folder_is_a_full_disk_and_a_read_only_disk_is_not(small_disk):

@@ -38,6 +38,13 @@ def test_an_atomic_write_on_a_full_disk_names_the_file_and_keeps_the_old_one(sma
         with atomic_path(path):
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
     assert is_disk_full(OSError(errno.EDQUOT, "Disk quota exceeded")) and not is_disk_full(OSError(errno.EIO, "I/O"))
+    try:  # an error raised while handling a full disk (a 'raise ... from None' keeps it as the context) is one too
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise ValueError("could not finish the download") from None
+    except ValueError as e:
+        assert is_disk_full(e)
     # the checkpoint's DiskFullError is one of them (a trainer's expected errors catch either)
     assert issubclass(checkpoint.DiskFullError, DiskFullError)
 
@@ -68,6 +75,46 @@ def test_ffmpeg_failing_for_another_reason_says_what_ffmpeg_said(tmp_path):
                                            r"\S.*$") as failure:
         write_mp4(tmp_path / "a.mp4", noise_frames(3, 16, 16), fps=0)
     assert not isinstance(failure.value, DiskFullError) and "no message" not in str(failure.value)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.timeout(120)
+def test_ffmpeg_stopping_mid_stream_on_a_full_disk_is_a_full_disk(small_disk):
+    """A clip as long as gen_video's fills the disk while frames are still being sent (a broken pipe, not the
+    failure at the end that short clips get inside x264's lookahead): still the one full-disk error."""
+    rng = np.random.default_rng(0)
+    frames = (rng.integers(0, 256, (256, 256, 3), dtype=np.uint8) for _ in range(400))
+    with pytest.raises(DiskFullError, match=rf"^cannot write {small_disk / 'long.mp4'}: the disk is full"):
+        write_mp4(small_disk / "long.mp4", frames)
+    assert os.listdir(small_disk) == []
+
+
+def test_a_full_disk_line_before_ffmpegs_last_line_is_a_full_disk(tmp_path, monkeypatch):
+    """ffmpeg before 7 ends a failed run with 'Conversion failed!' after the line that says why (a system ffmpeg
+    through IMAGEIO_FFMPEG_EXE can be one)."""
+    import imageio_ffmpeg
+
+    fake = tmp_path / "ffmpeg"
+    fake.write_text("#!/bin/sh\necho 'av_interleaved_write_frame(): No space left on device' >&2\n"
+                    "echo 'Conversion failed!' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(imageio_ffmpeg, "get_ffmpeg_exe", lambda: str(fake))
+    out = tmp_path / "out"
+    with pytest.raises(DiskFullError, match=rf"^cannot write {out / 'a.mp4'}: the disk is full"):
+        write_mp4(out / "a.mp4", noise_frames(3, 16, 16))
+    assert os.listdir(out) == []
+
+
+@pytest.mark.timeout(60)
+def test_an_error_while_making_frames_stops_ffmpeg_and_leaves_nothing(tmp_path):
+    """(an out-of-memory error or Ctrl-C in gen_video's generator): ffmpeg, still waiting for frames, is stopped;
+    the error comes out as it is."""
+    def frames():
+        yield from noise_frames(3, 32, 32)
+        raise RuntimeError("boom while making frame 3")
+
+    with pytest.raises(RuntimeError, match="^boom while making frame 3$"):
+        write_mp4(tmp_path / "a.mp4", frames())
     assert os.listdir(tmp_path) == []
 
 
@@ -128,6 +175,31 @@ def test_a_trainer_whose_logs_fill_the_disk_ends_with_one_line(small_disk, full_
         assert trainutil.read_jsonl(logs / "scalars.jsonl")  # what was logged before reads back
 
 
+class FailingClose:
+    """A TensorBoard writer whose last flush (at close) finds the disk full."""
+
+    def close(self):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_at_the_logs_close_is_said(tmp_path):
+    """A run that is otherwise done but cannot flush its last TensorBoard events does not end quietly."""
+    with pytest.raises(DiskFullError, match=rf"^cannot write {tmp_path}/events\.out\.tfevents\.\*: the disk is full"):
+        with trainutil.ScalarLogger(tmp_path) as logger:
+            logger.writer.close()
+            logger.writer = FailingClose()
+
+
+def test_the_first_full_disk_is_the_one_a_run_ends_with(tmp_path):
+    """A checkpoint that does not fit, then TensorBoard failing at close: the run ends with the checkpoint's line
+    (its size, --resume latest), not the events file's."""
+    with pytest.raises(checkpoint.DiskFullError, match="^cannot write 000002.pt: the disk is full$"):
+        with trainutil.RunMonitor(tmp_path, total=4, start=0, images_per_step=1, progress=False) as run:
+            run.logger.writer.close()
+            run.logger.writer = FailingClose()
+            raise checkpoint.DiskFullError("cannot write 000002.pt: the disk is full")
+
+
 def make_lmdb_args(out, size, folder, *extra):
     return ["--out", str(out), "--size", str(size), "--n_worker", "0", "--format", "png", *extra, folder]
 
@@ -174,6 +246,39 @@ def test_packing_an_lmdb_on_a_full_disk_keeps_the_finished_one(small_disk, lmdb_
     assert sorted(os.listdir(small_disk)) == ["faces.lmdb", "fill"]
 
 
+def test_an_lmdb_quota_is_named_as_one(tmp_path):
+    """py-lmdb has no class for EDQUOT, and statvfs shows the disk's free space, not the quota's."""
+    with pytest.raises(OSError) as failure:
+        prepare_data.raise_if_disk_full(prepare_data.lmdb.Error("mdb_txn_commit: Disk quota exceeded"), str(tmp_path))
+    assert failure.value.errno == errno.EDQUOT and is_disk_full(failure.value)
+    assert failure.value.strerror == "mdb_txn_commit: Disk quota exceeded (over the disk quota)"
+    assert failure.value.filename == str(tmp_path)
+
+
+class ShortWriteEnv:
+    """An LMDB environment whose commits fail as LMDB reports a short write."""
+
+    def begin(self, write=False):
+        raise prepare_data.lmdb.Error("mdb_txn_commit: Input/output error")
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("free_mib, disk_full", [(3.5, True), (4.5, False), (100, False)])
+def test_a_short_write_is_a_full_disk_when_the_batch_and_a_mib_do_not_fit(tmp_path, monkeypatch, free_mib, disk_full):
+    """EIO with less room than the pending batch (3 MiB here) and a MiB for LMDB's pages is a full disk; with room
+    it stays the I/O error it is."""
+    writer = prepare_data._LmdbWriter(str(tmp_path / "x.lmdb"), 2**20, False, "x", 0)
+    writer.env.close()
+    writer.env = ShortWriteEnv()
+    writer.put(b"key", bytes(3 * 2**20 - 3))
+    monkeypatch.setattr(prepare_data, "free_bytes", lambda path: int(free_mib * 2**20))
+    with pytest.raises(OSError if disk_full else prepare_data.lmdb.Error) as failure:
+        writer.flush()
+    assert is_disk_full(failure.value) == disk_full
+
+
 def test_evaluation_rows_the_disk_has_no_room_for_keep_the_rows_before(small_disk):
     outdir = small_disk / "evaluation"
     settings = {"ckpt": "g.pt", "n_samples": 100}
@@ -216,3 +321,14 @@ def test_the_checkpoint_room_warning_counts_keep_plus_one_less_those_already_the
     assert trainutil.checkpoint_room_warning(folder, 1, third) is None
     assert trainutil.checkpoint_room_warning(folder, 1, 2**20 + 1, existing=5) is not None  # a save adds one
     assert trainutil.checkpoint_room_warning(folder, 3, 1.25e9).startswith("warning: checkpoints here take ~1.2 GB")
+
+
+def test_a_resumed_runs_own_checkpoints_already_have_their_room(tmp_path, monkeypatch):
+    """CheckpointManager.room_warning counts the checkpoints in its folder: keep 2 and two there, a third fits."""
+    manager = trainutil.CheckpointManager(tmp_path, keep=2)
+    os.makedirs(manager.dir)
+    for step in (1, 2):
+        open(manager.path(step), "wb").close()
+    monkeypatch.setattr(trainutil, "free_bytes", lambda folder: 1000)
+    assert manager.room_warning(1000) is None
+    assert manager.room_warning(1001).startswith("warning: checkpoints here take")

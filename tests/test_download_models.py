@@ -454,9 +454,14 @@ def test_a_download_onto_a_full_disk_keeps_only_its_part_file_and_resumes(fresh,
     assert os.listdir(small_disk) == ["psp_encoder.pt"]
 
 
-def test_after_a_full_disk_the_files_already_there_are_still_verified(fresh, files, tmp_path, monkeypatch, capsys):
-    """Verifying a file in place needs no room: only the files that are not there are 'not downloaded'."""
+@pytest.mark.parametrize("extra", [None, b"not a checkpoint"])
+def test_after_a_full_disk_the_files_already_there_are_still_verified(extra, fresh, files, tmp_path, monkeypatch,
+                                                                      capsys):
+    """Verifying a file in place needs no room: only the files that are not there, or not right, are 'not
+    downloaded' (a bad one is not a traceback)."""
     (tmp_path / "psp_encoder.pt").write_bytes(files["/psp_encoder.pt"])
+    if extra is not None:
+        (tmp_path / "extra.pt").write_bytes(extra)
     fetched = []
 
     def fetch(entry, *args):

@@ -26,6 +26,7 @@ import prepare_data
 from checkpoint import CheckpointError
 from evaluation import (ImageSet, Protocol, dataset_statistics, draw_codes, draw_references, parse_indicators,
                         reference_codes, run_protocol)
+from fileio import DiskFullError
 from metrics import (FeatureStats, frechet_distance, load_inception, load_lpips, lpips_diversity, style_consistency,
                      trace_sqrt_product)
 from model_zoo import INCEPTION_URL, pretrained_file
@@ -90,17 +91,16 @@ def pytorch_fid_distance(mu1, sigma1, mu2, sigma2):
     calls scipy.linalg.sqrtm(..., disp=False), an argument SciPy 1.18 removes; there its computation is written
     out here: the same sqrtm, the eps offset it retries a non-finite root with, the real part."""
     from pytorch_fid.fid_score import calculate_frechet_distance
-    from scipy import linalg
 
     try:
         return calculate_frechet_distance(mu1, sigma1, mu2, sigma2)
     except TypeError as e:
         if "disp" not in str(e):
             raise
-    covmean = linalg.sqrtm(sigma1 @ sigma2)
+    covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
         offset = np.eye(len(sigma1)) * 1e-6
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+        covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean.real))
 
@@ -598,6 +598,20 @@ class PatternGenerator(nn.Module):
 
     def get_z_embed(self, images):
         return self.embedder(images.mean((2, 3)))
+
+
+def test_cli_ends_a_full_disk_with_one_line(tmp_path, monkeypatch):
+    """A row or the table that the disk has no room for ends evaluate.py with its one line (the finished rows stay
+    in partial_results.json: test_disk_full), not a traceback."""
+    message = f"cannot write {tmp_path / 'table1.csv'}: the disk is full (0 MiB free in {tmp_path}); no part of it"
+
+    def full(opts):
+        raise DiskFullError(message)
+
+    monkeypatch.setattr(evaluate, "evaluate", full)
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main(["--real", STYLES, "--device", "cpu", "--outdir", str(tmp_path)])
+    assert stop.value.code == f"error: {message}"
 
 
 def test_row_feeds_exactly_n_samples_to_fid_and_antialiased_lpips_inputs():

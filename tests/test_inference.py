@@ -21,7 +21,7 @@ from inference import encode_faces, encode_styles, load_blendgan, load_psp, pool
 from model import Generator
 from psp_encoder.psp_encoders import PSPEncoder
 from utils import img2ten, ten2img
-from video import interpolation_alphas, read_mp4, sliding_window
+from video import interpolation_alphas, read_mp4, sliding_window, write_mp4
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FACES = os.path.join(ROOT, "test_imgs", "face_imgs")
@@ -442,6 +442,15 @@ def test_gen_video_frames_fps_and_layout(ckpts, tmp_path):
         assert np.abs(frames[t][:, SIZE:2 * SIZE].astype(float) - face).mean() > 25
     assert np.abs(frames[-1].astype(float) - frames[-2]).mean() < 1  # the final hold
     assert np.abs(frames[30].astype(float) - frames[0]).mean() > 1  # the result moves between styles
+
+
+def test_mp4_frames_with_odd_sides_are_padded_to_even(tmp_path):
+    """yuv420p needs even sides: a 33 x 47 frame (write_mp4 called from Python) is scaled to 34 x 48, not refused."""
+    frames = [np.full((33, 47, 3), 40 * k, np.uint8) for k in range(3)]
+    assert write_mp4(tmp_path / "odd.mp4", frames) == 3
+    decoded, fps, codec = read_mp4(str(tmp_path / "odd.mp4"))
+    assert decoded.shape == (3, 34, 48, 3) and fps == 30 and "h264" in codec
+    assert np.abs(decoded.astype(float).mean(axis=(1, 2, 3)) - [0, 40, 80]).max() < 2
 
 
 def test_gen_video_holds_one_network_at_a_time_and_frames_are_unchanged(ckpts, tmp_path, monkeypatch):
