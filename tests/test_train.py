@@ -188,6 +188,14 @@ def test_style_queue_fills_and_wraps():
         bt.StyleQueue(2, 3).sample(1)
 
 
+def test_queue_sample_reaches_every_filled_row():
+    """Eq. 8's negatives are drawn uniformly over all filled rows, the newest one included."""
+    q = bt.StyleQueue(5, 2)
+    q.push(torch.arange(6.0).view(3, 2))
+    torch.manual_seed(0)
+    assert {tuple(r) for r in q.sample(300).tolist()} == {(0.0, 1.0), (2.0, 3.0), (4.0, 5.0)}
+
+
 def test_sampler_start_offset_continues_the_stream():
     for n, rank, world in ((8, 0, 1), (8, 1, 2), (5, 2, 3)):
         it = iter(InfiniteSampler(n, rank, world, seed=4))
@@ -319,10 +327,18 @@ def test_two_generator_passes_per_d_and_g_step(narrow, reading):
 
 
 def test_face_codes_and_mixing():
+    """Style mixing (StyleGAN2) with probability --mixing: two different codes, crossing over at a layer drawn
+    uniformly from 1 .. n_latent - 1 (0 would be no mixing)."""
     codes, inject = bt.sample_face_codes(4, STYLE_DIM, 6, 1.0, "cpu")
     assert len(codes) == 2 and 1 <= inject < 6
     codes, inject = bt.sample_face_codes(4, STYLE_DIM, 6, 0.0, "cpu")
     assert len(codes) == 1 and inject is None and codes[0].shape == (4, STYLE_DIM)
+    torch.manual_seed(0)
+    draws = [bt.sample_face_codes(1, 4, 6, 0.9, "cpu") for _ in range(2000)]
+    mixed = [(codes, inject) for codes, inject in draws if len(codes) == 2]
+    assert abs(len(mixed) / 2000 - 0.9) < 0.03  # 3.2 standard deviations
+    assert {inject for _, inject in mixed} == {1, 2, 3, 4, 5}
+    assert not any(torch.equal(*codes) for codes, _ in mixed)
 
 
 def _directional_check(value_fn, param, seed):
@@ -391,6 +407,16 @@ def test_path_length_formula_and_double_backward(narrow):
 
     _directional_check(value, g.convs[1].conv.weight, 6)
     _directional_check(value, g.style[1].weight, 6)
+
+
+def test_path_length_target_starts_from_zero_with_the_decay():
+    """The running target starts at 0 and moves by decay * (batch mean - target) from its first update on, as
+    StyleGAN2's (not straight to the first batch's mean)."""
+    torch.manual_seed(0)
+    latents = torch.randn(2, 3, 4, requires_grad=True)
+    img = (latents.reshape(2, -1) @ torch.randn(12, 12)).view(2, 3, 2, 2)
+    _, target, lengths = bt.path_length_penalty(img, latents, torch.tensor(0.0))
+    assert float(lengths.mean()) > 0 and torch.allclose(target, bt.PATH_LENGTH_DECAY * lengths.detach().mean())
 
 
 # ---- the phases' weights and intervals, the optimizers, g_ema, the WBM clamp -----------------------
@@ -561,6 +587,125 @@ def test_wbm_weights_clamped_after_a_g_step_without_path_length(narrow, monkeypa
     hook.remove()
     assert bool((s.g_optim.state[g.add_weight]["exp_avg"] == outward).all())  # the step pushed them out
     assert torch.equal(g.add_weight.detach(), start)
+
+
+def _gradients_at_step(s, phase, b, monkeypatch):
+    """The .grad that ``phase`` (bt.d_step / bt.g_step) hands to its optimizer, with lr 0 (the weights stay) and
+    every .grad pre-filled with 7 (what R1, path length or the step before leave there must not count)."""
+    optim, params = ((s.d_optim, s.nets.d_parameters()) if phase is bt.d_step else
+                     (s.g_optim, s.nets.g_trainable()))
+    for group in optim.param_groups:
+        group["lr"] = 0.0
+    seen, step = [], optim.step
+
+    def recording_step(*args, **kwargs):
+        seen.append([torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params])
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(optim, "step", recording_step)
+    for p in params:
+        p.grad = torch.full_like(p, 7.0)
+    torch.manual_seed(21)
+    phase(s, b)
+    assert len(seen) == 1
+    return params, seen[0]
+
+
+@pytest.mark.parametrize("reading", bt.EQ8_READINGS)
+def test_phase_gradients_are_those_of_equations_6_to_9(narrow, monkeypatch, reading):
+    """d_step and g_step against Eq. 6-9 written out from the loss helpers (which test_losses_match_equations_6_to_9
+    checks): D_face gets x_f and the natural fake, D_style x_s and the stylized fake, D_style_latent (x_s, z_s)
+    against (stylized, z_s^-); G's natural image is scored by D_face, its stylized one by D_style and D_style_latent;
+    every term reaches the gradient, and no stale .grad does. The codes are fixed, the noise drawn from one seed."""
+    torch.manual_seed(13)
+    s = _state(mixing=0.0, eq8=reading)
+    b = _fixed_batch(s, 68)
+    z_f, z_negative = torch.randn(2, STYLE_DIM), torch.randn(2, STYLE_DIM) * 0.03
+    codes = bt.fake_codes([z_f], None, b.z_s, z_negative, reading)
+    monkeypatch.setattr(bt, "phase_codes", lambda s_, b_: codes)
+    g, d_face, d_style, d_style_latent = s.nets.g, s.nets.d_face, s.nets.d_style, s.nets.d_style_latent
+
+    def fakes():  # natural (i = n_latent), then full style (i = 0), as generate_fakes draws their noise
+        torch.manual_seed(21)
+        return g([z_f])[0], g([z_f], z_embed=codes.z_style, add_weight_index=0)[0]
+
+    params, got = _gradients_at_step(s, bt.d_step, b, monkeypatch)
+    with torch.no_grad():
+        face, style = fakes()
+    eq6_to_8 = (bt.d_logistic_loss(d_face(b.x_f), d_face(face)) + bt.d_logistic_loss(d_style(b.x_s), d_style(style))
+                + bt.d_logistic_loss(d_style_latent(b.x_s, b.z_s), d_style_latent(style, z_negative)))
+    _assert_close_grads(got, torch.autograd.grad(eq6_to_8, params, allow_unused=True), "D")
+
+    params, got = _gradients_at_step(s, bt.g_step, b, monkeypatch)
+    face, style = fakes()
+    eq9 = (bt.g_nonsaturating_loss(d_face(face)) + bt.g_nonsaturating_loss(d_style(style))
+           + bt.g_nonsaturating_loss(d_style_latent(style, z_negative)))
+    _assert_close_grads(got, torch.autograd.grad(eq9, params, allow_unused=True), "G")
+
+
+def _assert_close_grads(got, want, what):
+    for k, (g, w) in enumerate(zip(got, want)):
+        w = torch.zeros_like(g) if w is None else w
+        assert torch.allclose(g, w, rtol=1e-4, atol=1e-6), (what, k, float((g - w).abs().max()))
+
+
+def test_the_iterations_own_codes_are_not_its_negatives(narrow):
+    """Eq. 8's z_s^- come from the queue of earlier batches: the batch's codes are pushed when its iteration ends.
+    (queue_size = batch: were they pushed first, every negative would be one of them.)"""
+    torch.manual_seed(12)
+    s = _state(queue_size=2, mixing=0.0, eq8="paper")
+    b = _fixed_batch(s, 67)
+    earlier = torch.randn(2, STYLE_DIM) * 3 + 5
+    s.queue.push(earlier)
+    pairs = []
+    hook = s.nets.d_style_latent.register_forward_hook(lambda m, args, out: pairs.append(args[1].detach().clone()))
+    bt.train_iteration(s, b)
+    hook.remove()
+    negatives = [p for p in pairs if not torch.equal(p, b.z_s)]  # the real pair is (x_s, z_s)
+    assert negatives and all(any(torch.equal(row, q) for q in earlier) for p in negatives for row in p)
+    assert any(torch.equal(row, b.z_s[0]) for row in s.queue.codes)  # and pushed at the end
+
+
+def test_path_length_step_mixes_face_codes(narrow):
+    """The path-length step draws its face codes as the adversarial steps do (StyleGAN2's g_regularize: mixing),
+    for batch // path_batch_shrink samples."""
+    s = _state(batch=4, path_batch_shrink=2, mixing=1.0)
+    calls, forward = [], s.nets.g.forward
+
+    def recording(styles, *args, **kwargs):
+        calls.append((len(styles), styles[0].shape[0], kwargs.get("inject_index")))
+        return forward(styles, *args, **kwargs)
+
+    s.nets.g.forward = recording
+    bt.g_reg_step(s)
+    assert len(calls) == 1
+    n_codes, batch, inject = calls[0]
+    assert n_codes == 2 and batch == 2 and 1 <= inject < s.n_latent
+
+
+def test_checkpoint_latent_avg_is_the_face_mapping_mean(narrow):
+    """The stored truncation centre (inference truncates toward ckpt['latent_avg']) is the mean of the FACE
+    mapping over seeded codes, not the style mapping's."""
+    g = _state().nets.g_ema
+    z = torch.randn(4096, STYLE_DIM, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        face_mean, style_mean = g.style(z).mean(0, keepdim=True), g.embedding(z).mean(0, keepdim=True)
+    got = bt.latent_avg(g, 5)
+    assert got.shape == (1, STYLE_DIM) and torch.allclose(got, face_mean, atol=1e-6)
+    assert not torch.allclose(face_mean, style_mean, atol=1e-3)
+
+
+def test_defaults_are_stylegan2s_and_fine_tuning_half_life_counts_every_rank():
+    """train.py's argparse defaults come from TrainOptions: StyleGAN2's (rosinality's train.py) regularisation,
+    mixing, lr and EMA. One-shot fine-tuning's g_ema half-life counts the images of every rank."""
+    o = bt.TrainOptions(ffhq_lmdb="-")
+    assert (o.r1, o.path_regularize, o.path_batch_shrink, o.d_reg_every, o.g_reg_every, o.mixing, o.lr) == (
+        10.0, 2.0, 2, 16, 4, 0.9, 0.002)
+    assert bt.DEFAULT_EMA_KIMG == 10.0 and bt.PATH_LENGTH_DECAY == 0.01
+    finetune = bt.TrainOptions(ffhq_lmdb="-", iter=10, batch=2)
+    finetune.finetune_style_img = ["x.png"]
+    assert finetune.finetune
+    assert bt.ema_half_life_images(finetune, 4) == 4 * bt.ema_half_life_images(finetune, 1)
 
 
 # ---- one iteration with the real channel table, StyleGAN2 initialisation, inference -------------
@@ -787,6 +932,20 @@ def _poison_d_loss(monkeypatch, bad_iterations):
         return loss * float("nan") if (calls["n"] - 1) // 3 + 1 in bad_iterations else loss
 
     monkeypatch.setattr(bt, "d_logistic_loss", poisoned)
+
+
+def test_flip_mirrors_faces_and_style_images(narrow, data, tmp_path, monkeypatch):
+    """--flip augments both real batches: x_f and x_s each go through random_flip once per iteration."""
+    flipped = []
+
+    def recording_flip(x, *args, **kwargs):
+        flipped.append(x.clone())
+        return x
+
+    monkeypatch.setattr(bt, "random_flip", recording_flip)
+    bt.train(small_options(data, tmp_path / "run", iter=2, flip=True), log=lambda *a, **k: None)
+    assert len(flipped) == 4 and all(x.shape == (2, 3, 8, 8) for x in flipped)
+    assert not torch.equal(flipped[0], flipped[1])  # the faces, then the style images
 
 
 def test_persistent_non_finite_loss_stops_and_keeps_last_good_checkpoint(narrow, data, tmp_path, monkeypatch):

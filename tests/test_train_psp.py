@@ -544,6 +544,13 @@ def test_generator_of_another_latent_width_is_one_line(assets, tmp_path, capsys)
     assert "Traceback" not in err
 
 
+def test_loss_weight_defaults_are_psps():
+    """train_psp.py's defaults come from PSPTrainOptions: pSp's FFHQ encoder weights (l2 1, LPIPS 0.8, identity
+    0.1, W-norm 0)."""
+    o = pt.PSPTrainOptions(lmdb=["-"], blendgan_ckpt="-", out_dir="-")
+    assert (o.l2_weight, o.lpips_weight, o.id_weight, o.w_norm_weight) == (1.0, 0.8, 0.1, 0.0)
+
+
 def test_cli_validates_options(assets, trained, tmp_path, capsys):
     opts, result = trained
     good = cli_args(options(assets, tmp_path / "run"))

@@ -204,6 +204,19 @@ def test_affine_views_change_geometry_not_colour(name):
         assert 0.5 * (_histogram(jittered) - _histogram(x)).abs().sum(1).max().item() > 2 * np.mean(distances)
 
 
+def test_random_views_flip_horizontally_and_rotate_both_ways():
+    """random_affine_theta's draws: the flip mirrors x (a face's left and right, not upside down), the rotation is
+    uniform in [-rotate, rotate] (both directions)."""
+    g = torch.Generator().manual_seed(0)
+    theta = se.random_affine_theta(g, scale=(1, 1), ratio=(1, 1), rotate=0.0, shear=0.0, flip=1.0)
+    assert torch.allclose(theta, torch.tensor([[-1.0, 0, 0], [0, 1, 0]]), atol=1e-6)
+    angles = []
+    for _ in range(300):
+        t = se.random_affine_theta(g, rotate=10.0, shear=0.0, ratio=(1, 1), flip=0.0)
+        angles.append(math.degrees(math.atan2(float(t[1, 0]), float(t[0, 0]))))
+    assert max(abs(a) for a in angles) <= 10 + 1e-4 and min(angles) < -8 and max(angles) > 8
+
+
 def test_views_are_fixed_by_position(assets):
     ds = se.AffineViewDataset([assets["lmdb"]], SIZE, seed=3)
     a = ds[(17, 5)]
