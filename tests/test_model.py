@@ -391,7 +391,7 @@ def test_release_image_conversions_cv2ten_and_ten2cv():
     want = torch.from_numpy(((bgr[:, :, ::-1].transpose(2, 0, 1) / 255.0 - 0.5) / 0.5).copy()).float()[None]
     got = cv2ten(img=bgr, device="cpu")
     assert got.dtype == torch.float32 and got.shape == (1, 3, 5, 7) and torch.equal(got, want)
-    assert torch.equal(got[0, 0], want[0, 0]) and got[0, 0, 0, 0] == bgr[0, 0, 2] / 127.5 - 1  # channel 0 is red
+    assert got[0, 0, 0, 0] == bgr[0, 0, 2] / 127.5 - 1  # channel 0 is red
 
     t = torch.rand(1, 3, 5, 7, generator=torch.Generator().manual_seed(1)) * 2.4 - 1.2  # beyond [-1, 1]: clamped
     t[0, :, 0, 0] = torch.tensor([-1.0, 1.0, 0.0])

@@ -1122,14 +1122,13 @@ def test_start_warns_when_the_checkpoints_will_not_fit(narrow, data, tmp_path, s
     real = os.path.getsize(tmp_path / "run" / "checkpoints" / "000001.pt")
     assert len(estimates) == 1 and abs(estimates[0] - real) < 0.03 * real, (estimates, real)
     assert not any("warning: checkpoints" in line for line in roomy), roomy
-    size = f"{estimates[0] / 1e6:.1f} MB" if estimates[0] < 1e9 else f"{estimates[0] / 1e9:.1f} GB"
+    size = f"{estimates[0] / 1e6:.1f} MB" if estimates[0] < 1e9 else f"{estimates[0] / 1e9:.1f} GB"  # both runs'
     assert f"checkpoints ~{size} each, the last 1 kept in {tmp_path / 'run' / 'checkpoints'}" in roomy, roomy
 
     free, lines = shutil.disk_usage(small_disk).free, []
     with pytest.raises(DiskFullError):
         bt.train(small_options(data, small_disk / "run", save_every=1, keep_checkpoints=1), log=lines.append)
     folder = small_disk / "run" / "checkpoints"
-    size = f"{estimates[1] / 1e6:.1f} MB" if estimates[1] < 1e9 else f"{estimates[1] / 1e9:.1f} GB"
     assert (f"warning: checkpoints here take ~{size} each and --keep 1 needs room for 2 at a save; "
             f"{free / 1e6:.1f} MB free in {folder}: the run will stop at a save (make room or lower --keep)") in lines
     assert estimates[1] == estimates[0] and not os.listdir(folder)
