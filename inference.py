@@ -151,6 +151,9 @@ def load_blendgan(path, size=None, channel_multiplier=None, device="cpu", dtype=
     """
     ckpt = load_checkpoint(path, hint=missing_hint("--ckpt", "blendgan.pt"))
     sd = require_key(ckpt, "g_ema", path)
+    if "to_rgbs.0.conv.weight" in sd and "add_weight" not in sd:
+        raise CheckpointError(f"{path}['g_ema']: a StyleGAN2 generator without BlendGAN's style mapping and "
+                              f"blending weights (no add_weight): train.py --stylegan2_ckpt starts from it")
     try:
         cfg = infer_generator_config(sd)
     except (KeyError, IndexError, AttributeError):

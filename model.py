@@ -322,12 +322,14 @@ def infer_generator_config(state_dict):
     """Generator arguments a g_ema state dict was made for: dict(size, style_dim, n_mlp, channel_multiplier).
 
     channel_multiplier is None when it cannot be told (sizes below 64 share their channel counts).
-    Raises KeyError/IndexError when the dict is not a BlendGAN generator's.
+    Raises KeyError/IndexError when the dict is not a generator's; a StyleGAN2 generator's (no add_weight,
+    no embedding.*) is read too.
     """
-    n_latent = state_dict["add_weight"].shape[1]
-    size = 2 ** ((n_latent + 2) // 2)
+    # one ToRGB per resolution above 4 px: counted, not read from add_weight, which a StyleGAN2 file lacks
+    n_to_rgbs = len([k for k in state_dict if k.startswith("to_rgbs.") and k.endswith(".conv.weight")])
+    size = 2 ** (n_to_rgbs + 2)
     n_mlp = len([k for k in state_dict if k.startswith("style.") and k.endswith(".weight")])
-    last = len([k for k in state_dict if k.startswith("to_rgbs.") and k.endswith(".conv.weight")]) - 1
+    last = n_to_rgbs - 1
     in_ch = state_dict[f"to_rgbs.{last}.conv.weight"].shape[2]
     cm = in_ch / stylegan2_channels(1)[size] if size >= 64 else None
     return dict(size=size, style_dim=state_dict["style.1.weight"].shape[0], n_mlp=n_mlp,

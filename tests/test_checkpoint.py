@@ -146,6 +146,33 @@ def test_only_plain_data_classes_are_allowed():
         assert not hasattr(cls, "__setstate__")
 
 
+# a file with keys the model lacks is one CheckpointError naming the first three and counting the rest
+def test_unexpected_keys_are_one_line_naming_the_file_and_the_keys():
+    module = torch.nn.Linear(3, 2)
+    sd = {**module.state_dict(), "head.weight": torch.zeros(1)}
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.load_state_dict_strict(module, sd, "file.pt['g_ema']")
+    assert str(e.value) == "file.pt['g_ema']: layout does not fit Linear: 1 unexpected: head.weight"
+    sd = {**module.state_dict(), **{f"head.{i}": torch.zeros(1) for i in range(5)}}
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.load_state_dict_strict(module, sd, "file.pt")
+    assert str(e.value) == "file.pt: layout does not fit Linear: 5 unexpected: head.0, head.1, head.2 (+2 more)"
+
+
+# a missing entry names the file and the entries it has; an empty file says it is empty
+def test_missing_entry_and_empty_file_are_named(tmp_path):
+    path = str(tmp_path / "psp_encoder.pt")
+    save_checkpoint({"state_dict": {}, "opts": {}}, path)
+    with pytest.raises(CheckpointError) as e:
+        checkpoint.require_key(load_checkpoint(path), "g_ema", path)
+    assert str(e.value) == f"checkpoint {path}: has no 'g_ema' entry (it has: opts, state_dict)"
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(empty)
+    assert str(e.value) == f"checkpoint {empty}: file is empty"
+
+
 def test_files_that_are_not_checkpoints_say_what_they_are(tmp_path):
     """A page saved instead of the weights (Drive's quota page: the known failure of a hand download) and
     random bytes are named as such, not as something the safe loader refused; a truncated zip is still

@@ -18,7 +18,8 @@ import generate_image_pairs
 import style_transfer_folder
 from conftest import fill_disk
 from inference import encode_faces, encode_styles, load_blendgan, load_psp, pooled_batches, resize, stem
-from model import Generator
+from checkpoint import CheckpointError
+from model import BLENDGAN_ONLY_KEYS, Generator, infer_generator_config
 from psp_encoder.psp_encoders import PSPEncoder
 from utils import img2ten, ten2img
 from video import interpolation_alphas, read_mp4, sliding_window, write_mp4
@@ -295,6 +296,19 @@ def test_missing_checkpoint_is_one_clear_line(tmp_path):
     lines = [line for line in r.stderr.strip().splitlines() if line]
     assert len(lines) == 1, r.stderr
     assert "nope.pt" in lines[0] and "pretrained_models/blendgan.pt" in lines[0] and "onion-liu/BlendGAN" in lines[0]
+
+
+def test_a_stylegan2_file_as_ckpt_is_named_as_one(tmp_path):
+    torch.manual_seed(0)
+    g = Generator(16, 32, 2, channel_multiplier=1, load_pretrained_vgg=False)
+    synthesis = {k: v for k, v in g.state_dict().items() if not k.startswith(BLENDGAN_ONLY_KEYS)}
+    path = str(tmp_path / "stylegan2.pt")
+    torch.save({"g_ema": synthesis}, path)
+    with pytest.raises(CheckpointError) as e:
+        load_blendgan(path)
+    assert str(e.value) == (f"{path}['g_ema']: a StyleGAN2 generator without BlendGAN's style mapping and "
+                            f"blending weights (no add_weight): train.py --stylegan2_ckpt starts from it")
+    assert infer_generator_config(synthesis) == infer_generator_config(g.state_dict())  # read all the same
 
 
 def test_photo_scripts_refuse_a_generator_pSp_codes_do_not_fit(ckpts, tmp_path, capsys):

@@ -30,7 +30,7 @@ import blendgan_training as bt
 import model
 import prepare_data
 import train as train_script
-from checkpoint import DiskFullError, load_checkpoint, save_checkpoint
+from checkpoint import CheckpointError, DiskFullError, load_checkpoint, save_checkpoint
 from conftest import record_returns
 from dataset import InfiniteSampler
 from model import Discriminator, Generator, ProjectionDiscriminator
@@ -1038,6 +1038,124 @@ def test_amp_dtype_and_guard_patience(monkeypatch):
         fresh.check("d", {"a": float("nan")}, 1, params=[torch.tensor([1.0, float("nan")])])
 
 
+# ---- starting points: StyleGAN2, BlendGAN and style-encoder files ---------------------------------
+
+def _equal_states(module, sd, skip=()):
+    own = module.state_dict()
+    return all(torch.equal(own[k], v) for k, v in sd.items() if not k.startswith(skip))
+
+
+def _generator(seed):
+    torch.manual_seed(seed)
+    g = Generator(8, STYLE_DIM, 2, channel_multiplier=1, load_pretrained_vgg=False, style_pool_size=32)
+    with torch.no_grad():
+        g.add_weight.copy_(torch.rand_like(g.add_weight))
+    return g
+
+
+# --blendgan_ckpt starts G, g_ema and the discriminators from the file's own entries
+def test_blendgan_start_loads_g_g_ema_and_discriminators_from_their_entries(narrow, tmp_path):
+    g_ema = _generator(31)
+    release = str(tmp_path / "release.pt")
+    save_checkpoint({"g_ema": g_ema.state_dict()}, release)  # the release layout: g_ema only
+    s = _state()
+    bt.load_blendgan_start(s.nets, release, None, lambda *a: None)
+    assert _equal_states(s.nets.g_ema, g_ema.state_dict())
+    assert _equal_states(s.nets.g, g_ema.state_dict())  # G starts where g_ema is, not from random weights
+
+    # this trainer's layout: 'g' (no style encoder) differs from 'g_ema'; the three Ds are in the file
+    g = _generator(32)
+    torch.manual_seed(33)
+    ds = {"d_face": Discriminator(8, channel_multiplier=1).state_dict(),
+          "d_style": Discriminator(8, channel_multiplier=1).state_dict(),
+          "d_style_latent": ProjectionDiscriminator(8, STYLE_DIM, channel_multiplier=1).state_dict()}
+    own = str(tmp_path / "own.pt")
+    save_checkpoint({"g_ema": g_ema.state_dict(), "g": bt._generator_state_without_encoder(g), **ds}, own)
+    s = _state()
+    bt.load_blendgan_start(s.nets, own, None, lambda *a: None)
+    assert _equal_states(s.nets.g_ema, g_ema.state_dict())
+    assert _equal_states(s.nets.g, g.state_dict(), skip=("embedder.",))
+    assert not torch.equal(s.nets.g.style[1].weight, s.nets.g_ema.style[1].weight)
+    for name, sd in ds.items():
+        assert _equal_states(s.nets.discriminators()[name], sd), name
+
+
+# every style-encoder file layout load_style_encoder documents starts E_style from it
+def test_style_encoder_loads_from_every_documented_layout(narrow, tmp_path):
+    torch.manual_seed(41)
+    enc = StyleEncoder(STYLE_DIM, load_pretrained_vgg=False, pool_size=32)
+    sd = enc.state_dict()
+    blendgan = _generator(42)
+    layouts = {"style_encoder": ({"style_encoder": sd}, sd), "embedder": ({"embedder": sd}, sd),
+               "bare": (sd, sd),
+               "g_ema": ({"g_ema": blendgan.state_dict()},
+                         {k[len("embedder."):]: v for k, v in blendgan.state_dict().items()
+                          if k.startswith("embedder.")})}
+    for name, (ckpt, want) in layouts.items():
+        path = str(tmp_path / f"{name}.pt")
+        save_checkpoint(ckpt, path)
+        s = _state()
+        bt.load_style_encoder(s.nets.g, path, None, lambda *a: None)
+        assert _equal_states(s.nets.g.embedder, want) and s.nets.g_ema.embedder is s.nets.g.embedder, name
+
+    # MLP only: VGG-19 from --vgg_ckpt (torchvision keys 'features.N.*'), the MLP from the file
+    torch.manual_seed(43)
+    vgg = StyleEncoder(STYLE_DIM, load_pretrained_vgg=False, pool_size=32).embedder.feature_extractor
+    vgg_path = str(tmp_path / "vgg19.pth")
+    save_checkpoint({f"features.{k}": v for k, v in vgg.vgg_layers.state_dict().items()}, vgg_path)
+    mlp = {k: v for k, v in sd.items() if k.startswith("embedder_mlp.")}
+    path = str(tmp_path / "mlp.pt")
+    save_checkpoint({"style_encoder": mlp}, path)
+    s = _state()
+    bt.load_style_encoder(s.nets.g, path, vgg_path, lambda *a: None)
+    assert _equal_states(s.nets.g.embedder, mlp)
+    assert _equal_states(s.nets.g.embedder.embedder.feature_extractor.vgg_layers, vgg.vgg_layers.state_dict())
+    assert not _equal_states(s.nets.g.embedder.embedder.feature_extractor.vgg_layers,
+                             enc.embedder.feature_extractor.vgg_layers.state_dict())
+
+
+# only BlendGAN's own parts may be absent from a StyleGAN2 file; a missing synthesis layer is an error
+def test_stylegan2_file_missing_a_synthesis_layer_is_refused(narrow, tmp_path):
+    g = _generator(51)
+    synthesis = {k: v for k, v in g.state_dict().items() if not k.startswith(bt.BLENDGAN_ONLY_KEYS)}
+    torch.manual_seed(52)
+    d = Discriminator(8, channel_multiplier=1).state_dict()
+    good = str(tmp_path / "good.pt")
+    save_checkpoint({"g": synthesis, "g_ema": synthesis, "d": d}, good)
+    bt.load_stylegan2(_state().nets, good, lambda *a: None)  # the BlendGAN-only keys may be absent
+    lost = "convs.0.conv.weight"
+    assert lost in synthesis
+    bad = str(tmp_path / "bad.pt")
+    save_checkpoint({"g": {k: v for k, v in synthesis.items() if k != lost}, "g_ema": synthesis, "d": d}, bad)
+    with pytest.raises(CheckpointError, match=rf"{bad}\['g'\].*1 missing: {lost}"):
+        bt.load_stylegan2(_state().nets, bad, lambda *a: None)
+
+
+# a StyleGAN2 file of another size: the error names the file's size (counted from its ToRGBs), not the run's
+def test_stylegan2_file_of_another_size_names_its_size(tmp_path, monkeypatch):
+    monkeypatch.setattr(model, "stylegan2_channels", lambda channel_multiplier: {4: 512, 8: 32, 16: 32})
+    torch.manual_seed(61)
+    g16 = Generator(16, STYLE_DIM, 2, channel_multiplier=1, load_pretrained_vgg=False, style_pool_size=32)
+    synthesis = {k: v for k, v in g16.state_dict().items() if not k.startswith(bt.BLENDGAN_ONLY_KEYS)}
+    path = str(tmp_path / "stylegan2_16px.pt")
+    save_checkpoint({"g": synthesis, "g_ema": synthesis, "d": Discriminator(16, channel_multiplier=1).state_dict()},
+                    path)
+    with pytest.raises(CheckpointError, match=r"layout does not fit Generator.*looks like Generator\(size=16, "):
+        bt.load_stylegan2(_state().nets, path, lambda *a: None)
+
+
+# WBM weights outside [0, 1] in a start file are clamped before the first step (paper Sec. 3.2)
+def test_start_clamps_the_files_wbm_weights(narrow, data, tmp_path):
+    g = _generator(71)
+    with torch.no_grad():
+        g.add_weight.copy_(torch.linspace(-0.5, 1.5, g.add_weight.numel()).view_as(g.add_weight))
+    path = str(tmp_path / "blendgan.pt")
+    save_checkpoint({"g_ema": g.state_dict()}, path)
+    opts = small_options(data, tmp_path / "run", style_encoder_ckpt=None, blendgan_ckpt=path)
+    s, _ = bt.setup(bt.resolve_defaults(opts), log=lambda *a: None)
+    assert torch.equal(s.nets.g.add_weight, g.add_weight.clamp(0, 1))
+
+
 # ---- exact resume, also after SIGKILL --------------------------------------------------------------
 
 def test_resume_after_sigkill_matches_uninterrupted_run(narrow, data, tmp_path):
@@ -1132,6 +1250,45 @@ def test_start_warns_when_the_checkpoints_will_not_fit(narrow, data, tmp_path, s
     assert (f"warning: checkpoints here take ~{size} each and --keep 1 needs room for 2 at a save; "
             f"{free / 1e6:.1f} MB free in {folder}: the run will stop at a save (make room or lower --keep)") in lines
     assert estimates[1] == estimates[0] and not os.listdir(folder)
+
+
+# a checkpoint trained with another --style_pool_size (same weight shapes, other Gram features) is refused
+def test_resume_refuses_another_style_pool_size(narrow, tmp_path):
+    s = _state()
+    path = str(tmp_path / "000001.pt")
+    save_checkpoint(bt.checkpoint_state(s, None), path)
+    other = _state(style_pool_size=16)
+    with pytest.raises(CheckpointError, match="trained with --style_pool_size 32, this run has --style_pool_size 16"):
+        bt.load_training_checkpoint(other, path, log=lambda *a: None)
+
+
+# float16 loss scales and the checkpoint a later non-finite stop names come back with the resume
+def test_resume_restores_the_loss_scales_and_names_its_checkpoint(narrow, tmp_path, monkeypatch):
+    monkeypatch.setattr(bt, "amp_dtype", lambda device: torch.float16)
+    s = _state(amp=True)
+    assert s.g_scaler.is_enabled() and s.d_scaler.is_enabled()
+    s.g_scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)  # the scales a float16 run had come down to
+    s.d_scaler = torch.amp.GradScaler("cpu", init_scale=64.0)
+    path = str(tmp_path / "000001.pt")
+    save_checkpoint(bt.checkpoint_state(s, None), path)
+    resumed = _state(amp=True)
+    assert resumed.g_scaler.get_scale() != 1024.0
+    bt.load_training_checkpoint(resumed, path, log=lambda *a: None)
+    assert (resumed.g_scaler.get_scale(), resumed.d_scaler.get_scale()) == (1024.0, 64.0)
+    assert resumed.last_checkpoint == path
+
+
+# a run resumed in its own folder continues from its step: its earlier checkpoints and log records stay
+def test_a_resumed_run_keeps_its_earlier_checkpoints_and_log_records(narrow, data, tmp_path):
+    run = tmp_path / "run"
+    bt.train(small_options(data, run, iter=2, save_every=1, keep_checkpoints=5), log=lambda *a: None)
+    s = bt.train(small_options(data, run, iter=3, save_every=1, keep_checkpoints=5, resume="latest"),
+                 log=lambda *a: None)
+    assert s.iteration == 3
+    names = sorted(n for n in os.listdir(run / "checkpoints") if n.endswith(".pt"))
+    assert names == ["000001.pt", "000002.pt", "000003.pt"]
+    assert not os.path.exists(run / "checkpoints" / "superseded")
+    assert [r["step"] for r in read_jsonl(run / "logs" / "scalars.jsonl")] == [1, 2, 3]
 
 
 # ---- two processes under torchrun ---------------------------------------------------------------

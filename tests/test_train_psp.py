@@ -491,6 +491,22 @@ def test_resume_continues_exactly(assets, trained, tmp_path, capsys, monkeypatch
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+# a run resumed in its own folder continues from the checkpoint's step; the checkpoint and the log records up
+# to it stay where they are
+def test_a_resumed_run_keeps_its_checkpoint_and_earlier_log_records(assets, trained, tmp_path):
+    opts, _ = trained
+    run = tmp_path / "run"
+    os.makedirs(run / "checkpoints")
+    os.link(os.path.join(opts.out_dir, "checkpoints", "000006.pt"), run / "checkpoints" / "000006.pt")
+    os.makedirs(run / "logs")
+    (run / "logs" / "scalars.jsonl").write_text('{"step": 5, "loss/total": 1.0}\n{"step": 7, "loss/total": 1.0}\n')
+    with fast_cpu():
+        again = pt.train(options(assets, run, iter=6, save_every=6, resume="latest", export=False))
+    assert again.step == 6 and again.history == []
+    assert sorted(os.listdir(run / "checkpoints")) == ["000006.pt"]
+    assert [r["step"] for r in read_jsonl(run / "logs" / "scalars.jsonl")] == [5]  # step 7: a later run's, aside
+
+
 def test_non_finite_loss_stops_before_any_update(assets, trained, tmp_path, monkeypatch, capsys):
     opts, _ = trained
     real = pt.reconstruction_losses
