@@ -170,6 +170,96 @@ def test_padding_touches_only_the_margin(models):
     assert roughness[outside[:, :-1]].mean() < 0.5 * roughness[inside[:, :-1]].mean()
 
 
+def test_a_photo_larger_than_the_detection_side_gets_the_landmarks_of_its_face(models):
+    """Faces are detected on a copy of at most DETECT_MAX_SIDE px and the rectangle scaled back: a 3x photo
+    (1536 px, as most camera photos exceed 1024 px) has the landmarks of the 512 px photo, times 3."""
+    detector, predictor = models
+    small = _rgb(ASTRONAUT)  # [512, 512, 3]
+    big = np.asarray(Image.fromarray(small).resize((1536, 1536), Image.Resampling.LANCZOS))
+    assert max(big.shape) > align_faces.DETECT_MAX_SIDE
+    lm_small = _main_face_landmarks(small, models)
+    found = detect_landmarks(big, detector, predictor)
+    assert found
+    lm_big = max(found, key=lambda lm: ffhq_quad(lm)[1])
+    face = ffhq_quad(lm_small)[1]
+    # pixel centre x of the small photo is pixel 3x + 1 of the big one
+    assert np.abs((lm_big - 1) / 3 - lm_small).mean() < 0.01 * face
+    a = np.asarray(align_face(big, predictor, detector, output_size=64)[0], np.float64)
+    b = np.asarray(align_face(small, predictor, detector, output_size=64)[0], np.float64)
+    assert 10 * np.log10(255 ** 2 / np.mean((a - b) ** 2)) > 25
+
+
+def _ffhq_alignment_reference(photo, quad, qsize, output_size, transform_size):
+    """FFHQ's alignment from the crop square on, step by step with the FFHQ dataset's parameters, in plain
+    numpy / scipy / PIL: an oracle independent of align_faces' cv2 padding and its downsampled blur."""
+    def box(q):  # [left, top, right, bottom]: the integer bounding box of the quad's corners
+        return np.concatenate([np.floor(q.min(0)), np.ceil(q.max(0))]).astype(int)
+
+    img, quad = photo, quad.astype(np.float64)
+    # 1. a face over 4x the output side is first downscaled by an integer factor (Lanczos)
+    factor = int(qsize / output_size / 2)
+    if factor >= 2:
+        img = img.resize(tuple(int(np.rint(side / factor)) for side in img.size), Image.Resampling.LANCZOS)
+        quad, qsize = quad / factor, qsize / factor
+    margin = max(int(np.rint(qsize / 10)), 3)
+    # 2. crop to the quad's box widened by the margin, where that box is smaller than the photo
+    width, height = img.size
+    left, top, right, bottom = box(quad)
+    crop = (max(left - margin, 0), max(top - margin, 0), min(right + margin, width), min(bottom + margin, height))
+    if (crop[2] - crop[0], crop[3] - crop[1]) != (width, height):
+        img, quad = img.crop(crop), quad - crop[:2]
+    # 3. where the widened box leaves the photo by more than margin - 4: reflect-pad every side by at least
+    #    0.3 qsize, blur towards the outer edge, then fade into the median colour
+    width, height = img.size
+    left, top, right, bottom = box(quad)
+    need = np.clip([margin - left, margin - top, right + margin - width, bottom + margin - height], 0, None)
+    if need.max() > margin - 4:
+        p = np.maximum(need, int(np.rint(qsize * 0.3)))  # left, top, right, bottom
+        arr = np.pad(np.asarray(img, np.float32), ((p[1], p[3]), (p[0], p[2]), (0, 0)), mode="reflect")
+        yy, xx = np.mgrid[:arr.shape[0], :arr.shape[1]].astype(np.float32)
+        # 1 on the outer edge, 0 where the photo begins, negative inside it
+        edge = np.stack([1 - xx / p[0], 1 - (arr.shape[1] - 1 - xx) / p[2],
+                         1 - yy / p[1], 1 - (arr.shape[0] - 1 - yy) / p[3]]).max(0)[..., None]
+        sigma = qsize * 0.02
+        arr = arr + (gaussian_filter(arr, [sigma, sigma, 0]) - arr) * np.clip(3 * edge + 1, 0, 1)
+        arr = arr + (np.median(arr, axis=(0, 1)) - arr) * np.clip(edge, 0, 1)
+        img, quad = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8)), quad + p[:2]
+    # 4. sample the quad (its corners at pixel centres) bilinearly, then Lanczos down to the output size
+    img = img.transform((transform_size, transform_size), Image.Transform.QUAD, (quad + 0.5).flatten(),
+                        Image.Resampling.BILINEAR)
+    return img.resize((output_size, output_size), Image.Resampling.LANCZOS) if output_size < transform_size else img
+
+
+@pytest.mark.parametrize('case', ['close_up', 'off_centre', 'just_past_the_edge', 'far_past_the_top'])
+def test_alignment_is_ffhqs_from_the_crop_square_on(models, case):
+    """From the crop square on (shrink, crop, pad, blur, fill, transform, downsampling) the output is that of
+    FFHQ's published script: a pre-shrink by 2 and a pad on all sides (close-up), a crop on one axis (face near a
+    corner), a square 2 px short of the photo's edge (padded: FFHQ pads from border - 4), one leaving the top by
+    0.4 of its side (unequal pads). The last two move the landmarks, not the photo."""
+    photo = Image.open(ASTRONAUT).convert('RGB')
+    if case == 'close_up':
+        photo = photo.crop((150, 40, 330, 240)).resize((900, 1000), Image.Resampling.BICUBIC)
+    elif case == 'off_centre':
+        photo = photo.crop((150, 40, 512, 512)).resize((724, 944), Image.Resampling.BICUBIC)
+    arr = np.asarray(photo)
+    lm = _main_face_landmarks(arr, models)
+    quad, qsize = ffhq_quad(lm)
+    if case == 'just_past_the_edge':  # the square's left corner 2.3 px right of the photo's edge
+        lm = lm + [2.3 - quad[:, 0].min(), 0]
+    elif case == 'far_past_the_top':
+        lm = lm + [0, -0.4 * qsize - quad[:, 1].min()]
+    quad, qsize = ffhq_quad(lm)
+    output_size = int(qsize // 5) if case == 'close_up' else 128 if case == 'off_centre' else 64
+    if case == 'close_up':
+        assert int(np.floor(qsize / output_size * 0.5)) == 2  # the pre-shrink runs, by 2
+    assert qsize / max(int(np.floor(qsize / output_size * 0.5)), 1) * 0.02 < 2 * align_faces.BLUR_FULL_RES_MAX_SIGMA
+    transform_size = 2 * output_size  # 2x supersampling to save time; the pipeline is the same
+    got = np.asarray(align_from_landmarks(arr, lm, output_size, transform_size=transform_size), np.int16)
+    expected = np.asarray(_ffhq_alignment_reference(photo, quad, qsize, output_size, transform_size), np.int16)
+    # float32 rounding of the blend may move a pixel by one grey level
+    assert np.abs(got - expected).max() <= 1 and (got != expected).mean() < 0.01
+
+
 def test_cli_reports_skipped_and_writes_pngs(tmp_path, capsys, models):
     photos = tmp_path / 'photos'
     (photos / 'sub').mkdir(parents=True)

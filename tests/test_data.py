@@ -2,7 +2,9 @@
 
 import hashlib
 import io
+import multiprocessing
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -476,3 +478,115 @@ def test_random_flip_rate_is_p(p, low, high):
     assert (flipped.all(1) == flipped.any(1)).all()  # an image is flipped in every channel or in none
     rate = flipped[:, 0].float().mean().item()
     assert low <= rate <= high, rate
+
+
+def test_overwrite_never_replaces_a_folder_that_is_not_an_lmdb(tmp_path, capsys):
+    """--out photos --overwrite (a slip for another folder) is refused: --overwrite rebuilds LMDBs, it does not
+    delete a folder of photos."""
+    photos = tmp_path / 'photos'
+    photos.mkdir()
+    shutil.copy(FACE, photos / 'mine.jpg')
+    rc = prepare_data.main(['--out', str(photos), '--overwrite', '--size', '32', '--n_worker', '0',
+                            os.path.join(TEST_IMGS, 'unaligned')])
+    assert rc == 2
+    assert 'is not an LMDB' in capsys.readouterr().err
+    assert os.listdir(photos) == ['mine.jpg']
+
+
+def test_overwrite_replaces_a_finished_lmdb_and_leaves_nothing_beside_it(tmp_path):
+    """--overwrite over a finished LMDB: the new images, and the old LMDB gone, not kept as '.old-*' (at 1024 px
+    FFHQ's LMDB is ~90 GB)."""
+    out = str(tmp_path / 'faces.lmdb')
+    assert prepare_data.main(['--out', out, '--size', '32', '--n_worker', '0',
+                              os.path.join(TEST_IMGS, 'unaligned')]) == 0
+    assert prepare_data.main(['--out', out, '--size', '32', '--n_worker', '0', '--overwrite',
+                              os.path.join(TEST_IMGS, 'face_imgs')]) == 0
+    assert os.listdir(tmp_path) == ['faces.lmdb']
+    assert len(MultiResolutionDataset(out, None, 32)) == len(os.listdir(os.path.join(TEST_IMGS, 'face_imgs')))
+
+
+def test_a_folder_given_twice_or_inside_another_is_packed_once(tmp_path):
+    """FOLDER FOLDER/sub (or one folder twice) packs each image once: duplicates would be drawn twice as often."""
+    folder = tmp_path / 'faces'
+    (folder / 'sub').mkdir(parents=True)
+    names = sorted(os.listdir(os.path.join(TEST_IMGS, 'face_imgs')))[:3]
+    shutil.copy(os.path.join(TEST_IMGS, 'face_imgs', names[0]), folder / 'a.jpg')
+    for name in names[1:]:
+        shutil.copy(os.path.join(TEST_IMGS, 'face_imgs', name), folder / 'sub' / name)
+    out = str(tmp_path / 'once.lmdb')
+    summary = prepare_data.prepare(prepare_data.parse_args(
+        ['--out', out, '--size', '32', '--n_worker', '0', str(folder), str(folder / 'sub'), str(folder)]))
+    assert summary.length == 3 and len(MultiResolutionDataset(out, None, 32)) == 3
+
+
+def test_a_tall_image_keeps_its_vertical_centre(tmp_path):
+    """Portrait images (taller than wide): shorter side to the size, the central square, as for wide ones."""
+    tall = tmp_path / 'tall'
+    tall.mkdir()
+    canvas = Image.new('RGB', (512, 768), (0, 0, 255))
+    canvas.paste(Image.open(FACE).convert('RGB'), (0, 128))  # face in the middle, blue bands above and below
+    canvas.save(tall / 'tall.png')
+    out = str(tmp_path / 'tall.lmdb')
+    assert prepare_data.main(['--out', out, '--size', '64', '--format', 'png', '--n_worker', '0', str(tall)]) == 0
+    got = _pixels(MultiResolutionDataset(out, None, 64)[0]).astype(float)
+    expected = _reference_resized(FACE, 64).astype(float)
+    assert 10 * np.log10(255 ** 2 / np.mean((got - expected) ** 2)) > 30
+
+
+def test_a_finished_lmdb_is_kept_for_a_subset_of_its_sizes_and_refused_for_more(tmp_path, capsys):
+    """A rerun asking for some of the LMDB's sizes keeps it; asking for one more (with the others) is an error
+    naming the missing one, not a silent 'kept'."""
+    out = str(tmp_path / 'two.lmdb')
+    folder = os.path.join(TEST_IMGS, 'unaligned')
+    assert prepare_data.main(['--out', out, '--size', '32,64', '--n_worker', '0', folder]) == 0
+    assert prepare_data.main(['--out', out, '--size', '32', '--n_worker', '0', folder]) == 0
+    assert 'already a finished LMDB' in capsys.readouterr().out
+    assert prepare_data.main(['--out', out, '--size', '32,64,128', '--n_worker', '0', folder]) == 2
+    assert 'without [128]' in capsys.readouterr().err
+
+
+def test_the_resample_option_is_the_filter_used(tmp_path):
+    """--resample bilinear stores PIL's bilinear resize, not Lanczos."""
+    out = str(tmp_path / 'bilinear.lmdb')
+    assert prepare_data.main(['--out', out, '--size', '32', '--format', 'png', '--resample', 'bilinear',
+                              '--n_worker', '0', os.path.join(TEST_IMGS, 'unaligned')]) == 0
+    source = Image.open(os.path.join(TEST_IMGS, 'unaligned', 'astronaut.png')).convert('RGB')
+    bilinear = _pixels(source.resize((32, 32), Image.Resampling.BILINEAR))
+    assert not np.array_equal(bilinear, _pixels(source.resize((32, 32), Image.Resampling.LANCZOS)))
+    np.testing.assert_array_equal(_pixels(MultiResolutionDataset(out, None, 32)[0]), bilinear)
+
+
+@pytest.fixture(scope='module')
+def small_lmdb(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('small') / 'faces.lmdb')
+    assert prepare_data.main(['--out', out, '--size', '8', '--format', 'png', '--n_worker', '0',
+                              os.path.join(TEST_IMGS, 'face_imgs')]) == 0
+    return out
+
+
+def test_a_dataset_that_has_read_pickles_without_its_lmdb_handle(small_lmdb):
+    """DataLoader workers started by spawn (macOS, Windows, forkserver) receive the dataset pickled: its LMDB
+    handle is left out and reopened there."""
+    dataset = MultiResolutionDataset(small_lmdb, None, 8)
+    first = _pixels(dataset[0])
+    copy = pickle.loads(pickle.dumps(dataset))
+    np.testing.assert_array_equal(_pixels(copy[0]), first)
+
+
+def _child_reads(dataset, queue):
+    dataset[1]
+    queue.put(dataset._env_pid == os.getpid())
+
+
+def test_a_forked_worker_opens_its_own_lmdb_handle(small_lmdb):
+    """A dataset read in the parent and then forked (DataLoader workers on Linux): the child opens its own handle;
+    LMDB forbids using one inherited through fork."""
+    dataset = MultiResolutionDataset(small_lmdb, None, 8)
+    dataset[0]  # the parent's handle
+    ctx = multiprocessing.get_context('fork')
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_reads, args=(dataset, queue))
+    child.start()
+    own = queue.get(timeout=60)
+    child.join(60)
+    assert child.exitcode == 0 and own

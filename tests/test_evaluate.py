@@ -25,7 +25,7 @@ import model_zoo
 import prepare_data
 from checkpoint import CheckpointError
 from evaluation import (ImageSet, Protocol, dataset_statistics, draw_codes, draw_references, parse_indicators,
-                        reference_codes, run_protocol)
+                        real_statistics, reference_codes, run_protocol)
 from fileio import DiskFullError
 from metrics import (FeatureStats, frechet_distance, load_inception, load_lpips, lpips_diversity, style_consistency,
                      trace_sqrt_product)
@@ -660,3 +660,72 @@ def test_row_feeds_exactly_n_samples_to_fid_and_antialiased_lpips_inputs():
         expected_div.append(np.mean([((smooth[a] - smooth[b]) ** 2).mean().item() for a in range(3)
                                      for b in range(a + 1, 3)]))
     assert row["lpips"] == pytest.approx(np.mean(expected_div), rel=1e-5)
+
+
+class _MeanFeatures(torch.nn.Module):
+    input_size = 8
+    weights_id = weights_file = 'test'
+
+    def forward(self, x):
+        return torch.cat([x.mean((2, 3)), x.std((2, 3))], 1)  # [N, 6]
+
+
+def test_cached_real_statistics_of_another_set_or_count_are_refused(tmp_path):
+    """real_stats.npz made from one --real (or --n_real) is not reused for another: FID would be against the
+    wrong images."""
+    other = tmp_path / 'other'
+    other.mkdir()
+    for name in sorted(os.listdir(STYLES))[:4]:
+        shutil.copy(os.path.join(STYLES, name), other / name)
+    stats = str(tmp_path / 'real_stats.npz')
+    extractor = _MeanFeatures()
+    real_statistics(STYLES, 16, 6, stats, extractor, 8, 'cpu')
+    real_statistics(STYLES, 16, 6, stats, extractor, 8, 'cpu')  # the same set: the cache is used
+    for real, n_real in ((str(other), None), (STYLES, None), (STYLES, 5)):
+        with pytest.raises(ValueError, match='holds the statistics of'):
+            real_statistics(real, 16, n_real, stats, extractor, 8, 'cpu')
+
+
+def test_evaluation_settings_change_when_the_checkpoint_is_rewritten(tmp_path):
+    """A checkpoint overwritten in place by a later training run (same path, same size: same architecture) is
+    another evaluation: its settings differ, so partial_results.json rows of the old one are not reused."""
+    ckpt = tmp_path / 'blendgan.pt'
+    ckpt.write_bytes(b'a' * 100)
+    before = evaluation.evaluation_settings(str(ckpt), 16, {}, None, Protocol())
+    ckpt.write_bytes(b'b' * 100)
+    st = os.stat(ckpt)
+    os.utime(ckpt, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+    assert evaluation.evaluation_settings(str(ckpt), 16, {}, None, Protocol()) != before
+
+
+def test_references_are_drawn_uniformly():
+    """Each reference image is equally likely in reference-guided rows."""
+    picks = draw_references(3000, 2, 5, seed=0)  # [3000, 2]
+    counts = np.bincount(picks.flatten().numpy(), minlength=5)
+    assert np.abs(counts / counts.sum() - 0.2).max() < 0.02, counts
+
+
+def test_a_truncated_row_feeds_the_truncation_centre_to_the_generator():
+    """--truncation psi < 1: the generator gets psi and the centre evaluate.py computed."""
+    seen = []
+
+    class Recording(PatternGenerator):
+        def forward(self, styles, z_embed=None, **kwargs):
+            seen.append(kwargs)
+            return super().forward(styles, z_embed)
+
+    g = Recording()
+    protocol = Protocol(n_samples=2, lpips_faces=1, n_styles=2, lpips_size=0, truncation=0.5)
+    centre = torch.randn(1, 8)
+    z_face, z_style = torch.randn(1, 8), torch.randn(1, 2, 8)
+
+    class LPIPS:
+        def features(self, face):
+            return [face]
+
+        def distance(self, a, b):
+            return ((a[0] - b[0]) ** 2).mean((1, 2, 3))
+
+    evaluation.evaluate_row(g, 0, z_face, z_style, protocol, np.zeros(3), np.eye(3), lambda x: x.mean((2, 3)),
+                            LPIPS(), batch=2, truncation_latent=centre)
+    assert seen and all(kw['truncation'] == 0.5 and kw['truncation_latent'] is centre for kw in seen)
