@@ -63,7 +63,8 @@ when given, and the log names every discriminator that starts fresh.
 Mixed precision (--amp): the adversarial phases under autocast, bfloat16 where supported (no loss
 scaling), float16 on GPUs without bfloat16 tensor cores (compute capability < 8.0), then with a
 GradScaler per optimizer (an overflowing step is skipped and the scale halves). R1 and the path length
-(double backward) stay float32. A non-finite (rank-averaged) loss skips that optimizer step; the run
+(double backward) stay float32. A non-finite (rank-averaged) loss, or a non-finite gradient where no
+GradScaler checks them (float32, bfloat16, the regularisers), skips that optimizer step; the run
 stops with NonFiniteLossError only when one phase stays non-finite for --nonfinite_patience consecutive
 steps or the weights are non-finite, and no checkpoint is written during such a run of bad steps (the
 last good one stays the newest).
@@ -629,13 +630,14 @@ class TrainState:
     def step(self, phase, losses, optim, scaler, params):
         """Reduce the losses over ranks, then the optimizer step, unless they are non-finite.
 
-        A non-finite step is skipped (no weight or optimizer-state change; under float16 the loss scale
-        halves, as GradScaler does on overflow); NonFiniteGuard stops the run when it persists or the
-        weights are non-finite. scaler: the phase's GradScaler, or None for the float32 regularisers.
-        Returns the reduced losses (floats).
+        A non-finite step (a loss, or a gradient of a finite loss) is skipped (no weight or optimizer-state
+        change; under float16 the loss scale halves, as GradScaler does on overflow); NonFiniteGuard stops
+        the run when it persists or the weights are non-finite. scaler: the phase's GradScaler, or None for
+        the float32 regularisers. Returns the reduced losses (floats).
         """
         stats = distributed.reduce_dict(losses)
-        if self.nonfinite.check(phase, stats, self.iteration + 1, self.last_checkpoint, params):
+        unscaled = scaler is None or not scaler.is_enabled()  # else GradScaler tests the gradients itself
+        if self.nonfinite.check(phase, stats, self.iteration + 1, self.last_checkpoint, params, unscaled):
             if scaler is None:  # the float32 regularisers
                 optim.step()
             else:

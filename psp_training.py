@@ -491,7 +491,8 @@ def _train(options, device, log):
     losses = build_losses(options, device)
     active = losses.active()
     # The fused kernel (CPU and CUDA): one pass over the ~120-270M parameters instead of several.
-    optimizer = torch.optim.Adam(psp.parameters(), lr=options.lr, betas=(options.beta1, options.beta2), fused=True)
+    trainable = list(psp.parameters())
+    optimizer = torch.optim.Adam(trainable, lr=options.lr, betas=(options.beta1, options.beta2), fused=True)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16 and device.type == "cuda")
     step = 0
     if ckpt is not None:
@@ -556,6 +557,8 @@ def _train(options, device, log):
             trainutil.check_finite(stats, step + 1, last_checkpoint)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(total).backward()
+            if not scaler.is_enabled():  # float16's GradScaler skips a step with non-finite gradients itself
+                trainutil.check_finite({}, step + 1, last_checkpoint, params=trainable)
             scaler.step(optimizer)
             scaler.update()
             step += 1

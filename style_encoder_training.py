@@ -377,7 +377,8 @@ def _train(options, device):
     if channels_last:
         encoder.embedder.to(memory_format=torch.channels_last)
     head = SimCLRHead(encoder.embedder_mlp, projector).train()
-    optimizer = torch.optim.Adam(head.parameters(), lr=options.lr, betas=(float(options.beta1), float(options.beta2)))
+    trainable = list(head.parameters())
+    optimizer = torch.optim.Adam(trainable, lr=options.lr, betas=(float(options.beta1), float(options.beta2)))
     step, samples_seen, rng, window = 0, 0, None, None
     if ckpt is not None:
         trainutil.load_optimizer_state(optimizer, ckpt["optimizer"], print if main else None)
@@ -425,6 +426,7 @@ def _train(options, device):
             trainutil.check_finite({"nt_xent": loss}, step + 1, last_checkpoint)
             optimizer.zero_grad(set_to_none=False)  # reuse the gradient buffers (1.25 GB for the first layer)
             (loss * world).backward()  # DDP averages over ranks; the gathered loss needs the sum
+            trainutil.check_finite({}, step + 1, last_checkpoint, params=trainable)
             optimizer.step()
             step += 1
             samples_seen += global_batch

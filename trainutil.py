@@ -12,7 +12,7 @@
 - ``write_json`` / ``write_config``: atomic JSON (``DIR/config.json``).
 - ``ScalarLogger``: TensorBoard scalars plus one JSON line per call in ``logs/scalars.jsonl``;
   a no-op off rank 0; a continued run's later records moved aside. ``RunMonitor``: the loop's bar, logs, speed.
-- ``check_finite``: stops a run on a NaN/inf loss with a clear ``NonFiniteLossError``;
+- ``check_finite``: stops a run on a NaN/inf loss (or gradient) with a clear ``NonFiniteLossError``;
   ``NonFiniteGuard``: skips a few non-finite steps first (mixed precision).
 - ``default_device``, ``rank_seed``, ``seed_everything`` (per-rank seeding), ``accumulate`` (EMA,
   e.g. ``g_ema``).
@@ -556,18 +556,35 @@ def _first_non_finite(losses):
     return None
 
 
-def check_finite(losses, step, last_checkpoint=None):
-    """Raise NonFiniteLossError naming the loss, the step and the checkpoint to resume from.
+def gradients_finite(params):
+    """True when every ``.grad`` of ``params`` is finite (None counts as finite).
 
-    losses: {name: tensor or number}. Call it before the optimizer step so that no weights are
-    updated from a bad loss, and with values every rank agrees on (e.g. the global loss) so that all
-    ranks stop together. Tensors on a GPU make this a synchronisation point.
+    A finite loss can still have an inf gradient (an overflow in the backward pass), which one optimizer
+    step turns into NaN weights; a GradScaler tests its own scaled gradients, every other step needs this.
+    One sum per tensor (NaN and inf propagate; no full-size temporary, unlike isfinite) and one sync.
+    """
+    sums = [p.grad.detach().sum() for p in params if p.grad is not None]
+    return not sums or bool(torch.isfinite(torch.stack(sums)).all())
+
+
+def _stopped(step, problem, last_checkpoint):
+    return NonFiniteLossError(f"step {step}: {problem}; training stopped, {_resume_hint(last_checkpoint)}. "
+                              "Lower --lr, use --amp off, or check the data.")
+
+
+def check_finite(losses, step, last_checkpoint=None, params=None):
+    """Raise NonFiniteLossError naming the loss (or the gradients), the step and the checkpoint to resume from.
+
+    losses: {name: tensor or number}. Call it before the optimizer step so that no weights are updated
+    from a bad loss, and with values every rank agrees on (e.g. the global loss) so that all ranks stop
+    together. params: also require finite gradients (after backward, for a step no GradScaler checks;
+    DDP has already averaged them, so the ranks agree). Tensors on a GPU make this a synchronisation point.
     """
     bad = _first_non_finite(losses)
     if bad is not None:
-        name, v = bad
-        raise NonFiniteLossError(f"step {step}: loss '{name}' is {v}; training stopped, {_resume_hint(last_checkpoint)}. "
-                                 "Lower --lr, use --amp off, or check the data.")
+        raise _stopped(step, f"loss '{bad[0]}' is {bad[1]}", last_checkpoint)
+    if params is not None and not gradients_finite(params):
+        raise _stopped(step, "a gradient is not finite (the losses are)", last_checkpoint)
 
 
 class NonFiniteGuard:
@@ -575,9 +592,10 @@ class NonFiniteGuard:
     when one phase's losses stay non-finite for ``patience`` consecutive steps, or at once when the weights
     themselves are non-finite.
 
-    check(phase, losses, step, last_checkpoint, params) -> True when the step may go ahead. Use values every
-    rank agrees on (reduced losses), so that all ranks skip and stop together. ``healthy``: no phase is in a
-    run of bad steps (e.g. the moment to write a checkpoint).
+    check(phase, losses, step, last_checkpoint, params, gradients) -> True when the step may go ahead. Use
+    values every rank agrees on (reduced losses), so that all ranks skip and stop together. gradients: a
+    non-finite ``.grad`` in params is a bad step too (for steps no GradScaler checks, see gradients_finite).
+    ``healthy``: no phase is in a run of bad steps (e.g. the moment to write a checkpoint).
     """
 
     def __init__(self, patience=4):
@@ -590,24 +608,25 @@ class NonFiniteGuard:
     def healthy(self):
         return not any(self.bad_steps.values())
 
-    def check(self, phase, losses, step, last_checkpoint=None, params=()):
+    def check(self, phase, losses, step, last_checkpoint=None, params=(), gradients=False):
+        params = list(params)
         bad = _first_non_finite(losses)
-        if bad is None:
+        if bad is not None:
+            problem = f"loss '{bad[0]}' is {bad[1]}"
+        elif gradients and not gradients_finite(params):
+            problem = "a gradient is not finite (the losses are)"
+        else:
             self.bad_steps[phase] = 0
             return True
-        name, v = bad
         count = self.bad_steps.get(phase, 0) + 1
         self.bad_steps[phase] = count
         with torch.no_grad():
             weights_bad = any(not bool(torch.isfinite(p).all()) for p in params)
         if weights_bad:
-            why = f"loss '{name}' is {v} and the weights are no longer finite"
-        elif count >= self.patience:
-            why = f"loss '{name}' is {v}, non-finite for {count} consecutive steps"
-        else:
-            return False
-        raise NonFiniteLossError(f"step {step}: {why}; training stopped, {_resume_hint(last_checkpoint)}. "
-                                 "Lower --lr, use --amp off, or check the data.")
+            raise _stopped(step, f"{problem} and the weights are no longer finite", last_checkpoint)
+        if count >= self.patience:
+            raise _stopped(step, f"{problem}, non-finite for {count} consecutive steps", last_checkpoint)
+        return False
 
 
 def default_device():

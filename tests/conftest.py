@@ -30,6 +30,22 @@ def record_returns(monkeypatch, owner, name):
     return returns
 
 
+def inf_gradient(x):
+    """``x`` unchanged, whose gradient comes back infinite: a finite loss with an overflow in its backward pass."""
+    import torch
+
+    class InfGradient(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t.view_as(t)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad * float("inf")
+
+    return InfGradient.apply(x)
+
+
 def pytest_sessionstart(session):
     """Say at the start when the temporary folder has less room than the suite needs; otherwise the first sign is
     tests failing with 'the disk is full' minutes later."""

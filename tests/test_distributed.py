@@ -427,3 +427,39 @@ def test_accumulate_is_an_exponential_moving_average():
 
 def test_default_device():
     assert trainutil.default_device() == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_each_rank_restores_its_own_rng_state_and_another_world_reseeds_per_rank(monkeypatch):
+    """After a resume each rank continues its own random streams (not rank 0's: the same codes, noise and flips on
+    every rank); a checkpoint of another world size re-seeds each rank with rank_seed(seed, rank)."""
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    states = []
+    for r in range(3):
+        trainutil.seed_everything(100, r)
+        states.append(trainutil.rng_state())
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert trainutil.restore_rng_states(states[:2])
+    got = _draws()
+    trainutil.set_rng_state(states[1])
+    assert _draws() == got
+    trainutil.set_rng_state(states[0])
+    assert _draws() != got
+    assert not trainutil.restore_rng_states(states, seed=9)  # three processes wrote it: re-seeded
+    got = _draws()
+    trainutil.seed_everything(9, 1)
+    assert _draws() == got
+
+
+def test_a_local_rank_past_the_visible_gpus_is_one_clear_error(monkeypatch):
+    """LOCAL_RANK 2 with 2 visible GPUs (cuda:0, cuda:1) is named before torch's own error."""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    with pytest.raises(RuntimeError, match="LOCAL_RANK 2 but only 2 CUDA devices"):
+        distributed.init_distributed("cuda")
+    assert not torch.distributed.is_initialized()

@@ -8,6 +8,7 @@ without a GPU. The build helper is checked for laziness, caching, its fallback a
 """
 
 import ctypes
+import fcntl
 import mmap
 import os
 import shutil
@@ -26,8 +27,8 @@ import op
 import op.build
 from op import FusedLeakyReLU, check_cuda, fused_leaky_relu, upfirdn2d
 from op.check_cuda import (FUSED_LRELU_CASES, TOLERANCE, UPFIRDN2D_CASES, case_id, fused_lrelu_errors,
-                           fused_lrelu_gradchecks, fused_lrelu_inputs, upfirdn2d_errors, upfirdn2d_gradchecks,
-                           upfirdn2d_inputs)
+                           fused_lrelu_gradchecks, fused_lrelu_inputs, self_check, upfirdn2d_errors,
+                           upfirdn2d_gradchecks, upfirdn2d_inputs)
 from op.fused_act import fused_bias_leaky_relu_with
 from op.upfirdn2d import upfirdn2d_ref, upfirdn2d_with
 
@@ -930,3 +931,105 @@ def test_a_held_lock_is_waited_for(tmp_path):
     host = __import__("socket").gethostname()
     assert messages == [f"[op.build] another process (pid {os.getpid()} on {host}) is building in {tmp_path}; "
                         f"waiting for it"]
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    monkeypatch.delenv(op.build.NO_CUDA_OPS_ENV, raising=False)
+    monkeypatch.setenv(op.build.CUDA_OPS_ENV, "auto")
+    monkeypatch.setenv(op.build.BUILD_DIR_ENV, str(tmp_path))
+    monkeypatch.setattr(op.build, "_CACHE", {})
+    monkeypatch.setattr(op.build, "_FAILED", {})
+
+
+class NaNUpFirDn2dExtension(EmulatedUpFirDn2dExtension):
+    """A stand-in whose forward is NaN everywhere (e.g. uninitialised shared memory)."""
+
+    @classmethod
+    def upfirdn2d(cls, x, kernel, *args):
+        return super().upfirdn2d(x, kernel, *args) * float("nan")
+
+
+def test_kernels_that_return_nan_fail_the_self_check(fresh_build, monkeypatch):
+    """NaN outputs are a disagreement (a NaN error passes `err >= tolerance`), and 'auto' falls back."""
+    reason = self_check("upfirdn2d", NaNUpFirDn2dExtension, "cpu")
+    assert reason is not None and reason.startswith("output of case") and "nan" in reason
+    monkeypatch.setattr(op.build, "compile_extension", lambda name, verbose=False: NaNUpFirDn2dExtension)
+    monkeypatch.setattr(op.build, "self_check", lambda name, module, device: self_check(name, module, "cpu"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert op.build.select_impl("auto", "upfirdn2d", (FakeCudaTensor(),)) is None
+    assert len(caught) == 1 and "disagrees with the PyTorch reference" in str(caught[0].message)
+
+
+def test_a_self_check_that_raises_falls_back_with_one_warning_and_impl_cuda_says_why(fresh_build, monkeypatch):
+    """A kernel that raises in the check (e.g. no kernel image for this GPU) is a disagreement, warned about once,
+    not a crash of the run; impl='cuda' then names that reason."""
+    def crashing_check(name, module, device):
+        raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(op.build, "compile_extension", lambda name, verbose=False: EmulatedUpFirDn2dExtension)
+    monkeypatch.setattr(op.build, "self_check", crashing_check)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert op.build.select_impl("auto", "upfirdn2d", (FakeCudaTensor(),)) is None
+        assert op.build.select_impl("auto", "upfirdn2d", (FakeCudaTensor(),)) is None
+    assert len(caught) == 1 and "the check raised RuntimeError: CUDA error: no kernel image" in str(caught[0].message)
+    with pytest.raises(RuntimeError, match="unavailable: it disagrees with the PyTorch reference .*no kernel image"):
+        op.build.select_impl("cuda", "upfirdn2d", (FakeCudaTensor(),))
+
+
+def test_cuda_mode_insists_on_the_kernels_and_mixed_devices_take_the_reference(fresh_build, monkeypatch):
+    """BLENDGAN_CUDA_OPS=cuda makes a failed build an error even for impl='auto'; inputs not all on CUDA never
+    build."""
+    built = []
+
+    def failing_compile(name, verbose=False):
+        built.append(name)
+        raise RuntimeError("nvcc exploded")
+
+    monkeypatch.setattr(op.build, "compile_extension", failing_compile)
+    assert op.build.select_impl("auto", "upfirdn2d", (FakeCudaTensor(), torch.zeros(1))) is None
+    assert built == []
+    monkeypatch.setenv(op.build.CUDA_OPS_ENV, "cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(RuntimeError, match="unavailable: it did not build .*nvcc exploded"):
+            op.build.select_impl("auto", "upfirdn2d", (FakeCudaTensor(),))
+    assert built == ["upfirdn2d"]
+
+
+def test_the_build_runs_holding_the_build_directorys_lock(fresh_build, monkeypatch):
+    """While compile_extension runs, another open file description cannot take the build folder's lock (without
+    it, under torchrun every rank would compile into the same folder at once)."""
+    held = []
+
+    def compile_checking_the_lock(name, verbose=False):
+        fd = os.open(os.path.join(op.build.build_dir_for(name), op.build.LOCK_NAME), os.O_CREAT | os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held.append(False)
+        except BlockingIOError:
+            held.append(True)
+        finally:
+            os.close(fd)
+        return EmulatedUpFirDn2dExtension
+
+    monkeypatch.setattr(op.build, "compile_extension", compile_checking_the_lock)
+    assert op.build.locked_compile("upfirdn2d") is EmulatedUpFirDn2dExtension
+    assert held == [True]
+
+
+def test_the_build_key_holds_the_torch_and_cuda_versions_and_false_keeps_the_kernels(monkeypatch):
+    """The build key holds torch's and CUDA's versions (else, after a torch upgrade, the old binary is loaded, fails
+    to import, and the run silently uses the reference); BLENDGAN_NO_CUDA_OPS=false / no / 0 is not set."""
+    first = op.build.source_hash("upfirdn2d")
+    monkeypatch.setattr(torch, "__version__", torch.__version__ + ".other")
+    second = op.build.source_hash("upfirdn2d")
+    assert second != first
+    monkeypatch.setattr(torch.version, "cuda", "99.9")
+    assert op.build.source_hash("upfirdn2d") not in (first, second)
+    monkeypatch.delenv(op.build.CUDA_OPS_ENV, raising=False)
+    for value in ("false", "no", "False", "0", ""):
+        monkeypatch.setenv(op.build.NO_CUDA_OPS_ENV, value)
+        assert op.build.cuda_ops_mode() == "auto", value

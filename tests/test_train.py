@@ -1016,6 +1016,156 @@ def test_float16_overflow_skips_the_step_and_halves_the_scale(narrow, monkeypatc
     assert all(bool(torch.isfinite(p).all()) for p in s.nets.d_parameters())
 
 
+def test_amp_runs_the_adversarial_phases_under_autocast_and_the_regularisers_in_float32(narrow, monkeypatch):
+    """--amp's D and G phases run under autocast in amp_dtype's dtype, R1 and path length never; the
+    scalers are on for float16 only."""
+    torch.manual_seed(5)
+    s = _state(amp=True, mixing=0.0)
+    assert s.amp_dtype == torch.bfloat16 and not s.d_scaler.is_enabled() and not s.g_scaler.is_enabled()
+    b = _fixed_batch(s, 3)
+    seen = []
+
+    def record(module, inputs, output):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+
+    hooks = [m.register_forward_hook(record) for m in (s.nets.g, s.nets.d_face, s.nets.d_style,
+                                                         s.nets.d_style_latent)]
+    try:
+        for phase, amp in ((bt.d_step, True), (bt.d_reg_step, False), (bt.g_step, True), (bt.g_reg_step, False)):
+            seen.clear()
+            phase(s) if phase is bt.g_reg_step else phase(s, b)
+            assert seen, phase.__name__
+            if amp:  # the D and G forwards of the adversarial terms (d_step's fakes come from G under no_grad)
+                assert all(on and dtype == torch.bfloat16 for on, dtype in seen), (phase.__name__, seen)
+            else:
+                assert not any(on for on, _ in seen), (phase.__name__, seen)
+    finally:
+        for h in hooks:
+            h.remove()
+    # float16 where amp_dtype says so (GPUs before Ampere): autocast in float16, with both GradScalers on
+    monkeypatch.setattr(bt, "amp_dtype", lambda device: torch.float16)
+    s16 = _state(amp=True)
+    assert s16.d_scaler.is_enabled() and s16.g_scaler.is_enabled()
+    with s16.autocast():
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.float16
+
+
+def test_float16_non_finite_loss_skips_the_step_and_halves_the_scale(narrow, monkeypatch):
+    """A NaN loss under float16 skips the step and halves the loss scale (as GradScaler does on an
+    overflowing gradient); the next finite step goes ahead at that scale."""
+    monkeypatch.setattr(bt, "amp_dtype", lambda device: torch.float16)
+    torch.manual_seed(4)
+    s = _state(amp=True, mixing=0.0, r1=0, path_regularize=0)
+    s.amp_dtype = None  # float32 forward (see test_float16_overflow_skips_the_step_and_halves_the_scale)
+    s.d_scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    s.g_scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    b = _fixed_batch(s, 9)
+    _poison_d_loss(monkeypatch, {1})  # the first D step's three terms are NaN
+
+    def d_weights():
+        return [p.detach().clone() for p in s.nets.d_parameters()]
+
+    before = d_weights()
+    stats = bt.d_step(s, b)
+    assert math.isnan(stats["d_total"])
+    assert all(torch.equal(a, p) for a, p in zip(before, s.nets.d_parameters()))
+    assert s.d_scaler.get_scale() == 128.0 and s.g_scaler.get_scale() == 256.0
+    before = d_weights()
+    stats = bt.d_step(s, b)
+    assert math.isfinite(stats["d_total"]) and s.d_scaler.get_scale() == 128.0
+    assert any(not torch.equal(a, p) for a, p in zip(before, s.nets.d_parameters()))
+
+
+def test_the_float32_regularisers_ignore_the_loss_scale(narrow, monkeypatch):
+    """R1 and path length backpropagate
+    unscaled float32 losses, so under float16 Adam must take their gradient as it is, not divided by the loss
+    scale (R1 would then weigh 1/65536 of its share in Adam's moments, which the adversarial gradient shares).
+    The optimizers are fused (the scale is undone inside Adam's kernel), so the moments are compared."""
+    moments = {}
+    for amp in (False, True):
+        with monkeypatch.context() as m:
+            if amp:
+                m.setattr(bt, "amp_dtype", lambda device: torch.float16)
+            torch.manual_seed(14)
+            s = _state(amp=amp, mixing=0.0)
+            if amp:
+                s.amp_dtype = None  # float32 forward (see test_float16_overflow_skips_the_step_and_halves_the_scale)
+                s.d_scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+                s.g_scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+                for scaler in (s.d_scaler, s.g_scaler):
+                    scaler.scale(torch.ones(()))  # in use, as after the run's first D and G steps
+            b = _fixed_batch(s, 14)
+            bt.d_reg_step(s, b)
+            torch.manual_seed(15)
+            bt.g_reg_step(s)
+            for name, optim, params in (("r1", s.d_optim, s.nets.d_parameters()),
+                                        ("path", s.g_optim, s.nets.g_trainable())):
+                moments[amp, name] = [optim.state[p]["exp_avg_sq"].clone() for p in params if p in optim.state]
+    for name in ("r1", "path"):
+        assert moments[False, name] and any(bool(v.sum() > 0) for v in moments[False, name])
+        assert len(moments[True, name]) == len(moments[False, name])
+        for plain, scaled in zip(moments[False, name], moments[True, name]):
+            assert torch.allclose(scaled, plain, rtol=1e-4, atol=1e-30), name
+
+
+def test_non_finite_weights_stop_the_run_at_once_naming_the_iteration(narrow):
+    """One NaN weight tensor among finite ones stops the run at once, naming the iteration (1-based)."""
+    guard = NonFiniteGuard(patience=5)
+    with pytest.raises(NonFiniteLossError, match="step 3: loss 'a' is nan and the weights are no longer finite"):
+        guard.check("d", {"a": float("nan")}, 3, params=[torch.ones(2), torch.tensor([1.0, float("nan")])])
+    torch.manual_seed(7)
+    s = _state(mixing=0.0)
+    b = _fixed_batch(s, 11)
+    s.iteration = 4
+    with torch.no_grad():
+        next(iter(s.nets.d_style.parameters())).fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match="step 5: loss '.*' is nan and the weights are no longer finite"):
+        bt.d_step(s, b)
+
+
+def test_a_non_finite_path_length_step_keeps_the_running_mean(narrow, monkeypatch):
+    """A skipped (NaN) path-length step leaves the mean path length as it was; taken into the running mean,
+    one NaN would make every later path-length penalty NaN, and the run would stop."""
+    torch.manual_seed(6)
+    s = _state(mixing=0.0)
+    s.mean_path_length = torch.tensor(0.75)
+    real = bt.path_length_penalty
+
+    def poisoned(*args, **kwargs):
+        penalty, target, lengths = real(*args, **kwargs)
+        return penalty * float("nan"), target * float("nan"), lengths * float("nan")
+
+    monkeypatch.setattr(bt, "path_length_penalty", poisoned)
+    before = [p.detach().clone() for p in s.nets.g_trainable()]
+    stats = bt.g_reg_step(s)
+    assert math.isnan(stats["path_length"]) and stats["mean_path_length"] == 0.75
+    assert float(s.mean_path_length) == 0.75
+    assert all(torch.equal(a, p) for a, p in zip(before, s.nets.g_trainable()))  # the step was skipped
+
+
+def test_a_finite_loss_with_a_non_finite_gradient_skips_the_step(narrow):
+    """float32 (or bfloat16, whose GradScaler is off): an inf gradient of a finite G loss would make G NaN in one
+    step, and that iteration's checkpoint would hold NaN weights named the last good ones. The step is skipped
+    instead and counted by the guard like a non-finite loss (no checkpoint while it lasts)."""
+    torch.manual_seed(12)
+    s = _state(mixing=0.0, r1=0, path_regularize=0, nonfinite_patience=2)
+    b = _fixed_batch(s, 12)
+    before = [p.detach().clone() for p in s.nets.g_trainable()]
+    hook = s.nets.g.convs[0].conv.weight.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+    try:
+        stats = bt.g_step(s, b)
+        assert math.isfinite(stats["g_total"])
+        assert all(torch.equal(a, p) for a, p in zip(before, s.nets.g_trainable()))
+        assert not s.nonfinite.healthy
+        with pytest.raises(NonFiniteLossError, match=r"step 1: a gradient is not finite \(the losses are\), "
+                                                     r"non-finite for 2 consecutive steps"):
+            bt.g_step(s, b)
+    finally:
+        hook.remove()
+    bt.g_step(s, b)
+    assert s.nonfinite.healthy and not all(torch.equal(a, p) for a, p in zip(before, s.nets.g_trainable()))
+
+
 def test_amp_dtype_and_guard_patience(monkeypatch):
     assert bt.amp_dtype(torch.device("cpu")) == torch.bfloat16
     # by the training device's compute capability: bfloat16 from Ampere on, float16 (with GradScaler) on a

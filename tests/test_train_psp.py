@@ -34,7 +34,7 @@ import psp_training as pt
 import train_psp
 import trainutil
 from checkpoint import CheckpointError, load_checkpoint
-from conftest import record_returns
+from conftest import inf_gradient, record_returns
 from inference import load_psp
 from psp_encoder.arcface import ArcFaceIRSE50, load_arcface
 from psp_encoder.encoders import GradualStyleEncoder
@@ -507,12 +507,17 @@ def test_a_resumed_run_keeps_its_checkpoint_and_earlier_log_records(assets, trai
     assert [r["step"] for r in read_jsonl(run / "logs" / "scalars.jsonl")] == [5]  # step 7: a later run's, aside
 
 
-def test_non_finite_loss_stops_before_any_update(assets, trained, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("poison", ["loss", "gradient"])
+def test_non_finite_loss_stops_before_any_update(assets, trained, tmp_path, monkeypatch, capsys, poison):
+    """A NaN loss, or a finite loss whose gradient overflows (float32 / bfloat16: no GradScaler to skip the step),
+    stops the run before its step, naming the checkpoint it resumed from and leaving it as it was."""
     opts, _ = trained
     real = pt.reconstruction_losses
 
     def poisoned(*args):
         total, stats = real(*args)
+        if poison == "gradient":
+            return inf_gradient(total), stats
         return total * float("nan"), {**stats, "total": stats["total"] * float("nan")}
 
     monkeypatch.setattr(pt, "reconstruction_losses", poisoned)
@@ -522,7 +527,8 @@ def test_non_finite_loss_stops_before_any_update(assets, trained, tmp_path, monk
     with fast_cpu():
         assert train_psp.main(cli_args(run)) == 1
     err = capsys.readouterr().err
-    assert "step 7: loss 'total' is nan" in err and f"--resume {last_good}" in err
+    problem = "loss 'total' is nan" if poison == "loss" else "a gradient is not finite (the losses are)"
+    assert f"step 7: {problem}" in err and f"--resume {last_good}" in err
     assert not os.path.exists(tmp_path / "run" / "checkpoints")
     assert not os.path.exists(tmp_path / "run" / "psp_encoder.pt")
     assert os.stat(last_good).st_mtime_ns == before
@@ -565,6 +571,15 @@ def test_loss_weight_defaults_are_psps():
     0.1, W-norm 0)."""
     o = pt.PSPTrainOptions(lmdb=["-"], blendgan_ckpt="-", out_dir="-")
     assert (o.l2_weight, o.lpips_weight, o.id_weight, o.w_norm_weight) == (1.0, 0.8, 0.1, 0.0)
+
+
+def test_psp_refuses_fp16_without_cuda():
+    """float16 on the CPU has no GradScaler here (it is CUDA's): gradients would underflow silently."""
+    message = "--amp fp16 needs CUDA (its gradient scaler); use --amp bf16 on the CPU"
+    base = dict(lmdb="-", blendgan_ckpt="-", out_dir="-")
+    assert message in pt.validate(pt.PSPTrainOptions(**base, amp="fp16", device="cpu"))
+    assert message not in pt.validate(pt.PSPTrainOptions(**base, amp="fp16", device="cuda:1"))
+    assert message not in pt.validate(pt.PSPTrainOptions(**base, amp="bf16", device="cpu"))
 
 
 def test_cli_validates_options(assets, trained, tmp_path, capsys):

@@ -28,7 +28,7 @@ import style_encoder_training as se
 import train_style_encoder
 import trainutil
 from checkpoint import DiskFullError, load_checkpoint, load_state_dict_strict
-from conftest import record_returns
+from conftest import inf_gradient, record_returns
 from model import Generator
 from style_encoder import VGG19_TAPS, GramEmbedder, StyleEncoder, gram_dim, nt_xent
 from trainutil import NonFiniteLossError, read_jsonl
@@ -375,18 +375,24 @@ def test_resume_refuses_another_architecture(assets, tmp_path, capsys):
     assert f"style_pool_size={POOL} (command line {2 * POOL})" in capsys.readouterr().err
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(assets, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("poison", ["loss", "gradient"])
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(assets, tmp_path, monkeypatch, capsys, poison):
+    """A NaN loss, or a finite loss whose gradient overflows (one Adam step would make the head NaN), at step 3
+    stops the run before that step, naming the checkpoint of step 2."""
     calls = {"n": 0}
     real = se.nt_xent
 
     def poisoned(h1, h2, tau):
         calls["n"] += 1
         loss = real(h1, h2, tau)
-        return loss * float("nan") if calls["n"] == 3 else loss
+        if calls["n"] != 3:
+            return loss
+        return loss * float("nan") if poison == "loss" else inf_gradient(loss)
 
     monkeypatch.setattr(se, "nt_xent", poisoned)
     opts = options(assets, tmp_path / "run", iter=5, save_every=2)
-    with pytest.raises(NonFiniteLossError, match=r"step 3: loss 'nt_xent' is nan.*000002\.pt"):
+    problem = "loss 'nt_xent' is nan" if poison == "loss" else r"a gradient is not finite \(the losses are\)"
+    with pytest.raises(NonFiniteLossError, match=rf"step 3: {problem}.*000002\.pt"):
         se.train(opts)
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["000002.pt"]
     good, _ = _weights(tmp_path / "run" / "checkpoints" / "000002.pt")
@@ -394,7 +400,22 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(assets, tmp_pa
 
     calls["n"] = 0
     assert train_style_encoder.main(cli_args(options(assets, tmp_path / "run2", iter=5, save_every=2))) == 1
-    assert "is nan" in capsys.readouterr().err
+    assert ("is nan" if poison == "loss" else "a gradient is not finite") in capsys.readouterr().err
+
+
+def test_style_encoder_amp_reaches_the_frozen_vgg(assets, tmp_path, monkeypatch):
+    """--amp bf16 runs the frozen VGG-19 under autocast; without it the run is silently float32 (about twice the
+    time and activation memory)."""
+    seen = []
+    real = se.gram_features
+
+    def recording(encoder, x, amp_dtype=None, channels_last=False):
+        seen.append(amp_dtype)
+        return real(encoder, x, amp_dtype, channels_last)
+
+    monkeypatch.setattr(se, "gram_features", recording)
+    se.train(options(assets, tmp_path / "run", iter=1, amp="bf16"))
+    assert seen == [torch.bfloat16]
 
 
 def test_cli_validates_options(assets, tmp_path, capsys, monkeypatch):
