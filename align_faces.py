@@ -28,7 +28,7 @@ from scipy.ndimage import gaussian_filter
 from tqdm import tqdm
 
 from fileio import (DiskFullError, distinct_by, exit_on_sigterm, folder_problems, input_folder_problems,
-                    without_outputs)
+                    pool_worker_sigterm, without_outputs)
 from imageio_utils import UnreadableImageError, list_images, read_image_rgb, save_image_atomic, to_rgb
 
 # dlib's 68-point layout (iBUG 300-W): index ranges of the parts the crop is built from.
@@ -266,6 +266,11 @@ def _init_worker(predictor_path):
         _worker_models = (predictor_path, load_face_models(predictor_path))
 
 
+def _init_pool_worker(predictor_path):
+    pool_worker_sigterm()
+    _init_worker(predictor_path)
+
+
 def _align_one(task):
     """Align one file; returns (path, written output paths, error message or None)."""
     path, out_stem, output_size, all_faces = task
@@ -281,8 +286,9 @@ def _align_one(task):
         names = [f'{out_stem}_{i}.png' for i in range(len(faces))]
     else:
         names = [f'{out_stem}.png']
-    for face, name in zip(faces, names):
-        save_image_atomic(face, name, 'PNG')
+    with exit_on_sigterm():  # a pool's terminate() mid-write: the temporary PNG is removed
+        for face, name in zip(faces, names):
+            save_image_atomic(face, name, 'PNG')
     return path, names, None
 
 
@@ -309,7 +315,7 @@ def align_images(options):
             results.append(_align_one(task))
             progress.update()
     else:
-        with multiprocessing.Pool(options.n_worker, _init_worker, (predictor_path,)) as pool:
+        with multiprocessing.Pool(options.n_worker, _init_pool_worker, (predictor_path,)) as pool:
             for result in pool.imap_unordered(_align_one, tasks):
                 results.append(result)
                 progress.update()

@@ -215,3 +215,14 @@ def exit_on_sigterm():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def pool_worker_sigterm():
+    """multiprocessing.Pool initializer: SIGTERM back to its default action (the process ends at once).
+
+    Workers forked inside exit_on_sigterm inherit its handler, so Pool.terminate() (also run when a ``with
+    Pool`` block ends) would make an idle worker raise SystemExit and run Python's exit path, which can
+    block for ever on a lock the fork copied while another thread of the parent held it; the pool then
+    waits for that worker. A worker that writes files wraps only the writing in exit_on_sigterm.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -27,8 +27,8 @@ import lmdb
 from PIL import Image
 from tqdm import tqdm
 
-from fileio import (DiskFullError, disk_full_named, exit_on_sigterm, free_bytes, remove_dead_temporaries,
-                    temporary_path)
+from fileio import (DiskFullError, disk_full_named, exit_on_sigterm, free_bytes, pool_worker_sigterm,
+                    remove_dead_temporaries, temporary_path)
 from imageio_utils import MIN_SIDE, UnreadableImageError, encode_image, list_images, read_image_rgb, size_problem
 
 RESAMPLE = {'lanczos': Image.Resampling.LANCZOS, 'bilinear': Image.Resampling.BILINEAR,
@@ -278,7 +278,7 @@ def _encoded_stream(tasks, n_worker):
     if n_worker <= 1:
         yield from map(_encode_file, tasks)
         return
-    with multiprocessing.Pool(n_worker) as pool:
+    with multiprocessing.Pool(n_worker, pool_worker_sigterm) as pool:
         # imap keeps the input order, so indices follow the sorted file list whatever the timing.
         yield from pool.imap(_encode_file, tasks, chunksize=4)
 

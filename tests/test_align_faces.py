@@ -4,6 +4,7 @@ import glob
 import os
 import re
 import shutil
+import signal
 import time
 
 import numpy as np
@@ -369,6 +370,34 @@ def test_a_full_disk_stops_the_run_with_one_line_and_whole_pngs(tmp_path, small_
         with Image.open(outdir / name) as out:
             out.load()
             assert out.format == 'PNG' and out.size == (128, 128)
+
+
+_align_one = align_faces._align_one
+
+
+def _align_one_in_a_default_sigterm_worker(task):  # the pool pickles it by name; it runs in a forked worker
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, 'an idle worker keeps a Python SIGTERM handler'
+    return _align_one(task)
+
+
+def test_idle_workers_end_at_once_on_sigterm_and_a_writing_one_cleans_up(tmp_path, monkeypatch):
+    """The workers are forked inside main's exit_on_sigterm: outside their writes SIGTERM has its default action
+    again, so the pool's terminate() ends an idle worker at once (a Python handler's exit path can block on a lock
+    the fork copied held); while writing, SIGTERM raises SystemExit so that the temporary PNG is removed."""
+    def save(face, name, image_format):
+        assert callable(signal.getsignal(signal.SIGTERM)), 'a writing worker has no SIGTERM cleanup'
+        face.save(name, image_format)
+
+    monkeypatch.setattr(align_faces, '_align_one', _align_one_in_a_default_sigterm_worker)
+    monkeypatch.setattr(align_faces, 'save_image_atomic', save)
+    photos = tmp_path / 'photos'
+    photos.mkdir()
+    for path in FACES[:2]:
+        shutil.copy(path, photos)
+    argv = ['--input_img_path', str(photos), '--outdir', str(tmp_path / 'aligned'), '--output_size', '32',
+            '--n_worker', '2']
+    assert align_faces.main(argv) == 0
+    assert len(os.listdir(tmp_path / 'aligned')) == 2
 
 
 def test_a_worker_stopped_while_writing_leaves_no_temporary(tmp_path, monkeypatch):

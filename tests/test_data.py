@@ -6,6 +6,7 @@ import multiprocessing
 import os
 import pickle
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -590,3 +591,21 @@ def test_a_forked_worker_opens_its_own_lmdb_handle(small_lmdb):
     own = queue.get(timeout=60)
     child.join(60)
     assert child.exitcode == 0 and own
+
+
+_encode_file = prepare_data._encode_file
+
+
+def _encode_file_in_a_default_sigterm_worker(task):  # the pool pickles it by name; it runs in a forked worker
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL, 'a worker keeps a Python SIGTERM handler'
+    return _encode_file(task)
+
+
+def test_pool_workers_end_at_once_on_sigterm(tmp_path, monkeypatch):
+    """The encoding workers are forked inside main's exit_on_sigterm; they take SIGTERM's default action again, so
+    the pool's terminate() ends them at once (a Python handler's exit path can block on a lock the fork copied)."""
+    monkeypatch.setattr(prepare_data, '_encode_file', _encode_file_in_a_default_sigterm_worker)
+    out = str(tmp_path / 'faces.lmdb')
+    assert prepare_data.main(['--out', out, '--size', '8', '--n_worker', '2',
+                              os.path.join(TEST_IMGS, 'face_imgs')]) == 0
+    assert len(MultiResolutionDataset(out, None, 8)) == len(os.listdir(os.path.join(TEST_IMGS, 'face_imgs')))
