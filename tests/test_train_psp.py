@@ -536,11 +536,20 @@ def test_non_finite_loss_stops_before_any_update(assets, trained, tmp_path, monk
 
 def test_command_line_run_with_identity_loss_bf16_and_the_notes(assets, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))  # no AlexNet in the hub cache
+    autocast = []  # (enabled, dtype) at each encoder forward: --amp bf16 must reach the training step's
+    encoder_forward = GradualStyleEncoder.forward
+
+    def recording(self, x):
+        autocast.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        return encoder_forward(self, x)
+
+    monkeypatch.setattr(GradualStyleEncoder, "forward", recording)
     run = options(assets, tmp_path / "run", iter=1, batch=1, id_weight=0.1, id_weights=assets["arcface"],
                   lpips_alexnet=None, lpips_weight=0.0, amp="bf16", sample_style_img=None, n_sample=1, sample_every=1,
                   save_every=1, encoder_from_scratch=False, encoder_backbone=assets["arcface"])
     with fast_cpu():
         assert train_psp.main(cli_args(run)) == 0
+    assert autocast[0] == (True, torch.bfloat16)
     out = capsys.readouterr().out
     assert "losses l2 + id + w_norm" in out and f"from {assets['arcface']}" in out
     (record,) = read_jsonl(tmp_path / "run" / "logs" / "scalars.jsonl")
