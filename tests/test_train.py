@@ -1412,7 +1412,8 @@ def test_resume_refuses_another_style_pool_size(narrow, tmp_path):
         bt.load_training_checkpoint(other, path, log=lambda *a: None)
 
 
-# float16 loss scales and the checkpoint a later non-finite stop names come back with the resume
+# float16 loss scales and the checkpoint a later non-finite stop names come back with the resume; a note only
+# when the batch or the number of processes changed
 def test_resume_restores_the_loss_scales_and_names_its_checkpoint(narrow, tmp_path, monkeypatch):
     monkeypatch.setattr(bt, "amp_dtype", lambda device: torch.float16)
     s = _state(amp=True)
@@ -1423,9 +1424,14 @@ def test_resume_restores_the_loss_scales_and_names_its_checkpoint(narrow, tmp_pa
     save_checkpoint(bt.checkpoint_state(s, None), path)
     resumed = _state(amp=True)
     assert resumed.g_scaler.get_scale() != 1024.0
-    bt.load_training_checkpoint(resumed, path, log=lambda *a: None)
+    logged = []
+    bt.load_training_checkpoint(resumed, path, log=logged.append)
     assert (resumed.g_scaler.get_scale(), resumed.d_scaler.get_scale()) == (1024.0, 64.0)
     assert resumed.last_checkpoint == path
+    assert not [line for line in logged if line.startswith("note:")]  # same batch, same processes: exact
+    bt.load_training_checkpoint(_state(amp=True, batch=4), path, log=logged.append)
+    assert any(line.startswith(f"note: {path} was written with --batch 2 on 1 process(es), this run has --batch 4 "
+                               "on 1") for line in logged)
 
 
 # a run resumed in its own folder continues from its step: its earlier checkpoints and log records stay
