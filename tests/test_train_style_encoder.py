@@ -398,6 +398,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(assets, tmp_pa
     good, _ = _weights(tmp_path / "run" / "checkpoints" / "000002.pt")
     assert all(torch.isfinite(v).all() for v in good.values())
 
+    calls["n"] = 2  # resumed from step 2: its first step is step 3 again, and the stop names the resumed file
+    with pytest.raises(NonFiniteLossError, match=rf"step 3: {problem}.*--resume .*000002\.pt"):
+        se.train(options(assets, tmp_path / "run", iter=5, save_every=2, resume="latest"))
+
     calls["n"] = 0
     assert train_style_encoder.main(cli_args(options(assets, tmp_path / "run2", iter=5, save_every=2))) == 1
     assert ("is nan" if poison == "loss" else "a gradient is not finite") in capsys.readouterr().err
