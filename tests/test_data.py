@@ -565,6 +565,14 @@ def small_lmdb(tmp_path_factory):
     return out
 
 
+def test_an_index_outside_the_dataset_is_an_index_error(small_lmdb):
+    """Negative indices too: Python's negative indexing would silently read the last images instead."""
+    dataset = MultiResolutionDataset(small_lmdb, None, 8)
+    for index in (-1, len(dataset)):
+        with pytest.raises(IndexError):
+            dataset[index]
+
+
 def test_a_dataset_that_has_read_pickles_without_its_lmdb_handle(small_lmdb):
     """DataLoader workers started by spawn (macOS, Windows, forkserver) receive the dataset pickled: its LMDB
     handle is left out and reopened there."""

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from checkpoint import CheckpointError
 from conftest import reference_file
 from psp_encoder.encoders import GradualStyleEncoder
-from psp_encoder.psp_encoders import PSPEncoder, get_keys
+from psp_encoder.psp_encoders import PSPEncoder, _broadcasts, get_keys
 
 # From the schema (PSPEncoder_1024_encoder): checked even where the JSON file is not at hand.
 RELEASE_1024_KEYS = 621
@@ -346,3 +346,20 @@ def test_encoder_rejects_unsupported_configurations():
         GradualStyleEncoder(num_layers=100, mode="ir_se", n_styles=18)
     with pytest.raises(ValueError, match="n_styles"):
         GradualStyleEncoder(num_layers=50, mode="ir_se", n_styles=6)
+
+
+def test_a_latent_avg_is_accepted_exactly_when_it_keeps_the_codes_shape():
+    """A file's latent_avg (512-D latents) is added to codes [N, n_styles, 512]: a shape is taken exactly when the
+    sum keeps the codes' shape for every N (a vector, one row, n_styles rows, with or without a leading 1);
+    torch's broadcasting is the reference."""
+    def keeps_shape(shape):
+        try:
+            return all(torch.broadcast_shapes((n, N_STYLES, 512), shape) == (n, N_STYLES, 512) for n in (1, 4))
+        except RuntimeError:
+            return False
+
+    shapes = [(512,), (1, 512), (N_STYLES, 512), (1, N_STYLES, 512), (1, 1, 512), (2, N_STYLES, 512),
+              (4, N_STYLES, 512), (N_STYLES, 256), (3, 512), (1, 1, N_STYLES, 512), (N_STYLES, 1)]
+    for shape in shapes:
+        assert _broadcasts(shape, N_STYLES) == (keeps_shape(shape) and shape[-1] == 512), shape
+    assert sum(_broadcasts(shape, N_STYLES) for shape in shapes) == 5
