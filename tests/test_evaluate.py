@@ -206,6 +206,30 @@ def alexnet_file(tmp_path_factory):
     return str(path)
 
 
+def test_lpips_takes_alexnet_features_with_or_without_their_prefix(alexnet_file, tmp_path):
+    """torchvision's AlexNet file ('features.N.*') or its features alone ('N.*', as
+    ``alexnet.features.state_dict()`` saves them): the same LPIPS."""
+    full = torch.load(alexnet_file, weights_only=True)
+    bare = str(tmp_path / "alexnet_features.pth")
+    torch.save({k[len("features."):]: v for k, v in full.items() if k.startswith("features.")}, bare)
+    x, y = (torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(i)) * 2 - 1 for i in (0, 1))
+    with torch.no_grad():
+        want = load_lpips(alexnet_file)(x, y)
+        assert torch.equal(load_lpips(bare)(x, y), want) and (want > 0).all()
+
+
+def test_malformed_fid_statistics_are_named(tmp_path):
+    """mu and sigma that do not fit (e.g. another tool's layout) are one error naming the file, not a shape error
+    deep inside the Frechet distance."""
+    path = str(tmp_path / "real_stats.npz")
+    for mu, sigma in ((np.zeros(4), np.eye(3)), (np.zeros((2, 4)), np.eye(4))):
+        np.savez(path, mu=mu, sigma=sigma)
+        with pytest.raises(ValueError, match=rf"FID statistics {path}: mu \({mu.shape[0]},.*do not fit"):
+            evaluation.load_stats(path)
+    np.savez(path, mu=np.zeros(4), sigma=np.eye(4))
+    assert evaluation.load_stats(path)[2:] == (-1, "", "")  # another tool's file: no n, source, features
+
+
 def test_inception_features_match_pytorch_fid(inception_file, monkeypatch):
     import pytorch_fid.inception
 
