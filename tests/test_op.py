@@ -360,8 +360,6 @@ def test_cuda_kernel_index_math_reaches_past_2_31_elements(upfirdn2d_host):
 def test_self_check_rejects_kernels_wrong_only_in_channels_last():
     """The one guard against wrong numbers in the networks' layout on a GPU: a stand-in right on contiguous
     tensors that writes a channels_last result in NHWC order into an NCHW output is refused, naming it."""
-    from op.check_cuda import self_check
-
     class WrongInChannelsLast(EmulatedUpFirDn2dExtension):
         @classmethod
         def upfirdn2d(cls, x, kernel, *args):
@@ -740,8 +738,6 @@ class WrongFusedBiasActExtension(EmulatedFusedBiasActExtension):
 
 
 def test_self_check_accepts_right_kernels_and_names_what_is_wrong():
-    from op.check_cuda import self_check
-
     assert self_check("upfirdn2d", EmulatedUpFirDn2dExtension, "cpu") is None
     assert self_check("fused_bias_act", EmulatedFusedBiasActExtension, "cpu") is None
     reason = self_check("upfirdn2d", WrongUpFirDn2dExtension, "cpu")
@@ -794,16 +790,21 @@ def test_network_check_runs_the_networks_through_the_kernels(monkeypatch):
     assert min(errors["r1_grad_image"], errors["r1_grad_d"], errors["grad_g"]) > NETWORK_TOLERANCE, errors
 
 
-@pytest.mark.parametrize("mode", ["auto", "cuda"])
-def test_wrong_kernels_fall_back_to_the_reference_with_one_warning(monkeypatch, tmp_path, mode):
-    """A built extension that disagrees with the reference is not used (one warning naming the reason);
-    BLENDGAN_CUDA_OPS=cuda keeps it, still warning."""
-    from op.check_cuda import self_check
-
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """CUDA ops in auto mode, built into tmp_path, nothing built or failed yet in this process."""
     monkeypatch.delenv(op.build.NO_CUDA_OPS_ENV, raising=False)
-    monkeypatch.setenv(op.build.CUDA_OPS_ENV, mode)
+    monkeypatch.setenv(op.build.CUDA_OPS_ENV, "auto")
     monkeypatch.setenv(op.build.BUILD_DIR_ENV, str(tmp_path))
     monkeypatch.setattr(op.build, "_CACHE", {})
+    monkeypatch.setattr(op.build, "_FAILED", {})
+
+
+@pytest.mark.parametrize("mode", ["auto", "cuda"])
+def test_wrong_kernels_fall_back_to_the_reference_with_one_warning(fresh_build, monkeypatch, tmp_path, mode):
+    """A built extension that disagrees with the reference is not used (one warning naming the reason);
+    BLENDGAN_CUDA_OPS=cuda keeps it, still warning."""
+    monkeypatch.setenv(op.build.CUDA_OPS_ENV, mode)
     monkeypatch.setattr(op.build, "compile_extension", lambda name, verbose=False: WrongUpFirDn2dExtension)
     checked_on = []
 
@@ -829,15 +830,9 @@ def test_wrong_kernels_fall_back_to_the_reference_with_one_warning(monkeypatch, 
 
 
 @pytest.mark.parametrize("caller_mode", ["no_grad", "inference_mode", "autocast"])
-def test_self_check_runs_with_gradients_whatever_the_callers_mode(monkeypatch, tmp_path, caller_mode):
+def test_self_check_runs_with_gradients_whatever_the_callers_mode(fresh_build, monkeypatch, caller_mode):
     """The first CUDA op call usually comes from a forward under no_grad / inference_mode / autocast: right
     kernels must still pass the check (it takes gradients and gradients of gradients in float32)."""
-    from op.check_cuda import self_check
-
-    monkeypatch.delenv(op.build.NO_CUDA_OPS_ENV, raising=False)
-    monkeypatch.setenv(op.build.CUDA_OPS_ENV, "auto")
-    monkeypatch.setenv(op.build.BUILD_DIR_ENV, str(tmp_path))
-    monkeypatch.setattr(op.build, "_CACHE", {})
     monkeypatch.setattr(op.build, "compile_extension", lambda name, verbose=False: EmulatedUpFirDn2dExtension)
     monkeypatch.setattr(op.build, "self_check", lambda name, module, device: self_check(name, module, "cpu"))
     mode = {"no_grad": torch.no_grad(), "inference_mode": torch.inference_mode(),
@@ -931,15 +926,6 @@ def test_a_held_lock_is_waited_for(tmp_path):
     host = __import__("socket").gethostname()
     assert messages == [f"[op.build] another process (pid {os.getpid()} on {host}) is building in {tmp_path}; "
                         f"waiting for it"]
-
-
-@pytest.fixture
-def fresh_build(monkeypatch, tmp_path):
-    monkeypatch.delenv(op.build.NO_CUDA_OPS_ENV, raising=False)
-    monkeypatch.setenv(op.build.CUDA_OPS_ENV, "auto")
-    monkeypatch.setenv(op.build.BUILD_DIR_ENV, str(tmp_path))
-    monkeypatch.setattr(op.build, "_CACHE", {})
-    monkeypatch.setattr(op.build, "_FAILED", {})
 
 
 class NaNUpFirDn2dExtension(EmulatedUpFirDn2dExtension):
