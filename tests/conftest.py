@@ -30,6 +30,14 @@ def record_returns(monkeypatch, owner, name):
     return returns
 
 
+def synthesis_only(g):
+    """Generator g's state dict as a StyleGAN2 (rosinality) file holds it: without BlendGAN's own keys (style
+    encoder, style mapping, WBM weights)."""
+    from model import BLENDGAN_ONLY_KEYS
+
+    return {k: v for k, v in g.state_dict().items() if not k.startswith(BLENDGAN_ONLY_KEYS)}
+
+
 def inf_gradient(x):
     """``x`` unchanged, whose gradient comes back infinite: a finite loss with an overflow in its backward pass."""
     import torch

@@ -16,6 +16,7 @@ import checkpoint
 import model
 import trainutil
 from checkpoint import SAFE_CLASSES, CheckpointError, DiskFullError, load_checkpoint, save_checkpoint
+from conftest import synthesis_only
 
 SIZE = 8
 STYLE_DIM = 16
@@ -66,9 +67,6 @@ def save_rosinality_training_file(path):
 
     Its generators are StyleGAN2 generators: no style encoder, style mapping or WBM weights.
     """
-    def synthesis_only(g):
-        return {k: v for k, v in g.state_dict().items() if not k.startswith(bt.BLENDGAN_ONLY_KEYS)}
-
     torch.manual_seed(21)
     g = model.Generator(SIZE, STYLE_DIM, 2, load_pretrained_vgg=False, style_pool_size=32)
     torch.manual_seed(22)

@@ -16,10 +16,10 @@ from PIL import Image
 import gen_video
 import generate_image_pairs
 import style_transfer_folder
-from conftest import fill_disk
-from inference import encode_faces, encode_styles, load_blendgan, load_psp, pooled_batches, resize, stem
 from checkpoint import CheckpointError
-from model import BLENDGAN_ONLY_KEYS, Generator, infer_generator_config
+from conftest import fill_disk, synthesis_only
+from inference import encode_faces, encode_styles, load_blendgan, load_psp, pooled_batches, resize, stem
+from model import Generator, infer_generator_config
 from psp_encoder.psp_encoders import PSPEncoder
 from utils import img2ten, ten2img
 from video import interpolation_alphas, read_mp4, sliding_window, write_mp4
@@ -301,7 +301,7 @@ def test_missing_checkpoint_is_one_clear_line(tmp_path):
 def test_a_stylegan2_file_as_ckpt_is_named_as_one(tmp_path):
     torch.manual_seed(0)
     g = Generator(16, 32, 2, channel_multiplier=1, load_pretrained_vgg=False)
-    synthesis = {k: v for k, v in g.state_dict().items() if not k.startswith(BLENDGAN_ONLY_KEYS)}
+    synthesis = synthesis_only(g)
     path = str(tmp_path / "stylegan2.pt")
     torch.save({"g_ema": synthesis}, path)
     with pytest.raises(CheckpointError) as e:

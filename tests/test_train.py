@@ -31,7 +31,7 @@ import model
 import prepare_data
 import train as train_script
 from checkpoint import CheckpointError, DiskFullError, load_checkpoint, save_checkpoint
-from conftest import record_returns
+from conftest import record_returns, synthesis_only
 from dataset import InfiniteSampler
 from model import Discriminator, Generator, ProjectionDiscriminator
 from style_encoder import StyleEncoder
@@ -712,9 +712,6 @@ def test_defaults_are_stylegan2s_and_fine_tuning_half_life_counts_every_rank():
 
 def _rosinality_checkpoint(path, size):
     """A rosinality-format StyleGAN2 file (g, d, g_ema, latent_avg); its generators have no BlendGAN keys."""
-    def synthesis_only(g):
-        return {k: v for k, v in g.state_dict().items() if not k.startswith(bt.BLENDGAN_ONLY_KEYS)}
-
     torch.manual_seed(11)
     g = Generator(size, STYLE_DIM, 2, load_pretrained_vgg=False, style_pool_size=32)
     torch.manual_seed(12)
@@ -1267,7 +1264,7 @@ def test_style_encoder_loads_from_every_documented_layout(narrow, tmp_path):
 # only BlendGAN's own parts may be absent from a StyleGAN2 file; a missing synthesis layer is an error
 def test_stylegan2_file_missing_a_synthesis_layer_is_refused(narrow, tmp_path):
     g = _generator(51)
-    synthesis = {k: v for k, v in g.state_dict().items() if not k.startswith(bt.BLENDGAN_ONLY_KEYS)}
+    synthesis = synthesis_only(g)
     torch.manual_seed(52)
     d = Discriminator(8, channel_multiplier=1).state_dict()
     good = str(tmp_path / "good.pt")
@@ -1286,7 +1283,7 @@ def test_stylegan2_file_of_another_size_names_its_size(tmp_path, monkeypatch):
     monkeypatch.setattr(model, "stylegan2_channels", lambda channel_multiplier: {4: 512, 8: 32, 16: 32})
     torch.manual_seed(61)
     g16 = Generator(16, STYLE_DIM, 2, channel_multiplier=1, load_pretrained_vgg=False, style_pool_size=32)
-    synthesis = {k: v for k, v in g16.state_dict().items() if not k.startswith(bt.BLENDGAN_ONLY_KEYS)}
+    synthesis = synthesis_only(g16)
     path = str(tmp_path / "stylegan2_16px.pt")
     save_checkpoint({"g": synthesis, "g_ema": synthesis, "d": Discriminator(16, channel_multiplier=1).state_dict()},
                     path)
