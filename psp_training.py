@@ -554,11 +554,11 @@ def _train(options, device, log):
             y_hat = F.adaptive_avg_pool2d(y_hat.float(), size)  # [B, 3, S, S]
             total, stats = reconstruction_losses(losses, x, y_hat, codes.float(), latent_avg)
             stats = distributed.reduce_dict(stats)  # mean over ranks: every rank sees the same numbers
-            trainutil.check_finite(stats, step + 1, last_checkpoint)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(total).backward()
-            if not scaler.is_enabled():  # float16's GradScaler skips a step with non-finite gradients itself
-                trainutil.check_finite({}, step + 1, last_checkpoint, params=trainable)
+            # No step from a non-finite loss, nor from a non-finite gradient where no GradScaler (float16's
+            # skips such a step itself) checks them.
+            trainutil.check_finite(stats, step + 1, last_checkpoint, None if scaler.is_enabled() else trainable)
             scaler.step(optimizer)
             scaler.update()
             step += 1

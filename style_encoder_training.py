@@ -423,10 +423,9 @@ def _train(options, device):
         while step < options.iter:
             views = next(batches).to(device, non_blocking=True)  # [B, 2, 3, S, S]
             loss, acc = contrastive_loss(model, encoder, views, options.temperature, amp_dtype, channels_last)
-            trainutil.check_finite({"nt_xent": loss}, step + 1, last_checkpoint)
             optimizer.zero_grad(set_to_none=False)  # reuse the gradient buffers (1.25 GB for the first layer)
             (loss * world).backward()  # DDP averages over ranks; the gathered loss needs the sum
-            trainutil.check_finite({}, step + 1, last_checkpoint, params=trainable)
+            trainutil.check_finite({"nt_xent": loss}, step + 1, last_checkpoint, trainable)
             optimizer.step()
             step += 1
             samples_seen += global_batch
